@@ -7,6 +7,7 @@ pub mod error;
 pub mod labels;
 pub mod matrix;
 pub mod partition;
+pub mod tensors;
 pub mod triples;
 pub mod vocab;
 
@@ -17,3 +18,4 @@ pub use labels::Labels;
 pub use matrix::Matrix;
 pub use triples::Triple;
 pub use vocab::Vocab;
+pub use tensors::NamedArray;
