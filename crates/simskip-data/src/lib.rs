@@ -4,6 +4,7 @@
 pub mod dataset;
 pub mod embeddings;
 pub mod error;
+pub mod fsutil;
 pub mod labels;
 pub mod matrix;
 pub mod partition;
@@ -12,10 +13,12 @@ pub mod triples;
 pub mod vocab;
 
 pub use dataset::KgDataset;
-pub use embeddings::Embeddings;
+pub use embeddings::{EmbeddingFormat, Embeddings};
 pub use error::{DataError, Result};
-pub use labels::Labels;
+pub use fsutil::write_atomic;
+pub use labels::{read_labels, write_labels, Labels};
 pub use matrix::Matrix;
-pub use triples::Triple;
+pub use partition::{partition, write_partitions, ClientPartition, PartitionBy, PartitionConfig};
+pub use tensors::{read_named_safetensors, write_named_safetensors, NamedArray};
+pub use triples::{read_triples, write_triples, Triple};
 pub use vocab::Vocab;
-pub use tensors::NamedArray;

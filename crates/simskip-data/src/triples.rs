@@ -1,6 +1,7 @@
 use std::path::Path;
 
 use crate::error::{DataError, Result};
+use crate::fsutil::{read_text, write_atomic};
 use crate::vocab::Vocab;
 
 /// A (head, relation, tail) triple of dense ids.
@@ -13,8 +14,12 @@ pub struct Triple {
 
 /// Read `head<TAB>relation<TAB>tail` lines, interning names into the vocabularies.
 /// Blank lines are skipped; any other line without exactly three non-empty fields is an error.
-pub fn read_triples(path: &Path, entities: &mut Vocab, relations: &mut Vocab) -> Result<Vec<Triple>> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+pub fn read_triples(
+    path: &Path,
+    entities: &mut Vocab,
+    relations: &mut Vocab,
+) -> Result<Vec<Triple>> {
+    let text = read_text(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
@@ -26,11 +31,18 @@ pub fn read_triples(path: &Path, entities: &mut Vocab, relations: &mut Vocab) ->
             return Err(DataError::parse(
                 path,
                 i + 1,
-                format!("expected 3 tab-separated columns (head, relation, tail), found {}", fields.len()),
+                format!(
+                    "expected 3 tab-separated columns (head, relation, tail), found {}",
+                    fields.len()
+                ),
             ));
         }
         if fields.iter().any(|f| f.trim().is_empty()) {
-            return Err(DataError::parse(path, i + 1, "empty head, relation or tail"));
+            return Err(DataError::parse(
+                path,
+                i + 1,
+                "empty head, relation or tail",
+            ));
         }
         out.push(Triple {
             h: entities.intern(fields[0].trim()),
@@ -41,8 +53,13 @@ pub fn read_triples(path: &Path, entities: &mut Vocab, relations: &mut Vocab) ->
     Ok(out)
 }
 
-/// Write triples back as TSV with names.
-pub fn write_triples(path: &Path, triples: &[Triple], entities: &Vocab, relations: &Vocab) -> Result<()> {
+/// Write triples back as TSV with names (atomically: see [`write_atomic`]).
+pub fn write_triples(
+    path: &Path,
+    triples: &[Triple],
+    entities: &Vocab,
+    relations: &Vocab,
+) -> Result<()> {
     let mut s = String::with_capacity(triples.len() * 32);
     for t in triples {
         s.push_str(entities.name(t.h));
@@ -52,5 +69,5 @@ pub fn write_triples(path: &Path, triples: &[Triple], entities: &Vocab, relation
         s.push_str(entities.name(t.t));
         s.push('\n');
     }
-    std::fs::write(path, s).map_err(|e| DataError::io(path, e))
+    write_atomic(path, s.as_bytes())
 }

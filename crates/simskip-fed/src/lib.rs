@@ -1,1 +1,4 @@
 //! simskip-fed
+pub mod proto {
+    tonic::include_proto!("simskip.v1");
+}

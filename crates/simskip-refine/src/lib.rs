@@ -1,1 +1,34 @@
-//! simskip-refine
+//! SimSkip embedding refinement ("Can Contrastive Learning Refine Embeddings", arXiv 2404.08701).
+//!
+//! A skip-connection encoder `f(x) = x + g(x)` is trained with the SimCLR NT-Xent loss on two
+//! augmented views of each input embedding (random masking and/or Gaussian noise), optionally
+//! using a graph neighbour as the second view. After training, [`SimSkipModel::refine`] maps an
+//! embedding table to its refined version in evaluation mode.
+//!
+//! * [`model`]: the encoder/projector, weight export/import as named arrays (for FedAvg);
+//! * [`augment`]: masking and Gaussian-noise augmentations;
+//! * [`loss`]: NT-Xent;
+//! * [`positives`]: augmentation or neighbour positives, with a CSR neighbour list;
+//! * [`train`]: configuration and the trainer (AdamW, seeded, reproducible);
+//! * [`select`]: epoch selection against a caller-provided validation score;
+//! * [`bench`]: training throughput measurement.
+//!
+//! All randomness (initialisation, dropout, augmentation, shuffles, neighbour choice) comes from
+//! one seeded `StdRng`, so a run is reproducible bit for bit from its seed.
+
+pub mod augment;
+pub mod bench;
+pub mod error;
+pub mod loss;
+pub mod model;
+pub mod positives;
+pub mod select;
+pub mod train;
+
+pub use augment::{Augmentation, Augmenter};
+pub use error::{RefineError, Result};
+pub use loss::{nt_xent, NtXentLoss};
+pub use model::SimSkipModel;
+pub use positives::{Neighbours, Positives};
+pub use select::{apply, train_with_selection, Choice, Selection};
+pub use train::{EpochStats, SimSkipConfig, SimSkipTrainer};

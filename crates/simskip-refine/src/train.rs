@@ -1,0 +1,275 @@
+//! Configuration and training loop.
+
+use candle_core::Tensor;
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use simskip_data::Matrix;
+
+use crate::augment::{Augmentation, Augmenter};
+use crate::error::{RefineError, Result};
+use crate::loss::NtXentLoss;
+use crate::model::SimSkipModel;
+use crate::positives::{partner_ids, Neighbours, Positives};
+
+/// SimSkip hyper-parameters.
+///
+/// Paper values: masking 20% (`mask_prob = 0.2`), noise variance 0.13, learning rate searched
+/// over {1e-3, 3e-4, 3e-6, 1e-5}. The paper reports "mask" and "gaussian" as separate variants
+/// (and mask+noise once for text) without naming a default, so `augmentation` defaults to
+/// [`Augmentation::Mask`]. Dropout, temperature, batch size and epochs are not given in the
+/// paper; the defaults are SimCLR-style choices.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SimSkipConfig {
+    /// `f(x) = x + g(x)` (true) or `g(x)` (false, "SimSkip⁻").
+    pub skip: bool,
+    /// Start the encoder's output linear at zero, so the skip model starts as the identity.
+    pub zero_init_residual: bool,
+    /// Dropout probability after each encoder layer.
+    pub dropout: f32,
+    pub augmentation: Augmentation,
+    /// Probability α that a coordinate is masked.
+    pub mask_prob: f32,
+    /// Variance of the Gaussian noise (standard deviation `sqrt(noise_var)`).
+    pub noise_var: f32,
+    pub positives: Positives,
+    /// NT-Xent temperature τ.
+    pub temperature: f32,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl Default for SimSkipConfig {
+    fn default() -> Self {
+        Self {
+            skip: true,
+            zero_init_residual: true,
+            dropout: 0.1,
+            augmentation: Augmentation::Mask,
+            mask_prob: 0.2,
+            noise_var: 0.13,
+            positives: Positives::Augment,
+            temperature: 0.5,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            epochs: 50,
+            batch_size: 256,
+            seed: 42,
+        }
+    }
+}
+
+impl SimSkipConfig {
+    /// Check value ranges.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(RefineError::Config(m));
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        if !(0.0..=1.0).contains(&self.mask_prob) {
+            return bad(format!(
+                "mask_prob must be in [0, 1], got {}",
+                self.mask_prob
+            ));
+        }
+        if !(self.noise_var >= 0.0 && self.noise_var.is_finite()) {
+            return bad(format!("noise_var must be >= 0, got {}", self.noise_var));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature must be > 0, got {}", self.temperature));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("lr must be > 0, got {}", self.lr));
+        }
+        if !(self.weight_decay >= 0.0) {
+            return bad(format!(
+                "weight_decay must be >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if self.batch_size < 2 {
+            return bad(format!("batch_size must be >= 2, got {}", self.batch_size));
+        }
+        Ok(())
+    }
+
+    pub fn augmenter(&self) -> Augmenter {
+        Augmenter::new(self.augmentation, self.mask_prob, self.noise_var)
+    }
+}
+
+/// Result of one training epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    /// Mean NT-Xent loss over the epoch's anchors.
+    pub loss: f32,
+    /// Anchors (input rows) trained on; each gives two views.
+    pub samples: usize,
+}
+
+/// Owns the model, the AdamW optimiser and the random generator every random draw comes from.
+pub struct SimSkipTrainer {
+    cfg: SimSkipConfig,
+    model: SimSkipModel,
+    opt: AdamW,
+    rng: StdRng,
+    loss: NtXentLoss,
+    augmenter: Augmenter,
+    epochs_done: usize,
+}
+
+impl std::fmt::Debug for SimSkipTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimSkipTrainer")
+            .field("cfg", &self.cfg)
+            .field("model", &self.model)
+            .field("epochs_done", &self.epochs_done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimSkipTrainer {
+    /// A fresh model for `dim`-dimensional embeddings, initialised from `cfg.seed`.
+    pub fn new(dim: usize, cfg: SimSkipConfig) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let model =
+            SimSkipModel::new(dim, cfg.skip, cfg.zero_init_residual, cfg.dropout, &mut rng)?;
+        let opt = AdamW::new(
+            model.trainable_vars(),
+            ParamsAdamW {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..ParamsAdamW::default()
+            },
+        )?;
+        Ok(Self {
+            loss: NtXentLoss::new(cfg.temperature as f64),
+            augmenter: cfg.augmenter(),
+            cfg,
+            model,
+            opt,
+            rng,
+            epochs_done: 0,
+        })
+    }
+
+    pub fn config(&self) -> &SimSkipConfig {
+        &self.cfg
+    }
+
+    pub fn model(&self) -> &SimSkipModel {
+        &self.model
+    }
+
+    pub fn model_mut(&mut self) -> &mut SimSkipModel {
+        &mut self.model
+    }
+
+    /// Epochs trained so far by this trainer.
+    pub fn epochs_done(&self) -> usize {
+        self.epochs_done
+    }
+
+    /// The two augmented views of `batch` as one row-major `(2·b, dim)` buffer: rows `0..b` are
+    /// view 1 of the anchors, rows `b..2b` view 2 (of the anchors or of their neighbours).
+    pub fn make_views(
+        &mut self,
+        x: &Matrix,
+        batch: &[u32],
+        neighbours: Option<&Neighbours>,
+    ) -> Result<Vec<f32>> {
+        let d = x.cols;
+        let partners = partner_ids(self.cfg.positives, batch, neighbours, &mut self.rng)?;
+        let mut buf = Vec::with_capacity(2 * batch.len() * d);
+        for &i in batch.iter().chain(partners.iter()) {
+            buf.extend_from_slice(x.row(i as usize));
+        }
+        self.augmenter.apply(&mut buf, &mut self.rng);
+        Ok(buf)
+    }
+
+    /// One optimisation step on `batch` (at least 2 anchors); returns the batch loss.
+    pub fn train_step(
+        &mut self,
+        x: &Matrix,
+        batch: &[u32],
+        neighbours: Option<&Neighbours>,
+    ) -> Result<f32> {
+        if batch.len() < 2 {
+            return Err(RefineError::Config(format!(
+                "a training batch needs at least 2 rows, got {}",
+                batch.len()
+            )));
+        }
+        let buf = self.make_views(x, batch, neighbours)?;
+        let t = Tensor::from_vec(buf, (2 * batch.len(), x.cols), self.model.device())?;
+        let h = self.model.encode(&t, Some(&mut self.rng))?;
+        let z = self.model.project(&h)?;
+        let loss = self.loss.forward(&z)?;
+        self.opt.backward_step(&loss)?;
+        Ok(loss.to_scalar::<f32>()?)
+    }
+
+    /// One pass over the rows of `x` in shuffled batches of `batch_size` (a last batch of fewer
+    /// than 2 rows is dropped: BatchNorm needs two). `neighbours` is required for
+    /// [`Positives::Neighbour`] and must cover `x.rows` entities.
+    pub fn train_epoch(
+        &mut self,
+        x: &Matrix,
+        neighbours: Option<&Neighbours>,
+    ) -> Result<EpochStats> {
+        if x.cols != self.model.dim() {
+            return Err(RefineError::DimMismatch {
+                expected: self.model.dim(),
+                found: x.cols,
+            });
+        }
+        if let Some(nb) = neighbours {
+            if nb.len() != x.rows {
+                return Err(RefineError::NeighbourCount {
+                    expected: x.rows,
+                    found: nb.len(),
+                });
+            }
+        }
+        if self.cfg.positives == Positives::Neighbour && neighbours.is_none() {
+            return Err(RefineError::Config(
+                "neighbour positives need neighbour lists".to_string(),
+            ));
+        }
+        let mut ids: Vec<u32> = (0..x.rows as u32).collect();
+        ids.shuffle(&mut self.rng);
+        let mut total = 0f64;
+        let mut samples = 0usize;
+        for batch in ids.chunks(self.cfg.batch_size) {
+            if batch.len() < 2 {
+                continue;
+            }
+            let l = self.train_step(x, batch, neighbours)?;
+            total += l as f64 * batch.len() as f64;
+            samples += batch.len();
+        }
+        self.epochs_done += 1;
+        let loss = if samples > 0 {
+            (total / samples as f64) as f32
+        } else {
+            f32::NAN
+        };
+        tracing::debug!(epoch = self.epochs_done, loss, samples, "simskip epoch");
+        Ok(EpochStats { loss, samples })
+    }
+
+    /// Train `cfg.epochs` epochs; the stats of each.
+    pub fn fit(&mut self, x: &Matrix, neighbours: Option<&Neighbours>) -> Result<Vec<EpochStats>> {
+        (0..self.cfg.epochs)
+            .map(|_| self.train_epoch(x, neighbours))
+            .collect()
+    }
+}

@@ -1,0 +1,1 @@
+//! Assembly of the coordinator and client daemons (filled in with the federation library).

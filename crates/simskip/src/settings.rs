@@ -1,0 +1,138 @@
+//! Layered settings: built-in defaults, then a TOML file, then `SIMSKIP_` environment
+//! variables, then command-line flags (applied by the caller on the returned value).
+//!
+//! Environment variables use `_` after the prefix and `__` between a section and a key, so
+//! keys that contain underscores stay reachable: `SIMSKIP_TRANSE__EPOCHS=50`,
+//! `SIMSKIP_SIMSKIP__NOISE_VAR=0.1`, `SIMSKIP_CLIENT__SERVER_URL=http://coordinator:50051`.
+
+use std::path::Path;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::de::DeserializeOwned;
+
+/// The prefix of every environment override.
+pub const ENV_PREFIX: &str = "SIMSKIP";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{path}: settings file not found")]
+    Missing { path: String },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// Load settings of type `T` from defaults, the optional TOML `file` and the environment.
+/// Unknown keys are errors (the settings types deny them), so a typo never passes silently.
+pub fn load<T: DeserializeOwned>(file: Option<&Path>) -> Result<T, SettingsError> {
+    load_with_env(file, std::env::vars())
+}
+
+/// As [`load`], with the environment given explicitly (for tests).
+pub fn load_with_env<T: DeserializeOwned>(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, SettingsError> {
+    let mut builder = Config::builder();
+    let origin = match file {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(SettingsError::Missing {
+                    path: path.display().to_string(),
+                });
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+            format!("{} (with {ENV_PREFIX}_* environment overrides)", path.display())
+        }
+        None => format!("settings ({ENV_PREFIX}_* environment overrides)"),
+    };
+    let vars: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+        .collect();
+    builder = builder.add_source(
+        Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(vars)),
+    );
+    let invalid = |e: config::ConfigError| SettingsError::Invalid {
+        origin: origin.clone(),
+        message: e.to_string(),
+    };
+    builder.build().map_err(invalid)?.try_deserialize().map_err(invalid)
+}
+
+use serde::{Deserialize, Serialize};
+use simskip_eval::ProbeConfig;
+use simskip_kge::TransEConfig;
+use simskip_refine::SimSkipConfig;
+
+/// Which held-out signal picks the refinement epoch (or keeps the input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalKind {
+    /// Validation KNN@10 when labels exist, else validation-triple neighbour retrieval.
+    Auto,
+    /// KNN same-label precision@10 of the validation entities (labels of test entities hidden).
+    Knn,
+    /// Accuracy of the MLP probe on the validation entities.
+    Probe,
+    /// Label-free: MRR of retrieving the other end of each validation triple by cosine.
+    Graph,
+}
+
+/// How `refine` guards its output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GateSettings {
+    /// Keep the best epoch by the validation signal, or the input when no epoch beats it.
+    /// Off: the last epoch's model is the output, whatever it scores.
+    pub enabled: bool,
+    pub signal: SignalKind,
+}
+
+impl Default for GateSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            signal: SignalKind::Auto,
+        }
+    }
+}
+
+/// Downstream evaluation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSettings {
+    pub knn_k: usize,
+    /// Seed of the fixed train/valid/test split of the labelled entities (60/20/20).
+    pub split_seed: u64,
+    pub probe: ProbeConfig,
+    /// Run the MLP probe (the slowest task).
+    pub run_probe: bool,
+    /// Run link prediction with relations refit on the frozen table.
+    pub run_link_prediction: bool,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self {
+            knn_k: 10,
+            split_seed: 7,
+            probe: ProbeConfig::default(),
+            run_probe: true,
+            run_link_prediction: true,
+        }
+    }
+}
+
+/// The settings of the `simskip` command: one section per stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub transe: TransEConfig,
+    pub simskip: SimSkipConfig,
+    pub gate: GateSettings,
+    pub eval: EvalSettings,
+}
