@@ -264,16 +264,19 @@ impl Mlp {
 mod tests {
     use super::*;
 
-    /// Two Gaussian-ish blobs per class on a line, classes separable along column 0.
+    /// 90 points, three classes with a wide margin: column `c` is about 1 for class `c`, the
+    /// others about 0, every coordinate jittered by at most ±0.2 (deterministically).
     fn toy() -> (Matrix, Vec<Option<u32>>, LabelSplit) {
         let n = 90;
         let mut data = Vec::new();
         let mut labels = Vec::new();
         for e in 0..n {
-            let c = (e % 3) as u32;
-            let jitter = ((e * 37 % 17) as f32 - 8.0) / 40.0;
-            data.extend_from_slice(&[c as f32 * 2.0 + jitter, jitter * 3.0 - 1.0, 5.0]);
-            labels.push(Some(c));
+            let c = e % 3;
+            for j in 0..3 {
+                let jitter = (((e * 3 + j) * 37 % 17) as f32 - 8.0) / 40.0;
+                data.push(if j == c { 1.0 } else { 0.0 } + jitter);
+            }
+            labels.push(Some(c as u32));
         }
         let ids: Vec<u32> = (0..n as u32).collect();
         let split = LabelSplit {

@@ -39,10 +39,19 @@ fn main() {
 
     let filter = FilterIndex::from_dataset(&ds);
     let start = Instant::now();
-    let m = evaluate(&model.entities, &model.relations, model.norm, &ds.test, &filter);
+    let m = evaluate(
+        &model.entities,
+        &model.relations,
+        model.norm,
+        &ds.test,
+        &filter,
+    );
     let eval_secs = start.elapsed().as_secs_f64();
 
-    println!("final epoch loss   {:.4}", losses.last().copied().unwrap_or(f32::NAN));
+    println!(
+        "final epoch loss   {:.4}",
+        losses.last().copied().unwrap_or(f32::NAN)
+    );
     println!(
         "test (both sides)  MRR {:.4}  Hits@1 {:.4}  Hits@3 {:.4}  Hits@10 {:.4}",
         m.mrr, m.hits_at_1, m.hits_at_3, m.hits_at_10

@@ -22,9 +22,19 @@ pub fn transe_epochs_per_second(ds: &KgDataset, cfg: &TransEConfig, epochs: usiz
 /// Filtered link-prediction throughput of `model` over `queries`, in ranking queries per
 /// second: each query triple makes two rankings over all entities (head side and tail
 /// side), so this is `2 * queries.len() / seconds`.
-pub fn linkpred_queries_per_second(model: &TransE, queries: &[Triple], filter: &FilterIndex) -> f64 {
+pub fn linkpred_queries_per_second(
+    model: &TransE,
+    queries: &[Triple],
+    filter: &FilterIndex,
+) -> f64 {
     let start = Instant::now();
-    let ranks = query_ranks(&model.entities, &model.relations, model.norm, queries, filter);
+    let ranks = query_ranks(
+        &model.entities,
+        &model.relations,
+        model.norm,
+        queries,
+        filter,
+    );
     std::hint::black_box(&ranks);
     2.0 * queries.len() as f64 / start.elapsed().as_secs_f64()
 }

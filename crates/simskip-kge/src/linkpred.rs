@@ -112,7 +112,10 @@ fn dist(norm: Norm, q: &[f32], e: &[f32]) -> f32 {
 fn rank_one(entities: &Matrix, norm: Norm, q: &[f32], answer: u32, known: &[u32]) -> f64 {
     let n = entities.rows;
     let d_true = dist(norm, q, entities.row(answer as usize));
-    let removed = known.iter().filter(|&&e| e != answer && (e as usize) < n).count();
+    let removed = known
+        .iter()
+        .filter(|&&e| e != answer && (e as usize) < n)
+        .count();
     if d_true.is_nan() {
         return (n - removed) as f64;
     }
@@ -147,7 +150,10 @@ pub fn query_ranks(
     queries: &[Triple],
     filter: &FilterIndex,
 ) -> Vec<QueryRanks> {
-    assert_eq!(entities.cols, relations.cols, "entity and relation widths differ");
+    assert_eq!(
+        entities.cols, relations.cols,
+        "entity and relation widths differ"
+    );
     let d = entities.cols;
     queries
         .par_iter()
@@ -221,7 +227,13 @@ pub fn evaluate(
     queries: &[Triple],
     filter: &FilterIndex,
 ) -> LinkPredictionMetrics {
-    metrics_from_ranks(&query_ranks(model_entities, relations, norm, queries, filter))
+    metrics_from_ranks(&query_ranks(
+        model_entities,
+        relations,
+        norm,
+        queries,
+        filter,
+    ))
 }
 
 #[cfg(test)]
@@ -243,8 +255,14 @@ mod tests {
     #[test]
     fn metrics_from_known_ranks() {
         let m = metrics_from_ranks(&[
-            QueryRanks { head: 1.0, tail: 2.0 },
-            QueryRanks { head: 4.0, tail: 10.5 },
+            QueryRanks {
+                head: 1.0,
+                tail: 2.0,
+            },
+            QueryRanks {
+                head: 4.0,
+                tail: 10.5,
+            },
         ]);
         assert_eq!(m.count, 2);
         assert!((m.mrr - (1.0 + 0.5 + 0.25 + 1.0 / 10.5) / 4.0).abs() < 1e-12);

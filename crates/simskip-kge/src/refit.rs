@@ -18,7 +18,12 @@ use simskip_data::{Matrix, Triple};
 use crate::transe::Norm;
 
 /// Fit relation vectors (`num_relations x entities.cols`) to `triples` with `entities` frozen.
-pub fn refit_relations(entities: &Matrix, triples: &[Triple], num_relations: usize, norm: Norm) -> Matrix {
+pub fn refit_relations(
+    entities: &Matrix,
+    triples: &[Triple],
+    num_relations: usize,
+    norm: Norm,
+) -> Matrix {
     let d = entities.cols;
     let mut out = Matrix::zeros(num_relations, d);
     match norm {
@@ -27,7 +32,10 @@ pub fn refit_relations(entities: &Matrix, triples: &[Triple], num_relations: usi
             let mut sums = vec![0.0f64; num_relations * d];
             for t in triples {
                 let r = t.r as usize;
-                assert!(r < num_relations, "relation id {r} >= num_relations {num_relations}");
+                assert!(
+                    r < num_relations,
+                    "relation id {r} >= num_relations {num_relations}"
+                );
                 counts[r] += 1;
                 let (h, tt) = (entities.row(t.h as usize), entities.row(t.t as usize));
                 for ((s, &a), &b) in sums[r * d..(r + 1) * d].iter_mut().zip(h).zip(tt) {
@@ -48,7 +56,10 @@ pub fn refit_relations(entities: &Matrix, triples: &[Triple], num_relations: usi
             let mut by_rel: Vec<Vec<u32>> = vec![Vec::new(); num_relations];
             for (i, t) in triples.iter().enumerate() {
                 let r = t.r as usize;
-                assert!(r < num_relations, "relation id {r} >= num_relations {num_relations}");
+                assert!(
+                    r < num_relations,
+                    "relation id {r} >= num_relations {num_relations}"
+                );
                 by_rel[r].push(i as u32);
             }
             let mut col = Vec::new();

@@ -91,7 +91,10 @@ impl RowGrads {
 
     /// `(row, gradient)` for every touched row.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &[f32])> {
-        self.rows.iter().copied().zip(self.data.chunks_exact(self.dim.max(1)))
+        self.rows
+            .iter()
+            .copied()
+            .zip(self.data.chunks_exact(self.dim.max(1)))
     }
 }
 
@@ -182,7 +185,10 @@ mod tests {
         assert!(g.is_empty());
         assert!(g.get(3).is_none());
         g.add_scaled(0, 1.0, &[1.0, 1.0]);
-        assert_eq!(g.iter().collect::<Vec<_>>(), vec![(0u32, &[1.0f32, 1.0][..])]);
+        assert_eq!(
+            g.iter().collect::<Vec<_>>(),
+            vec![(0u32, &[1.0f32, 1.0][..])]
+        );
     }
 
     #[test]

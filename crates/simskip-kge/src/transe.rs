@@ -116,7 +116,11 @@ impl TransE {
     ) -> Self {
         assert!(dim > 0, "TransE: dim must be positive");
         let bound = 6.0 / (dim as f32).sqrt();
-        let mut draw = |n: usize| -> Vec<f32> { (0..n * dim).map(|_| rng.random_range(-bound..bound)).collect() };
+        let mut draw = |n: usize| -> Vec<f32> {
+            (0..n * dim)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect()
+        };
         let entities = Matrix::from_vec(num_entities, dim, draw(num_entities));
         let mut relations = Matrix::from_vec(num_relations, dim, draw(num_relations));
         for i in 0..num_relations {
@@ -254,7 +258,7 @@ fn sigmoid(x: f32) -> f32 {
 fn check_batch(positives: &[Triple], negatives: &[Triple]) -> usize {
     assert!(!positives.is_empty(), "empty batch");
     assert!(
-        !negatives.is_empty() && negatives.len() % positives.len() == 0,
+        !negatives.is_empty() && negatives.len().is_multiple_of(positives.len()),
         "negatives ({}) must be a non-zero multiple of positives ({})",
         negatives.len(),
         positives.len()
@@ -266,7 +270,14 @@ fn check_batch(positives: &[Triple], negatives: &[Triple]) -> usize {
 /// derivative of the batch loss w.r.t. each distance (`coef[0]` for the positive,
 /// `coef[1..]` for the negatives), written into `coef`. Returns the loss term, already
 /// divided by the batch normaliser.
-fn loss_terms(loss: Loss, d_pos: f32, d_neg: &[f32], batch: usize, coef: &mut [f32], weights: &mut Vec<f32>) -> f32 {
+fn loss_terms(
+    loss: Loss,
+    d_pos: f32,
+    d_neg: &[f32],
+    batch: usize,
+    coef: &mut [f32],
+    weights: &mut Vec<f32>,
+) -> f32 {
     let k = d_neg.len();
     match loss {
         Loss::MarginRanking { margin } => {
@@ -320,7 +331,14 @@ pub fn batch_loss(model: &TransE, loss: Loss, positives: &[Triple], negatives: &
         for (d, &n) in d_neg.iter_mut().zip(&negatives[i * k..(i + 1) * k]) {
             *d = model.distance(n);
         }
-        total += loss_terms(loss, model.distance(p), &d_neg, positives.len(), &mut coef, &mut weights);
+        total += loss_terms(
+            loss,
+            model.distance(p),
+            &d_neg,
+            positives.len(),
+            &mut coef,
+            &mut weights,
+        );
     }
     total
 }
@@ -367,7 +385,14 @@ fn batch_loss_and_gradients_with(
         for (d, &n) in s.d_neg.iter_mut().zip(negs) {
             *d = model.distance(n);
         }
-        total += loss_terms(loss, model.distance(p), &s.d_neg, positives.len(), &mut s.coef, &mut s.weights);
+        total += loss_terms(
+            loss,
+            model.distance(p),
+            &s.d_neg,
+            positives.len(),
+            &mut s.coef,
+            &mut s.weights,
+        );
         accumulate(model, grads, p, s.coef[0], &mut s.g);
         for (j, &n) in negs.iter().enumerate() {
             accumulate(model, grads, n, s.coef[1 + j], &mut s.g);
@@ -463,8 +488,15 @@ impl TransETrainer {
     /// Continue training an existing model (its norm is replaced by `cfg.norm`; `cfg.dim`
     /// must match the model's width). Entity rows are not re-normalised here.
     pub fn from_model(mut model: TransE, cfg: TransEConfig) -> Self {
-        assert_eq!(model.dim(), cfg.dim, "TransETrainer::from_model: model dim != cfg.dim");
-        assert_eq!(model.relations.cols, cfg.dim, "TransETrainer::from_model: relation dim");
+        assert_eq!(
+            model.dim(),
+            cfg.dim,
+            "TransETrainer::from_model: model dim != cfg.dim"
+        );
+        assert_eq!(
+            model.relations.cols, cfg.dim,
+            "TransETrainer::from_model: relation dim"
+        );
         model.norm = cfg.norm;
         let rng = StdRng::seed_from_u64(cfg.seed);
         Self::with_rng(model, cfg, rng)
@@ -525,7 +557,10 @@ impl TransETrainer {
         assert_eq!(ids.len(), rows.rows, "set_entity_rows: ids vs rows");
         assert_eq!(rows.cols, self.model.dim(), "set_entity_rows: width");
         for (i, &id) in ids.iter().enumerate() {
-            self.model.entities.row_mut(id as usize).copy_from_slice(rows.row(i));
+            self.model
+                .entities
+                .row_mut(id as usize)
+                .copy_from_slice(rows.row(i));
         }
     }
 
@@ -573,8 +608,10 @@ impl TransETrainer {
             &mut self.grads,
             &mut self.scratch,
         );
-        self.ent_adam.step(&mut self.model.entities, &self.grads.entities);
-        self.rel_adam.step(&mut self.model.relations, &self.grads.relations);
+        self.ent_adam
+            .step(&mut self.model.entities, &self.grads.entities);
+        self.rel_adam
+            .step(&mut self.model.relations, &self.grads.relations);
         if self.cfg.normalize_entities {
             for &row in self.grads.entities.rows() {
                 normalize_l2(self.model.entities.row_mut(row as usize));
@@ -667,13 +704,19 @@ mod tests {
             assert!(n.h < 3 && n.t < 3);
             heads += (n.h != p[0].h) as usize;
         }
-        assert!(heads > 5 && heads < 45, "head/tail corruption should be ~50/50: {heads}");
+        assert!(
+            heads > 5 && heads < 45,
+            "head/tail corruption should be ~50/50: {heads}"
+        );
     }
 
     #[test]
     fn config_defaults() {
         let c = TransEConfig::default();
-        assert_eq!((c.dim, c.negatives, c.batch_size, c.epochs), (128, 1, 256, 100));
+        assert_eq!(
+            (c.dim, c.negatives, c.batch_size, c.epochs),
+            (128, 1, 256, 100)
+        );
         assert_eq!(c.loss, Loss::MarginRanking { margin: 1.0 });
         let f = TransEConfig::fede_defaults();
         assert_eq!((f.dim, f.negatives, f.batch_size), (128, 256, 512));

@@ -51,7 +51,13 @@ fn model(norm: Norm, loss: Loss) -> TransE {
     let k = neg.len() / pos.len();
     for seed in 0.. {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut draw = |n| Matrix::from_vec(n, DIM, (0..n * DIM).map(|_| rng.random_range(-1.0..1.0)).collect());
+        let mut draw = |n| {
+            Matrix::from_vec(
+                n,
+                DIM,
+                (0..n * DIM).map(|_| rng.random_range(-1.0..1.0)).collect(),
+            )
+        };
         let m = TransE {
             entities: draw(NE),
             relations: draw(NR),
@@ -94,26 +100,35 @@ fn check(norm: Norm, loss: Loss, f: impl Fn(&TransE) -> f32) {
                 g.entities.get(row as u32).map(<[f32]>::to_vec)
             }
             .unwrap_or(vec![0.0; DIM]);
-            for k in 0..DIM {
+            for (k, &an) in analytic.iter().enumerate() {
                 let mut plus = m.clone();
                 let mut minus = m.clone();
-                let tab = |mm: &mut TransE| if is_rel { &mut mm.relations } else { &mut mm.entities };
-                tab(&mut plus).row_mut(row)[k] += eps;
-                tab(&mut minus).row_mut(row)[k] -= eps;
+                fn tab(mm: &mut TransE, is_rel: bool) -> &mut Matrix {
+                    if is_rel {
+                        &mut mm.relations
+                    } else {
+                        &mut mm.entities
+                    }
+                }
+                tab(&mut plus, is_rel).row_mut(row)[k] += eps;
+                tab(&mut minus, is_rel).row_mut(row)[k] -= eps;
                 let numeric = (f(&plus) as f64 - f(&minus) as f64) / (2.0 * eps as f64);
-                let err = (numeric as f32 - analytic[k]).abs();
+                let err = (numeric as f32 - an).abs();
                 worst = worst.max(err);
                 assert!(
-                    err < 2e-3 + 1e-2 * analytic[k].abs(),
+                    err < 2e-3 + 1e-2 * an.abs(),
                     "{norm:?} {loss:?} {} row {row} coord {k}: analytic {} numeric {numeric}",
                     if is_rel { "relation" } else { "entity" },
-                    analytic[k]
+                    an
                 );
-                nonzero += (analytic[k].abs() > 1e-4) as usize;
+                nonzero += (an.abs() > 1e-4) as usize;
             }
         }
     }
-    assert!(nonzero > 20, "gradient suspiciously sparse ({nonzero} non-zero entries)");
+    assert!(
+        nonzero > 20,
+        "gradient suspiciously sparse ({nonzero} non-zero entries)"
+    );
     eprintln!("{norm:?} {loss:?}: worst |analytic - numeric| = {worst:e}");
 }
 
@@ -138,7 +153,10 @@ fn self_adversarial_fixed_weights(m: &TransE, at: &TransE, gamma: f32, temp: f32
     let mut total = 0.0f64;
     for (i, &p) in pos.iter().enumerate() {
         let negs = &neg[i * k..(i + 1) * k];
-        let w: Vec<f64> = negs.iter().map(|&n| (temp as f64 * (gamma - at.distance(n)) as f64).exp()).collect();
+        let w: Vec<f64> = negs
+            .iter()
+            .map(|&n| (temp as f64 * (gamma - at.distance(n)) as f64).exp())
+            .collect();
         let z: f64 = w.iter().sum();
         let mut l = -ls(gamma - m.distance(p));
         for (j, &n) in negs.iter().enumerate() {
@@ -163,7 +181,9 @@ fn self_adversarial_gradients() {
             let reference = self_adversarial_fixed_weights(&at, &at, gamma, temp);
             assert!((reference - batch_loss(&at, loss, &pos, &neg)).abs() < 1e-5);
             // ...and its derivative (weights frozen at `at`) with the analytic gradient.
-            check(norm, loss, |m| self_adversarial_fixed_weights(m, &at, gamma, temp));
+            check(norm, loss, |m| {
+                self_adversarial_fixed_weights(m, &at, gamma, temp)
+            });
         }
     }
 }
@@ -186,9 +206,13 @@ fn self_adversarial_single_negative_is_exact_gradient() {
             let (mut p, mut q) = (m.clone(), m.clone());
             p.entities.row_mut(row)[k] += eps;
             q.entities.row_mut(row)[k] -= eps;
-            let numeric = (batch_loss(&p, loss, &pos, &neg) - batch_loss(&q, loss, &pos, &neg)) / (2.0 * eps);
+            let numeric =
+                (batch_loss(&p, loss, &pos, &neg) - batch_loss(&q, loss, &pos, &neg)) / (2.0 * eps);
             let analytic = g.entities.get(row as u32).map_or(0.0, |r| r[k]);
-            assert!((numeric - analytic).abs() < 2e-3, "row {row} coord {k}: {analytic} vs {numeric}");
+            assert!(
+                (numeric - analytic).abs() < 2e-3,
+                "row {row} coord {k}: {analytic} vs {numeric}"
+            );
         }
     }
 }
@@ -198,7 +222,13 @@ fn untouched_rows_have_no_gradient() {
     let (pos, neg) = batch();
     let m = model(Norm::L1, Loss::MarginRanking { margin: 2.0 });
     let mut g = Gradients::for_model(&m);
-    batch_loss_and_gradients(&m, Loss::MarginRanking { margin: 2.0 }, &pos[..1], &neg[..3], &mut g);
+    batch_loss_and_gradients(
+        &m,
+        Loss::MarginRanking { margin: 2.0 },
+        &pos[..1],
+        &neg[..3],
+        &mut g,
+    );
     let mut rows = g.entities.rows().to_vec();
     rows.sort_unstable();
     assert_eq!(rows, vec![0, 1, 2, 3, 5]);

@@ -11,7 +11,10 @@ fn tr(h: u32, r: u32, t: u32) -> Triple {
 /// Entities on a line at 0, 1, 2.5, 4 (1-D embeddings); relation 0 translates by +1,
 /// relation 1 by +2.5.
 fn line() -> (Matrix, Matrix) {
-    (Matrix::from_vec(4, 1, vec![0.0, 1.0, 2.5, 4.0]), Matrix::from_vec(2, 1, vec![1.0, 2.5]))
+    (
+        Matrix::from_vec(4, 1, vec![0.0, 1.0, 2.5, 4.0]),
+        Matrix::from_vec(2, 1, vec![1.0, 2.5]),
+    )
 }
 
 #[test]
@@ -24,12 +27,24 @@ fn raw_and_filtered_ranks_without_ties() {
     for norm in [Norm::L1, Norm::L2] {
         let q = [tr(0, 0, 2)];
         let raw = query_ranks(&e, &r, norm, &q, &FilterIndex::empty());
-        assert_eq!(raw, vec![QueryRanks { head: 3.0, tail: 3.0 }]);
+        assert_eq!(
+            raw,
+            vec![QueryRanks {
+                head: 3.0,
+                tail: 3.0
+            }]
+        );
         // Known true (0, r0, 1) outranks the answer on the tail side: filtering it removes
         // one better candidate. (2, r0, 2) likewise on the head side.
         let known = [tr(0, 0, 2), tr(0, 0, 1), tr(2, 0, 2)];
         let filtered = query_ranks(&e, &r, norm, &q, &FilterIndex::new(&known));
-        assert_eq!(filtered, vec![QueryRanks { head: 2.0, tail: 2.0 }]);
+        assert_eq!(
+            filtered,
+            vec![QueryRanks {
+                head: 2.0,
+                tail: 2.0
+            }]
+        );
         // A filtered triple that ranks *worse* than the answer changes nothing.
         let worse = [tr(0, 0, 3), tr(3, 0, 2)];
         let f = query_ranks(&e, &r, norm, &q, &FilterIndex::new(&worse));
@@ -51,7 +66,16 @@ fn perfect_and_worst_ranks_and_metrics() {
     let ranks = query_ranks(&e, &r, Norm::L1, &q, &FilterIndex::empty());
     assert_eq!(
         ranks,
-        vec![QueryRanks { head: 1.0, tail: 1.0 }, QueryRanks { head: 4.0, tail: 4.0 }]
+        vec![
+            QueryRanks {
+                head: 1.0,
+                tail: 1.0
+            },
+            QueryRanks {
+                head: 4.0,
+                tail: 4.0
+            }
+        ]
     );
     let m = evaluate(&e, &r, Norm::L1, &q, &FilterIndex::empty());
     assert_eq!(m.count, 2);
@@ -71,16 +95,40 @@ fn ties_count_half() {
     let q = [tr(0, 0, 2)];
     let raw = query_ranks(&e, &r, Norm::L1, &q, &FilterIndex::empty());
     // Head side q = 2 - 1 = 1: distances 1, 0, 1, 2; answer 0 ties with 2, entity 1 better.
-    assert_eq!(raw, vec![QueryRanks { head: 2.5, tail: 2.5 }]);
+    assert_eq!(
+        raw,
+        vec![QueryRanks {
+            head: 2.5,
+            tail: 2.5
+        }]
+    );
     // Filtering the tied (0, r, 0) removes the tie on the tail side; filtering (1, r, 2)
     // removes the better head.
-    let f = query_ranks(&e, &r, Norm::L1, &q, &FilterIndex::new(&[tr(0, 0, 0), tr(1, 0, 2)]));
-    assert_eq!(f, vec![QueryRanks { head: 1.5, tail: 2.0 }]);
+    let f = query_ranks(
+        &e,
+        &r,
+        Norm::L1,
+        &q,
+        &FilterIndex::new(&[tr(0, 0, 0), tr(1, 0, 2)]),
+    );
+    assert_eq!(
+        f,
+        vec![QueryRanks {
+            head: 1.5,
+            tail: 2.0
+        }]
+    );
     // All entities identical: every candidate ties -> rank (1 + n) / 2.
     let flat = Matrix::from_vec(4, 2, vec![0.5; 8]);
     let r0 = Matrix::zeros(1, 2);
     let ranks = query_ranks(&flat, &r0, Norm::L2, &q, &FilterIndex::empty());
-    assert_eq!(ranks, vec![QueryRanks { head: 2.5, tail: 2.5 }]);
+    assert_eq!(
+        ranks,
+        vec![QueryRanks {
+            head: 2.5,
+            tail: 2.5
+        }]
+    );
 }
 
 #[test]

@@ -11,7 +11,11 @@ fn tr(h: u32, r: u32, t: u32) -> Triple {
 
 fn entities() -> Matrix {
     // 2-D entities.
-    Matrix::from_vec(5, 2, vec![0.0, 0.0, 1.0, 2.0, 3.0, -1.0, 10.0, 4.0, -2.0, 0.5])
+    Matrix::from_vec(
+        5,
+        2,
+        vec![0.0, 0.0, 1.0, 2.0, 3.0, -1.0, 10.0, 4.0, -2.0, 0.5],
+    )
 }
 
 #[test]
@@ -21,7 +25,13 @@ fn hand_values_mean_and_median() {
     // Relation 1: t - h = (-2, .5), (1, 2) - (3, -1) = (-2, 3)  -> mean (-2, 1.75),
     //             median (even count: midpoint) (-2, 1.75).
     // Relation 2: no triples -> zeros.
-    let triples = [tr(0, 0, 1), tr(0, 0, 2), tr(0, 0, 3), tr(0, 1, 4), tr(2, 1, 1)];
+    let triples = [
+        tr(0, 0, 1),
+        tr(0, 0, 2),
+        tr(0, 0, 3),
+        tr(0, 1, 4),
+        tr(2, 1, 1),
+    ];
     let l2 = refit_relations(&e, &triples, 3, Norm::L2);
     assert_eq!((l2.rows, l2.cols), (3, 2));
     assert!((l2.row(0)[0] - 14.0 / 3.0).abs() < 1e-6 && (l2.row(0)[1] - 5.0 / 3.0).abs() < 1e-6);
@@ -55,9 +65,19 @@ fn objective(e: &Matrix, rels: &Matrix, triples: &[Triple], norm: Norm) -> f64 {
 fn refit_beats_every_perturbation() {
     let mut rng = StdRng::seed_from_u64(7);
     let (ne, nr, d) = (30, 3, 4);
-    let e = Matrix::from_vec(ne, d, (0..ne * d).map(|_| rng.random_range(-1.0..1.0)).collect());
+    let e = Matrix::from_vec(
+        ne,
+        d,
+        (0..ne * d).map(|_| rng.random_range(-1.0..1.0)).collect(),
+    );
     let triples: Vec<Triple> = (0..60)
-        .map(|_| tr(rng.random_range(0..ne as u32), rng.random_range(0..nr as u32), rng.random_range(0..ne as u32)))
+        .map(|_| {
+            tr(
+                rng.random_range(0..ne as u32),
+                rng.random_range(0..nr as u32),
+                rng.random_range(0..ne as u32),
+            )
+        })
         .collect();
     for norm in [Norm::L1, Norm::L2] {
         let best = refit_relations(&e, &triples, nr, norm);
@@ -69,7 +89,10 @@ fn refit_beats_every_perturbation() {
             for v in p.data.iter_mut() {
                 *v += rng.random_range(-scale..scale);
             }
-            assert!(objective(&e, &p, &triples, norm) >= f0 - 1e-4, "{norm:?}: perturbation improved");
+            assert!(
+                objective(&e, &p, &triples, norm) >= f0 - 1e-4,
+                "{norm:?}: perturbation improved"
+            );
         }
         for i in 0..best.data.len() {
             for delta in [-0.01f32, 0.01] {
@@ -94,11 +117,13 @@ fn refit_recovers_exact_translations() {
         }
     }
     let e = Matrix::from_vec(n, d, data);
-    let triples: Vec<Triple> = (0..n / 2).map(|i| tr(i as u32, 0, (n / 2 + i) as u32)).collect();
+    let triples: Vec<Triple> = (0..n / 2)
+        .map(|i| tr(i as u32, 0, (n / 2 + i) as u32))
+        .collect();
     for norm in [Norm::L1, Norm::L2] {
         let r = refit_relations(&e, &triples, 1, norm);
-        for k in 0..d {
-            assert!((r.row(0)[k] - rel[k]).abs() < 1e-5);
+        for (got, want) in r.row(0).iter().zip(rel) {
+            assert!((got - want).abs() < 1e-5);
         }
     }
 }

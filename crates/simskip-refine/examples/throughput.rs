@@ -20,7 +20,7 @@ fn read_table(path: &str) -> Matrix {
     let mut cols = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let vals: Vec<f32> = line
-            .split(|c: char| c == '\t' || c == ' ' || c == ',')
+            .split(['\t', ' ', ','])
             .filter(|s| !s.is_empty())
             .filter_map(|s| s.parse().ok())
             .collect();
@@ -59,8 +59,33 @@ fn main() {
         epochs,
         rayon_threads()
     );
+    let cpu0 = process_cpu_seconds();
     let sps = training_samples_per_second(&x, &cfg, epochs).expect("training");
     println!("training samples per second: {sps:.0}");
+    if let (Some(a), Some(b)) = (cpu0, process_cpu_seconds()) {
+        let samples = (x.rows / cfg.batch_size * cfg.batch_size
+            + if x.rows % cfg.batch_size >= 2 {
+                x.rows % cfg.batch_size
+            } else {
+                0
+            })
+            * epochs;
+        println!(
+            "process CPU time {:.2}s: {:.0} samples per CPU-second (the machine may be shared)",
+            b - a,
+            samples as f64 / (b - a)
+        );
+    }
+}
+
+/// User + system CPU time of this process (Linux `/proc/self/stat`, 100 ticks/s assumed).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn rayon_threads() -> String {

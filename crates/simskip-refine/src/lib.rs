@@ -5,13 +5,13 @@
 //! using a graph neighbour as the second view. After training, [`SimSkipModel::refine`] maps an
 //! embedding table to its refined version in evaluation mode.
 //!
-//! * [`model`]: the encoder/projector, weight export/import as named arrays (for FedAvg);
-//! * [`augment`]: masking and Gaussian-noise augmentations;
-//! * [`loss`]: NT-Xent;
-//! * [`positives`]: augmentation or neighbour positives, with a CSR neighbour list;
-//! * [`train`]: configuration and the trainer (AdamW, seeded, reproducible);
-//! * [`select`]: epoch selection against a caller-provided validation score;
-//! * [`bench`]: training throughput measurement.
+//! * [`model`] — the encoder/projector, weight export/import as named arrays (for FedAvg);
+//! * [`augment`] — masking and Gaussian-noise augmentations;
+//! * [`loss`] — NT-Xent;
+//! * [`positives`] — augmentation or neighbour positives, with a CSR neighbour list;
+//! * [`train`] — configuration and the trainer (AdamW, seeded, reproducible);
+//! * [`select`] — epoch selection against a caller-provided validation score;
+//! * [`bench`] — training throughput measurement.
 //!
 //! All randomness (initialisation, dropout, augmentation, shuffles, neighbour choice) comes from
 //! one seeded `StdRng`, so a run is reproducible bit for bit from its seed.

@@ -5,77 +5,159 @@
 //! never its own negative), and the loss is the cross-entropy of row `i` against its positive
 //! `(i + N) mod 2N`, averaged over all `2N` rows.
 
-use candle_core::{DType, Device, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use crate::error::{RefineError, Result};
 
-/// Added to the diagonal of the similarity matrix: `exp` of it is exactly 0 in f32.
-const DIAGONAL_FILL: f32 = -1.0e9;
-
-/// NT-Xent with the diagonal mask and the positive indices cached for the last batch size.
+/// NT-Xent at a fixed temperature.
+///
+/// Row normalisation is done with candle; the similarity matrix `ẑ ẑᵀ`, the masked
+/// log-softmax cross-entropy and their backward pass are one fused CPU operation
+/// ([`NtXentOnNormalised`]), which keeps the softmax from the forward pass for the backward pass
+/// and needs one matmul there instead of two.
 #[derive(Debug, Clone)]
 pub struct NtXentLoss {
     temperature: f64,
-    cache: Option<(usize, Tensor, Tensor)>,
 }
 
 impl NtXentLoss {
     pub fn new(temperature: f64) -> Self {
-        Self {
-            temperature,
-            cache: None,
-        }
+        Self { temperature }
     }
 
     pub fn temperature(&self) -> f64 {
         self.temperature
     }
 
-    fn helpers(&mut self, n2: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        if let Some((n, mask, targets)) = &self.cache {
-            if *n == n2 {
-                return Ok((mask.clone(), targets.clone()));
-            }
-        }
-        let mut mask = vec![0f32; n2 * n2];
-        for i in 0..n2 {
-            mask[i * n2 + i] = DIAGONAL_FILL;
-        }
-        let mask = Tensor::from_vec(mask, (n2, n2), device)?;
-        let half = n2 / 2;
-        let targets: Vec<u32> = (0..n2).map(|i| ((i + half) % n2) as u32).collect();
-        let targets = Tensor::from_vec(targets, n2, device)?;
-        self.cache = Some((n2, mask.clone(), targets.clone()));
-        Ok((mask, targets))
-    }
-
     /// The mean NT-Xent loss (a scalar tensor) of `z` with shape `(2N, k)`.
-    pub fn forward(&mut self, z: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let (n2, _) = z.dims2()?;
         if n2 < 2 || n2 % 2 != 0 {
             return Err(RefineError::Config(format!(
                 "NT-Xent needs an even number (>= 2) of projections, got {n2}"
             )));
         }
-        if !(self.temperature > 0.0) {
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
             return Err(RefineError::Config(format!(
                 "temperature must be positive, got {}",
                 self.temperature
             )));
         }
-        let (mask, targets) = self.helpers(n2, z.device())?;
         let z = z.to_dtype(DType::F32)?;
         let norm = (z.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
-        let zn = z.broadcast_div(&norm)?;
-        let sim = (zn.matmul(&zn.t()?)? * (1.0 / self.temperature))?;
-        let logits = (sim + mask)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+        let zn = z.broadcast_div(&norm)?.contiguous()?;
+        Ok(zn.apply_op1(NtXentOnNormalised {
+            inv_tau: (1.0 / self.temperature) as f32,
+            saved: Arc::new(Mutex::new(None)),
+        })?)
     }
 }
 
 /// One-off NT-Xent of `z` (`2N × k`) at temperature `temperature`.
 pub fn nt_xent(z: &Tensor, temperature: f64) -> Result<Tensor> {
     NtXentLoss::new(temperature).forward(z)
+}
+
+/// Fused NT-Xent on row-normalised projections `ẑ` (`2N × k`): with `s = ẑ ẑᵀ`,
+/// `L = mean_i [ logsumexp_{j≠i}(s_ij/τ) − s_{i,(i+N) mod 2N}/τ ]`.
+/// Excluding the diagonal from the sum is the same as setting it to −∞ before the softmax.
+///
+/// Gradient: `∂L/∂s_ij = (p_ij − [j = pos(i)]) / (2N·τ)` (`p` the row softmax, 0 on the
+/// diagonal), and `∂L/∂ẑ = (G + Gᵀ) ẑ` for that matrix `G`, which the forward pass saves.
+#[derive(Debug, Clone)]
+pub struct NtXentOnNormalised {
+    pub inv_tau: f32,
+    saved: Arc<Mutex<Option<Vec<f32>>>>,
+}
+
+impl NtXentOnNormalised {
+    /// `(loss, G + Gᵀ)` from the similarity matrix `s` (`n2 × n2`, row-major; consumed).
+    fn loss_and_grad(&self, mut s: Vec<f32>, n2: usize) -> (f32, Vec<f32>) {
+        let mut total = 0f64;
+        let scale = self.inv_tau / n2 as f32;
+        // The diagonal is excluded: −∞ gives exp(·) = 0 and keeps the loops branch-free.
+        // `s` is turned into G in place, row by row.
+        for (i, row) in s.chunks_exact_mut(n2).enumerate() {
+            let pos = (i + n2 / 2) % n2;
+            row[i] = f32::NEG_INFINITY;
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * self.inv_tau;
+            let positive = row[pos] * self.inv_tau;
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                let e = (*v * self.inv_tau - m).exp();
+                *v = e;
+                sum += e;
+            }
+            total += (m + sum.ln() - positive) as f64;
+            let k = scale / sum;
+            for v in row.iter_mut() {
+                *v *= k;
+            }
+            row[pos] -= scale;
+        }
+        // Symmetrise in tiles: G + Gᵀ.
+        const T: usize = 32;
+        for bi in (0..n2).step_by(T) {
+            for bj in (bi..n2).step_by(T) {
+                for i in bi..(bi + T).min(n2) {
+                    let j0 = if bi == bj { i + 1 } else { bj };
+                    for j in j0..(bj + T).min(n2) {
+                        let v = s[i * n2 + j] + s[j * n2 + i];
+                        s[i * n2 + j] = v;
+                        s[j * n2 + i] = v;
+                    }
+                }
+            }
+        }
+        ((total / n2 as f64) as f32, s)
+    }
+}
+
+impl CustomOp1 for NtXentOnNormalised {
+    fn name(&self) -> &'static str {
+        "nt-xent-on-normalised"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let (n2, k) = layout.shape().dims2()?;
+        let zn = match layout.contiguous_offsets() {
+            Some((o1, o2)) => &data[o1..o2],
+            None => candle_core::bail!("nt-xent expects contiguous projections"),
+        };
+        let t = Tensor::from_slice(zn, (n2, k), &Device::Cpu)?;
+        let s = t.matmul(&t.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let (loss, g) = self.loss_and_grad(s, n2);
+        *self.saved.lock().unwrap() = Some(g);
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n2, _) = arg.dims2()?;
+        let g = match self.saved.lock().unwrap().take() {
+            Some(g) => g,
+            None => {
+                let arg = arg.contiguous()?;
+                let s = arg.matmul(&arg.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+                self.loss_and_grad(s, n2).1
+            }
+        };
+        let gs = Tensor::from_vec(g, (n2, n2), arg.device())?;
+        let upstream = grad_res.to_dtype(DType::F32)?;
+        let grad = gs.matmul(&arg.detach())?.broadcast_mul(&upstream)?;
+        Ok(Some(grad))
+    }
 }
 
 #[cfg(test)]
@@ -148,5 +230,62 @@ mod tests {
     fn rejects_odd_batch() {
         let t = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
         assert!(matches!(nt_xent(&t, 0.5), Err(RefineError::Config(_))));
+    }
+
+    /// The fused op's loss and gradient against the composed candle graph (diagonal mask,
+    /// log-softmax, gather), for several tiles of the symmetrisation (2N = 70 > 32).
+    #[test]
+    fn gradient_matches_composed_graph() {
+        use candle_core::Var;
+        let n2 = 70;
+        let vals: Vec<f32> = (0..n2 * 3)
+            .map(|k| ((k * 37 % 11) as f32 - 5.0) / 3.0 + (k % 5) as f32 * 0.1)
+            .collect();
+        let tau = 0.5;
+        let dev = Device::Cpu;
+        let z1 = Var::from_vec(vals.clone(), (n2, 3), &dev).unwrap();
+        let loss = nt_xent(z1.as_tensor(), tau).unwrap();
+        let g1 = loss
+            .backward()
+            .unwrap()
+            .get(z1.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let g1 = g1.to_vec1::<f32>().unwrap();
+
+        let z2 = Var::from_vec(vals, (n2, 3), &dev).unwrap();
+        let z = z2.as_tensor();
+        let norm = (z.sqr().unwrap().sum_keepdim(1).unwrap() + 1e-12)
+            .unwrap()
+            .sqrt()
+            .unwrap();
+        let zn = z.broadcast_div(&norm).unwrap();
+        let sim = (zn.matmul(&zn.t().unwrap()).unwrap() * (1.0 / tau)).unwrap();
+        let mut mask = vec![0f32; n2 * n2];
+        for i in 0..n2 {
+            mask[i * n2 + i] = -1e9;
+        }
+        let logits = (sim + Tensor::from_vec(mask, (n2, n2), &dev).unwrap()).unwrap();
+        let targets: Vec<u32> = (0..n2).map(|i| ((i + n2 / 2) % n2) as u32).collect();
+        let targets = Tensor::from_vec(targets, n2, &dev).unwrap();
+        let loss2 = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        let g2 = loss2
+            .backward()
+            .unwrap()
+            .get(z)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let g2 = g2.to_vec1::<f32>().unwrap();
+        let (l1, l2) = (
+            loss.to_scalar::<f32>().unwrap(),
+            loss2.to_scalar::<f32>().unwrap(),
+        );
+        assert!((l1 - l2).abs() < 1e-5, "{l1} {l2}");
+        for (a, b) in g1.iter().zip(&g2) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert!(g1.iter().any(|g| g.abs() > 1e-4));
     }
 }

@@ -18,7 +18,7 @@
 //! statistics included, so a federated coordinator can average them.
 
 use candle_core::{Device, Tensor, Var};
-use candle_nn::{BatchNorm, Linear, Module, ModuleT, VarMap};
+use candle_nn::{BatchNorm, Linear, ModuleT, VarMap};
 use rand::rngs::StdRng;
 use rand::Rng;
 use simskip_data::{Matrix, NamedArray};
@@ -216,6 +216,21 @@ impl SimSkipModel {
         self.trainable_vars().iter().map(|v| v.elem_count()).sum()
     }
 
+    /// `x Wᵀ + 1 bᵀ`. The bias is added through a rank-one matmul rather than a broadcast:
+    /// the same values, but its gradient `1ᵀ G` is then a gemm instead of candle's slow strided
+    /// sum over the batch dimension.
+    fn linear(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&l.weight().t()?)?;
+        match l.bias() {
+            None => Ok(y),
+            Some(b) => {
+                let n = x.dim(0)?;
+                let ones = Tensor::ones((n, 1), x.dtype(), &self.device)?;
+                Ok((y + ones.matmul(&b.unsqueeze(0)?)?)?)
+            }
+        }
+    }
+
     fn apply_dropout(&self, h: Tensor, rng: Option<&mut StdRng>) -> Result<Tensor> {
         match rng {
             Some(rng) if self.dropout > 0.0 => {
@@ -236,13 +251,13 @@ impl SimSkipModel {
     pub fn encode(&self, x: &Tensor, train: Option<&mut StdRng>) -> Result<Tensor> {
         let is_train = train.is_some();
         let mut rng = train;
-        let h = self.l1.forward(x)?;
+        let h = self.linear(&self.l1, x)?;
         let h = self.bn1.forward_t(&h, is_train)?.relu()?;
         let h = self.apply_dropout(h, rng.as_deref_mut())?;
-        let h = self.l2.forward(&h)?;
+        let h = self.linear(&self.l2, &h)?;
         let h = self.bn2.forward_t(&h, is_train)?.relu()?;
-        let h = self.apply_dropout(h, rng.as_deref_mut())?;
-        let g = self.out.forward(&h)?;
+        let h = self.apply_dropout(h, rng)?;
+        let g = self.linear(&self.out, &h)?;
         if self.skip {
             Ok((x + g)?)
         } else {
@@ -252,8 +267,8 @@ impl SimSkipModel {
 
     /// The projector `p(h) = W2 relu(W1 h + b1) + b2`.
     pub fn project(&self, h: &Tensor) -> Result<Tensor> {
-        let h = self.p0.forward(h)?.relu()?;
-        Ok(self.p2.forward(&h)?)
+        let h = self.linear(&self.p0, h)?.relu()?;
+        self.linear(&self.p2, &h)
     }
 
     /// Refined embeddings `f(x)` in evaluation mode, in chunks of [`REFINE_CHUNK`] rows.

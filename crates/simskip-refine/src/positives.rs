@@ -104,6 +104,26 @@ impl Neighbours {
     }
 }
 
+/// The row whose embedding gives the second view of each anchor in `batch`: the anchor itself
+/// for [`Positives::Augment`], a random neighbour (or itself if it has none) for
+/// [`Positives::Neighbour`]. `Neighbour` without neighbour lists is a configuration error.
+pub fn partner_ids(
+    kind: Positives,
+    batch: &[u32],
+    neighbours: Option<&Neighbours>,
+    rng: &mut StdRng,
+) -> Result<Vec<u32>> {
+    match kind {
+        Positives::Augment => Ok(batch.to_vec()),
+        Positives::Neighbour => {
+            let nb = neighbours.ok_or_else(|| {
+                RefineError::Config("neighbour positives need neighbour lists".to_string())
+            })?;
+            Ok(batch.iter().map(|&i| nb.sample(i as usize, rng)).collect())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,25 +161,5 @@ mod tests {
         assert!(seen[1] > 400 && seen[2] > 400);
         assert_eq!(nb.sample(3, &mut rng), 3);
         assert_eq!(nb.sample(1, &mut rng), 0);
-    }
-}
-
-/// The row whose embedding gives the second view of each anchor in `batch`: the anchor itself
-/// for [`Positives::Augment`], a random neighbour (or itself if it has none) for
-/// [`Positives::Neighbour`]. `Neighbour` without neighbour lists is a configuration error.
-pub fn partner_ids(
-    kind: Positives,
-    batch: &[u32],
-    neighbours: Option<&Neighbours>,
-    rng: &mut StdRng,
-) -> Result<Vec<u32>> {
-    match kind {
-        Positives::Augment => Ok(batch.to_vec()),
-        Positives::Neighbour => {
-            let nb = neighbours.ok_or_else(|| {
-                RefineError::Config("neighbour positives need neighbour lists".to_string())
-            })?;
-            Ok(batch.iter().map(|&i| nb.sample(i as usize, rng)).collect())
-        }
     }
 }

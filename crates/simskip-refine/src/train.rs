@@ -87,7 +87,7 @@ impl SimSkipConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("lr must be > 0, got {}", self.lr));
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad(format!(
                 "weight_decay must be >= 0, got {}",
                 self.weight_decay

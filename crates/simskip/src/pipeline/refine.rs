@@ -43,7 +43,7 @@ pub fn training_neighbours(ds: &KgDataset) -> Result<Neighbours> {
 }
 
 /// A held-out score of a table, higher is better, named for the report.
-pub fn validation_signal(ctx: &EvalContext<'_>, kind: SignalKind) -> Result<(String, Box<dyn Fn(&Matrix) -> f64 + '_>)> {
+pub fn validation_signal<'a>(ctx: &'a EvalContext<'_>, kind: SignalKind) -> Result<(String, Box<dyn Fn(&Matrix) -> f64 + 'a>)> {
     let kind = match kind {
         SignalKind::Auto if ctx.split.is_some() => SignalKind::Knn,
         SignalKind::Auto => SignalKind::Graph,

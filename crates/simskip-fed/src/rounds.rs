@@ -1,0 +1,971 @@
+//! The coordinator's round state machine: pure (no network, no clock — time is passed in
+//! as a `Duration` since the start of the run), driven by events in and actions out.
+//!
+//! Life of a run:
+//! * Clients register ([`Rounds::on_register`]); they stay alive while they heartbeat or call
+//!   in at least every `heartbeat_timeout` ([`Rounds::tick`] marks silent ones dead and
+//!   forgets their session, so they must register again).
+//! * Each round (FIT, EVALUATE or FINISH_STAGE) starts only when at least
+//!   `max(min_clients, min_fit_clients)` clients are alive.
+//! * FIT: `max(ceil(fraction_fit * alive), min_fit_clients)` (capped at alive) clients are
+//!   chosen by a seeded shuffle; each gets a task with the current global model when it
+//!   polls ([`Rounds::task_for`]). The round closes when every selected client answered
+//!   (or died, failed or re-registered) or `round_timeout` passed. With at least
+//!   `min_fit_clients` successful results the strategy aggregates; otherwise the round is
+//!   recorded as failed (`aggregated: false`) and the run MOVES ON to the next round, as
+//!   Flower does: rounds are never retried, so a run always terminates.
+//! * EVALUATE: after every `eval_every`-th FIT round and always after a stage's last round,
+//!   sent to all alive clients, same closing rules; metrics are example-weighted.
+//! * FINISH_STAGE: after the stage's last round, sent to all alive clients (and to clients
+//!   that join during it) with the final global payload; closes when all acknowledged or on
+//!   timeout. Then the next stage starts, and after the last one every poll answers DONE.
+//! * A result is counted at most once: a wrong run id, an unknown session, a task from an
+//!   earlier round, a task never issued to that client or a duplicate is ignored and
+//!   reported as such ([`ResultOutcome::Ignored`]).
+//! * A client re-registering under the same name gets a new session; a task issued to its
+//!   old session no longer holds the round up, and it receives the current global model
+//!   with its next task.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use simskip_data::NamedArray;
+
+use crate::aggregate::{weighted_metrics, AggregateError};
+use crate::strategy::{GlobalSnapshot, Strategy};
+
+/// How a stage aggregates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StageKind {
+    /// Keyed entity table, each entity averaged over the clients that hold it.
+    #[serde(rename = "fede")]
+    FedE,
+    /// Example-weighted average of all arrays.
+    #[serde(rename = "fedavg")]
+    FedAvg,
+}
+
+impl StageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::FedE => "fede",
+            StageKind::FedAvg => "fedavg",
+        }
+    }
+}
+
+/// What a task asks of a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    Fit,
+    Evaluate,
+    FinishStage,
+    /// Nothing to do yet: poll again.
+    Wait,
+    /// The run is over.
+    Done,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Fit => "fit",
+            TaskKind::Evaluate => "evaluate",
+            TaskKind::FinishStage => "finish_stage",
+            TaskKind::Wait => "wait",
+            TaskKind::Done => "done",
+        }
+    }
+}
+
+/// One stage of the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageSpec {
+    pub name: String,
+    pub kind: StageKind,
+    /// FIT rounds in the stage.
+    pub rounds: u32,
+    /// EVALUATE after every k-th FIT round (0: only after the last one).
+    pub eval_every: u32,
+    /// Handed to the clients with every task of the stage.
+    pub config: BTreeMap<String, String>,
+}
+
+/// Round rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundsConfig {
+    pub run_id: String,
+    pub min_clients: usize,
+    pub fraction_fit: f64,
+    pub min_fit_clients: usize,
+    pub round_timeout: Duration,
+    pub heartbeat_timeout: Duration,
+    pub seed: u64,
+    pub stages: Vec<StageSpec>,
+}
+
+/// A registered client as the strategies see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientInfo {
+    pub name: String,
+    pub session: String,
+    pub num_examples: u64,
+    /// FedE entity keys the client holds, in the order its rows travel.
+    pub entity_keys: Arc<Vec<String>>,
+}
+
+/// A successful result handed to [`Strategy::aggregate_fit`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientResult {
+    pub client: ClientInfo,
+    pub num_examples: u64,
+    pub arrays: Vec<NamedArray>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A task for one client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub run_id: String,
+    pub task_id: String,
+    pub kind: TaskKind,
+    pub stage_index: usize,
+    pub stage_name: String,
+    pub stage_kind: StageKind,
+    pub stage_rounds: u32,
+    pub round: u32,
+    pub config: BTreeMap<String, String>,
+    pub arrays: Vec<NamedArray>,
+}
+
+/// What a client sends back for a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub run_id: String,
+    pub session: String,
+    pub round: u32,
+    pub task_id: String,
+    pub kind: TaskKind,
+    pub num_examples: u64,
+    pub metrics: BTreeMap<String, f64>,
+    pub arrays: Vec<NamedArray>,
+    /// The client failed the task.
+    pub error: Option<String>,
+}
+
+/// Why a result was not counted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IgnoreReason {
+    #[error("wrong run id {got:?} (this run is {expected:?})")]
+    WrongRunId { expected: String, got: String },
+    #[error("unknown session {0:?}: register again")]
+    UnknownSession(String),
+    #[error("task {task_id:?} of round {round} is not from the current round")]
+    NotCurrentRound { task_id: String, round: u32 },
+    #[error("task {0:?} was not issued to this client")]
+    UnknownTask(String),
+    #[error("duplicate result for task {0:?}")]
+    Duplicate(String),
+}
+
+/// What became of a result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResultOutcome {
+    Accepted,
+    /// Counted as a failed answer (client error or invalid arrays).
+    Failure(String),
+    Ignored(IgnoreReason),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RoundsError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("client name must not be empty")]
+    EmptyName,
+    #[error("client expects run {got:?} but this run is {expected:?}")]
+    WrongRunId { expected: String, got: String },
+    #[error("unknown session {0:?}: register again")]
+    UnknownSession(String),
+    #[error("strategy of stage {stage:?}: {source}")]
+    Strategy {
+        stage: String,
+        #[source]
+        source: AggregateError,
+    },
+}
+
+/// A client's answer in a round record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientRecord {
+    pub num_examples: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Coordinator time spent on a round, excluding the clients' work.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Overhead {
+    /// Building payloads and (added by the server) encoding/decoding chunks.
+    pub serialize_secs: f64,
+    pub aggregate_secs: f64,
+    pub total_secs: f64,
+}
+
+/// Everything about a closed round (FIT, EVALUATE or FINISH_STAGE).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundRecord {
+    pub run_id: String,
+    pub stage_index: usize,
+    pub stage: String,
+    pub stage_kind: StageKind,
+    pub round: u32,
+    pub kind: TaskKind,
+    pub selected: Vec<String>,
+    /// Successful answers.
+    pub num_clients: usize,
+    pub clients: BTreeMap<String, ClientRecord>,
+    pub failures: BTreeMap<String, String>,
+    /// Selected but never answered (timed out, died or re-registered).
+    pub missing: Vec<String>,
+    /// FIT: the strategy aggregated. EVALUATE: enough answers to count. FINISH: always false.
+    pub aggregated: bool,
+    pub note: Option<String>,
+    pub metrics: BTreeMap<String, f64>,
+    pub timed_out: bool,
+    pub started_secs: f64,
+    pub ended_secs: f64,
+    pub coordinator: Overhead,
+}
+
+/// What happened, for the server to log and persist.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    ClientRegistered {
+        name: String,
+        session: String,
+        rejoined: bool,
+    },
+    ClientDead {
+        name: String,
+    },
+    StageStarted {
+        stage_index: usize,
+        stage: String,
+    },
+    RoundStarted {
+        stage_index: usize,
+        round: u32,
+        kind: TaskKind,
+        clients: Vec<String>,
+    },
+    RoundCompleted(RoundRecord),
+    /// After a successful FIT aggregation.
+    GlobalUpdated {
+        stage_index: usize,
+        stage: String,
+        round: u32,
+        global: GlobalSnapshot,
+    },
+    StageFinished {
+        stage_index: usize,
+        stage: String,
+    },
+    Done,
+}
+
+/// Heartbeat answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatStatus {
+    pub known: bool,
+    pub done: bool,
+}
+
+/// A registration accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub run_id: String,
+    pub session: String,
+}
+
+#[derive(Debug)]
+struct ClientState {
+    info: ClientInfo,
+    last_seen: Duration,
+    alive: bool,
+    told_done: bool,
+}
+
+#[derive(Debug)]
+struct Issued {
+    task_id: String,
+    session: String,
+    /// Still holding the round up.
+    waiting: bool,
+}
+
+#[derive(Debug)]
+struct RoundState {
+    kind: TaskKind,
+    stage: usize,
+    round: u32,
+    started: Duration,
+    selected: Vec<String>,
+    tasks: BTreeMap<String, Issued>,
+    results: BTreeMap<String, ClientResult>,
+    failures: BTreeMap<String, String>,
+    serialize_secs: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Next {
+    Fit { stage: usize, round: u32 },
+    Evaluate { stage: usize, round: u32 },
+    Finish { stage: usize },
+}
+
+#[derive(Debug)]
+enum Phase {
+    Idle(Next),
+    Collect(RoundState),
+    Done { at: Duration },
+}
+
+/// The round state machine. See the module docs for the rules.
+pub struct Rounds {
+    cfg: RoundsConfig,
+    strategies: Vec<Box<dyn Strategy>>,
+    clients: BTreeMap<String, ClientState>,
+    sessions: HashMap<String, String>,
+    phase: Phase,
+    stage_started: Vec<bool>,
+    rng: StdRng,
+    session_rng: StdRng,
+    task_seq: u64,
+    past_tasks: HashSet<String>,
+    events: Vec<Event>,
+    records: Vec<RoundRecord>,
+    ignored: u64,
+}
+
+impl Rounds {
+    /// One strategy per stage, kinds matching.
+    pub fn new(cfg: RoundsConfig, strategies: Vec<Box<dyn Strategy>>) -> Result<Self, RoundsError> {
+        let bad = |m: String| Err(RoundsError::Config(m));
+        if cfg.stages.is_empty() {
+            return bad("no stages".into());
+        }
+        if strategies.len() != cfg.stages.len() {
+            return bad(format!(
+                "{} stages but {} strategies",
+                cfg.stages.len(),
+                strategies.len()
+            ));
+        }
+        for (s, st) in cfg.stages.iter().zip(&strategies) {
+            if s.kind != st.kind() {
+                return bad(format!(
+                    "stage {:?} is {} but its strategy is {}",
+                    s.name,
+                    s.kind.as_str(),
+                    st.kind().as_str()
+                ));
+            }
+        }
+        let mut names = HashSet::new();
+        for s in &cfg.stages {
+            if s.name.is_empty() || !names.insert(s.name.as_str()) {
+                return bad(format!("stage names must be unique and non-empty: {:?}", s.name));
+            }
+        }
+        if cfg.min_clients == 0 || cfg.min_fit_clients == 0 {
+            return bad("min_clients and min_fit_clients must be at least 1".into());
+        }
+        if !(cfg.fraction_fit > 0.0 && cfg.fraction_fit <= 1.0) {
+            return bad(format!("fraction_fit {} not in (0, 1]", cfg.fraction_fit));
+        }
+        let n = cfg.stages.len();
+        Ok(Self {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            session_rng: StdRng::seed_from_u64(cfg.seed ^ 0x5e55_1011),
+            cfg,
+            strategies,
+            clients: BTreeMap::new(),
+            sessions: HashMap::new(),
+            phase: Phase::Idle(Next::Fit { stage: 0, round: 1 }),
+            stage_started: vec![false; n],
+            task_seq: 0,
+            past_tasks: HashSet::new(),
+            events: Vec::new(),
+            records: Vec::new(),
+            ignored: 0,
+        })
+    }
+
+    pub fn config(&self) -> &RoundsConfig {
+        &self.cfg
+    }
+    pub fn run_id(&self) -> &str {
+        &self.cfg.run_id
+    }
+    /// Every closed round so far.
+    pub fn records(&self) -> &[RoundRecord] {
+        &self.records
+    }
+    /// Results ignored so far.
+    pub fn ignored_results(&self) -> u64 {
+        self.ignored
+    }
+    pub fn strategy(&self, stage: usize) -> Option<&dyn Strategy> {
+        self.strategies.get(stage).map(|s| s.as_ref())
+    }
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done { .. })
+    }
+    /// When the run became DONE.
+    pub fn done_at(&self) -> Option<Duration> {
+        match self.phase {
+            Phase::Done { at } => Some(at),
+            _ => None,
+        }
+    }
+    /// Round number of the round being collected (0 when none).
+    pub fn current_round(&self) -> u32 {
+        match &self.phase {
+            Phase::Collect(rs) => rs.round,
+            _ => 0,
+        }
+    }
+    /// (stage index, round, kind) of the round being collected.
+    pub fn current(&self) -> Option<(usize, u32, TaskKind)> {
+        match &self.phase {
+            Phase::Collect(rs) => Some((rs.stage, rs.round, rs.kind)),
+            _ => None,
+        }
+    }
+    /// Names of the alive clients, sorted.
+    pub fn alive_clients(&self) -> Vec<String> {
+        self.clients
+            .values()
+            .filter(|c| c.alive)
+            .map(|c| c.info.name.clone())
+            .collect()
+    }
+    /// True when every alive client has been answered DONE.
+    pub fn all_alive_told_done(&self) -> bool {
+        self.clients.values().all(|c| !c.alive || c.told_done)
+    }
+    pub fn client_by_session(&self, session: &str) -> Option<&ClientInfo> {
+        let name = self.sessions.get(session)?;
+        self.clients.get(name).map(|c| &c.info)
+    }
+
+    /// Registers `name` (or re-registers it with a new session).
+    pub fn on_register(
+        &mut self,
+        name: &str,
+        expected_run_id: &str,
+        num_examples: u64,
+        entity_keys: Vec<String>,
+        now: Duration,
+    ) -> Result<Registered, RoundsError> {
+        if name.is_empty() {
+            return Err(RoundsError::EmptyName);
+        }
+        if !expected_run_id.is_empty() && expected_run_id != self.cfg.run_id {
+            return Err(RoundsError::WrongRunId {
+                expected: self.cfg.run_id.clone(),
+                got: expected_run_id.to_string(),
+            });
+        }
+        let session = format!("{name}-{:016x}", self.session_rng.random::<u64>());
+        let info = ClientInfo {
+            name: name.to_string(),
+            session: session.clone(),
+            num_examples,
+            entity_keys: Arc::new(entity_keys),
+        };
+        for (stage, st) in self.cfg.stages.iter().zip(self.strategies.iter_mut()) {
+            st.on_client_registered(&info)
+                .map_err(|source| RoundsError::Strategy {
+                    stage: stage.name.clone(),
+                    source,
+                })?;
+        }
+        let rejoined = if let Some(old) = self.clients.remove(name) {
+            self.sessions.remove(&old.info.session);
+            self.release(name);
+            true
+        } else {
+            false
+        };
+        self.sessions.insert(session.clone(), name.to_string());
+        self.clients.insert(
+            name.to_string(),
+            ClientState {
+                info,
+                last_seen: now,
+                alive: true,
+                told_done: false,
+            },
+        );
+        self.events.push(Event::ClientRegistered {
+            name: name.to_string(),
+            session: session.clone(),
+            rejoined,
+        });
+        Ok(Registered {
+            run_id: self.cfg.run_id.clone(),
+            session,
+        })
+    }
+
+    /// The client's task in the current round no longer holds the round up.
+    fn release(&mut self, name: &str) {
+        if let Phase::Collect(rs) = &mut self.phase {
+            if let Some(t) = rs.tasks.get_mut(name) {
+                t.waiting = false;
+            }
+        }
+    }
+
+    fn touch(&mut self, session: &str, now: Duration) -> Option<String> {
+        let name = self.sessions.get(session)?.clone();
+        if let Some(c) = self.clients.get_mut(&name) {
+            c.last_seen = c.last_seen.max(now);
+        }
+        Some(name)
+    }
+
+    pub fn on_heartbeat(&mut self, session: &str, now: Duration) -> HeartbeatStatus {
+        HeartbeatStatus {
+            known: self.touch(session, now).is_some(),
+            done: self.is_done(),
+        }
+    }
+
+    /// Adds coordinator time (e.g. chunk encoding) to the round being collected.
+    pub fn add_overhead(&mut self, secs: f64) {
+        if let Phase::Collect(rs) = &mut self.phase {
+            rs.serialize_secs += secs;
+        }
+    }
+
+    /// The task for this session now, if any (`None`: nothing yet, poll again). Counts as a
+    /// sign of life. A task already handed out but not answered is handed out again (the
+    /// client polls only when idle, so it lost it).
+    pub fn task_for(&mut self, session: &str, now: Duration) -> Result<Option<Task>, RoundsError> {
+        let name = self
+            .touch(session, now)
+            .ok_or_else(|| RoundsError::UnknownSession(session.to_string()))?;
+        let rs = match &mut self.phase {
+            Phase::Done { .. } => {
+                if let Some(c) = self.clients.get_mut(&name) {
+                    c.told_done = true;
+                }
+                return Ok(Some(Task {
+                    run_id: self.cfg.run_id.clone(),
+                    task_id: "done".into(),
+                    kind: TaskKind::Done,
+                    stage_index: self.cfg.stages.len().saturating_sub(1),
+                    stage_name: String::new(),
+                    stage_kind: self.cfg.stages.last().map_or(StageKind::FedAvg, |s| s.kind),
+                    stage_rounds: 0,
+                    round: 0,
+                    config: BTreeMap::new(),
+                    arrays: Vec::new(),
+                }));
+            }
+            Phase::Idle(_) => return Ok(None),
+            Phase::Collect(rs) => rs,
+        };
+        // Clients that join during FINISH_STAGE get their final payload too.
+        if rs.kind == TaskKind::FinishStage
+            && rs.tasks.get(&name).is_none_or(|t| t.session != session)
+            && !rs.results.contains_key(&name)
+        {
+            self.task_seq += 1;
+            let task_id = format!("t{}-{}", self.task_seq, name);
+            self.past_tasks.insert(task_id.clone());
+            rs.tasks.insert(
+                name.clone(),
+                Issued {
+                    task_id,
+                    session: session.to_string(),
+                    waiting: true,
+                },
+            );
+        }
+        let Some(issued) = rs.tasks.get(&name) else {
+            return Ok(None);
+        };
+        if issued.session != session
+            || !issued.waiting
+            || rs.results.contains_key(&name)
+            || rs.failures.contains_key(&name)
+        {
+            return Ok(None);
+        }
+        let client = &self.clients[&name].info;
+        let strategy = &self.strategies[rs.stage];
+        let t0 = Instant::now();
+        let payload = match rs.kind {
+            TaskKind::Fit => strategy.fit_payload(client),
+            TaskKind::Evaluate => strategy.evaluate_payload(client),
+            _ => strategy.finish_payload(client),
+        };
+        rs.serialize_secs += t0.elapsed().as_secs_f64();
+        let stage = &self.cfg.stages[rs.stage];
+        let arrays = match payload {
+            Ok(a) => a,
+            Err(e) => {
+                // The strategy cannot serve this client: count it as a failed answer.
+                rs.failures.insert(name.clone(), format!("payload: {e}"));
+                if let Some(t) = rs.tasks.get_mut(&name) {
+                    t.waiting = false;
+                }
+                return Ok(None);
+            }
+        };
+        Ok(Some(Task {
+            run_id: self.cfg.run_id.clone(),
+            task_id: issued.task_id.clone(),
+            kind: rs.kind,
+            stage_index: rs.stage,
+            stage_name: stage.name.clone(),
+            stage_kind: stage.kind,
+            stage_rounds: stage.rounds,
+            round: rs.round,
+            config: stage.config.clone(),
+            arrays,
+        }))
+    }
+
+    /// Records a client's result. Never advances the round: call [`Rounds::tick`] after.
+    pub fn on_result(&mut self, report: Report, now: Duration) -> ResultOutcome {
+        let outcome = self.result_outcome(report, now);
+        if matches!(outcome, ResultOutcome::Ignored(_)) {
+            self.ignored += 1;
+        }
+        outcome
+    }
+
+    fn result_outcome(&mut self, report: Report, now: Duration) -> ResultOutcome {
+        use IgnoreReason::*;
+        if report.run_id != self.cfg.run_id {
+            return ResultOutcome::Ignored(WrongRunId {
+                expected: self.cfg.run_id.clone(),
+                got: report.run_id,
+            });
+        }
+        let Some(name) = self.touch(&report.session, now) else {
+            return ResultOutcome::Ignored(UnknownSession(report.session));
+        };
+        let stale = || NotCurrentRound {
+            task_id: report.task_id.clone(),
+            round: report.round,
+        };
+        let Phase::Collect(rs) = &mut self.phase else {
+            return ResultOutcome::Ignored(if self.past_tasks.contains(&report.task_id) {
+                stale()
+            } else {
+                UnknownTask(report.task_id.clone())
+            });
+        };
+        let current = rs
+            .tasks
+            .get(&name)
+            .is_some_and(|t| t.task_id == report.task_id && t.session == report.session);
+        if !current {
+            return ResultOutcome::Ignored(if self.past_tasks.contains(&report.task_id) {
+                stale()
+            } else {
+                UnknownTask(report.task_id.clone())
+            });
+        }
+        if report.round != rs.round {
+            return ResultOutcome::Ignored(stale());
+        }
+        if rs.results.contains_key(&name) || rs.failures.contains_key(&name) {
+            return ResultOutcome::Ignored(Duplicate(report.task_id));
+        }
+        if report.kind != rs.kind {
+            return ResultOutcome::Ignored(UnknownTask(report.task_id));
+        }
+        if let Some(t) = rs.tasks.get_mut(&name) {
+            t.waiting = false;
+        }
+        let client = self.clients[&name].info.clone();
+        let error = match report.error {
+            Some(e) => Some(format!("client error: {e}")),
+            None if rs.kind == TaskKind::Fit => self.strategies[rs.stage]
+                .check_fit_result(&client, &report.arrays)
+                .err()
+                .map(|e| format!("invalid result: {e}")),
+            None => None,
+        };
+        if let Some(e) = error {
+            rs.failures.insert(name, e.clone());
+            return ResultOutcome::Failure(e);
+        }
+        rs.results.insert(
+            name,
+            ClientResult {
+                client,
+                num_examples: report.num_examples,
+                arrays: report.arrays,
+                metrics: report.metrics,
+            },
+        );
+        ResultOutcome::Accepted
+    }
+
+    /// Advances time: marks silent clients dead, closes finished or timed-out rounds, starts
+    /// the next ones. Returns everything that happened since the last call.
+    pub fn tick(&mut self, now: Duration) -> Vec<Event> {
+        let dead: Vec<String> = self
+            .clients
+            .values()
+            .filter(|c| c.alive && now.saturating_sub(c.last_seen) > self.cfg.heartbeat_timeout)
+            .map(|c| c.info.name.clone())
+            .collect();
+        for name in dead {
+            let c = self.clients.get_mut(&name).expect("listed");
+            c.alive = false;
+            let session = c.info.session.clone();
+            self.sessions.remove(&session);
+            self.release(&name);
+            self.events.push(Event::ClientDead { name });
+        }
+        loop {
+            match &self.phase {
+                Phase::Done { .. } => break,
+                Phase::Idle(next) => {
+                    let next = *next;
+                    let alive = self.clients.values().filter(|c| c.alive).count();
+                    if alive < self.cfg.min_clients.max(self.cfg.min_fit_clients) {
+                        break;
+                    }
+                    self.start(next, now);
+                }
+                Phase::Collect(rs) => {
+                    let all_in = rs.tasks.values().all(|t| !t.waiting);
+                    let timed_out = now.saturating_sub(rs.started) >= self.cfg.round_timeout;
+                    if !(all_in || timed_out) {
+                        break;
+                    }
+                    self.close(now, !all_in);
+                }
+            }
+        }
+        std::mem::take(&mut self.events)
+    }
+
+    fn start(&mut self, next: Next, now: Duration) {
+        let (stage, round, kind) = match next {
+            Next::Fit { stage, round } => (stage, round, TaskKind::Fit),
+            Next::Evaluate { stage, round } => (stage, round, TaskKind::Evaluate),
+            Next::Finish { stage } => (stage, self.cfg.stages[stage].rounds, TaskKind::FinishStage),
+        };
+        if !self.stage_started[stage] {
+            self.stage_started[stage] = true;
+            let infos: Vec<ClientInfo> = self
+                .clients
+                .values()
+                .filter(|c| c.alive)
+                .map(|c| c.info.clone())
+                .collect();
+            self.events.push(Event::StageStarted {
+                stage_index: stage,
+                stage: self.cfg.stages[stage].name.clone(),
+            });
+            if let Err(e) = self.strategies[stage].initial(&infos) {
+                tracing::error!(stage = %self.cfg.stages[stage].name, "strategy initial: {e}");
+            }
+            if self.cfg.stages[stage].rounds == 0 && kind == TaskKind::Fit {
+                self.phase = Phase::Idle(Next::Finish { stage });
+                return;
+            }
+        }
+        let mut alive = self.alive_clients();
+        let selected = if kind == TaskKind::Fit {
+            alive.shuffle(&mut self.rng);
+            let want = (self.cfg.fraction_fit * alive.len() as f64).ceil() as usize;
+            let n = want.max(self.cfg.min_fit_clients).min(alive.len());
+            let mut s: Vec<String> = alive.into_iter().take(n).collect();
+            s.sort();
+            s
+        } else {
+            alive
+        };
+        let mut tasks = BTreeMap::new();
+        for name in &selected {
+            self.task_seq += 1;
+            let task_id = format!("t{}-{}", self.task_seq, name);
+            self.past_tasks.insert(task_id.clone());
+            tasks.insert(
+                name.clone(),
+                Issued {
+                    task_id,
+                    session: self.clients[name].info.session.clone(),
+                    waiting: true,
+                },
+            );
+        }
+        self.events.push(Event::RoundStarted {
+            stage_index: stage,
+            round,
+            kind,
+            clients: selected.clone(),
+        });
+        self.phase = Phase::Collect(RoundState {
+            kind,
+            stage,
+            round,
+            started: now,
+            selected,
+            tasks,
+            results: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            serialize_secs: 0.0,
+        });
+    }
+
+    fn close(&mut self, now: Duration, timed_out: bool) {
+        let Phase::Collect(rs) = std::mem::replace(&mut self.phase, Phase::Done { at: now }) else {
+            unreachable!("close outside a round");
+        };
+        let spec = self.cfg.stages[rs.stage].clone();
+        let results: Vec<ClientResult> = rs.results.into_values().collect();
+        let enough = results.len() >= self.cfg.min_fit_clients;
+        let mut note = None;
+        let mut aggregate_secs = 0.0;
+        let aggregated = match rs.kind {
+            TaskKind::Fit if enough => {
+                let t0 = Instant::now();
+                let r = self.strategies[rs.stage].aggregate_fit(&results);
+                aggregate_secs = t0.elapsed().as_secs_f64();
+                match r {
+                    Ok(()) => true,
+                    Err(e) => {
+                        note = Some(format!("aggregation failed: {e}"));
+                        false
+                    }
+                }
+            }
+            TaskKind::Evaluate => enough,
+            _ => false,
+        };
+        if !enough && rs.kind != TaskKind::FinishStage {
+            note = Some(format!(
+                "only {} of the required {} clients answered",
+                results.len(),
+                self.cfg.min_fit_clients
+            ));
+        }
+        let metric_inputs: Vec<(u64, BTreeMap<String, f64>)> = results
+            .iter()
+            .map(|r| (r.num_examples, r.metrics.clone()))
+            .collect();
+        let answered: HashSet<&str> = results
+            .iter()
+            .map(|r| r.client.name.as_str())
+            .chain(rs.failures.keys().map(|s| s.as_str()))
+            .collect();
+        let missing = rs
+            .tasks
+            .keys()
+            .filter(|n| !answered.contains(n.as_str()))
+            .cloned()
+            .collect();
+        let record = RoundRecord {
+            run_id: self.cfg.run_id.clone(),
+            stage_index: rs.stage,
+            stage: spec.name.clone(),
+            stage_kind: spec.kind,
+            round: rs.round,
+            kind: rs.kind,
+            selected: rs.selected,
+            num_clients: results.len(),
+            clients: results
+                .iter()
+                .map(|r| {
+                    (
+                        r.client.name.clone(),
+                        ClientRecord {
+                            num_examples: r.num_examples,
+                            metrics: r.metrics.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            failures: rs.failures,
+            missing,
+            aggregated,
+            note,
+            metrics: weighted_metrics(&metric_inputs),
+            timed_out,
+            started_secs: rs.started.as_secs_f64(),
+            ended_secs: now.as_secs_f64(),
+            coordinator: Overhead {
+                serialize_secs: rs.serialize_secs,
+                aggregate_secs,
+                total_secs: rs.serialize_secs + aggregate_secs,
+            },
+        };
+        self.records.push(record.clone());
+        self.events.push(Event::RoundCompleted(record));
+        if aggregated && rs.kind == TaskKind::Fit {
+            self.events.push(Event::GlobalUpdated {
+                stage_index: rs.stage,
+                stage: spec.name.clone(),
+                round: rs.round,
+                global: self.strategies[rs.stage].global(),
+            });
+        }
+        let (stage, round) = (rs.stage, rs.round);
+        let next = match rs.kind {
+            TaskKind::Fit => {
+                let eval = round == spec.rounds || (spec.eval_every > 0 && round % spec.eval_every == 0);
+                if eval {
+                    Some(Next::Evaluate { stage, round })
+                } else {
+                    Some(Next::Fit { stage, round: round + 1 })
+                }
+            }
+            TaskKind::Evaluate => {
+                if round < spec.rounds {
+                    Some(Next::Fit { stage, round: round + 1 })
+                } else {
+                    Some(Next::Finish { stage })
+                }
+            }
+            _ => {
+                self.events.push(Event::StageFinished {
+                    stage_index: stage,
+                    stage: spec.name.clone(),
+                });
+                if stage + 1 < self.cfg.stages.len() {
+                    Some(Next::Fit { stage: stage + 1, round: 1 })
+                } else {
+                    None
+                }
+            }
+        };
+        match next {
+            Some(n) => self.phase = Phase::Idle(n),
+            None => {
+                self.phase = Phase::Done { at: now };
+                self.events.push(Event::Done);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
