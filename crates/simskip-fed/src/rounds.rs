@@ -591,8 +591,7 @@ impl Rounds {
         {
             self.task_seq += 1;
             let task_id = format!("t{}-{}", self.task_seq, name);
-            self.past_tasks.insert(task_id.clone());
-            rs.tasks.insert(
+            let old = rs.tasks.insert(
                 name.clone(),
                 Issued {
                     task_id,
@@ -600,6 +599,9 @@ impl Rounds {
                     waiting: true,
                 },
             );
+            if let Some(old) = old {
+                self.past_tasks.insert(old.task_id);
+            }
         }
         let Some(issued) = rs.tasks.get(&name) else {
             return Ok(None);
@@ -807,7 +809,6 @@ impl Rounds {
         for name in &selected {
             self.task_seq += 1;
             let task_id = format!("t{}-{}", self.task_seq, name);
-            self.past_tasks.insert(task_id.clone());
             tasks.insert(
                 name.clone(),
                 Issued {
@@ -841,6 +842,8 @@ impl Rounds {
             unreachable!("close outside a round");
         };
         let spec = self.cfg.stages[rs.stage].clone();
+        self.past_tasks
+            .extend(rs.tasks.values().map(|t| t.task_id.clone()));
         let results: Vec<ClientResult> = rs.results.into_values().collect();
         let enough = results.len() >= self.cfg.min_fit_clients;
         let mut note = None;

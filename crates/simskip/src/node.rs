@@ -1,1 +1,280 @@
-//! Assembly of the coordinator and client daemons (filled in with the federation library).
+//! The two daemons: `simskip-server` (the coordinator: FedE, then FedAvg of the SimSkip model)
+//! and `simskip-client` (an organisation: trains on its private folder, answers tasks).
+//! Their settings files, and reading a finished run's figures back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use simskip_data::KgDataset;
+use simskip_fed::{ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, StageConfig, StageKind, Strategy};
+use simskip_kge::TransEConfig;
+use simskip_refine::{SimSkipConfig, SimSkipTrainer};
+
+use crate::settings::{self, EvalSettings, GateSettings};
+use crate::work::FederatedWork;
+
+#[derive(Debug, Parser)]
+#[command(name = "simskip-server", version, about = "SimSkip federation coordinator (FedE, then federated SimSkip)")]
+pub struct ServerArgs {
+    /// Settings file (TOML) with [server], [model] and [simskip]; SIMSKIP_SERVER__KEY etc. override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides server.listen).
+    #[arg(long)]
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "simskip-client", version, about = "SimSkip federation client: trains on private data, shares only weights and metrics")]
+pub struct ClientArgs {
+    /// Settings file (TOML) with [client], [data], [transe], [simskip], [gate], [eval];
+    /// SIMSKIP_CLIENT__NAME etc. override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Coordinator URL (overrides client.server_url).
+    #[arg(long)]
+    pub server: Option<String>,
+}
+
+/// The shared model shape the coordinator initialises.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Embedding dimension of the FedE entity table and the SimSkip model.
+    pub dim: usize,
+    /// Seeds the FedE table and the SimSkip initial weights.
+    pub seed: u64,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self { dim: 128, seed: 0 }
+    }
+}
+
+/// `simskip-server`'s settings file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerFile {
+    pub server: ServerConfig,
+    pub model: ModelSettings,
+    /// Architecture of the shared SimSkip model (skip, zero-init, dropout).
+    pub simskip: SimSkipConfig,
+}
+
+fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32, config: &[(&str, &str)]) -> StageConfig {
+    StageConfig {
+        name: name.into(),
+        kind,
+        rounds,
+        eval_every,
+        config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+impl Default for ServerFile {
+    /// FedE for 20 rounds of 3 local epochs, then 10 rounds of federated SimSkip; figures
+    /// every 5 rounds and after each stage.
+    fn default() -> Self {
+        let server = ServerConfig {
+            min_clients: 3,
+            min_fit_clients: 2,
+            round_timeout_secs: 120.0,
+            out_dir: PathBuf::from("coordinator"),
+            stages: vec![
+                stage("fede", StageKind::FedE, 20, 5, &[("local_epochs", "3")]),
+                stage("simskip", StageKind::FedAvg, 10, 5, &[("local_epochs", "2")]),
+            ],
+            ..ServerConfig::default()
+        };
+        Self {
+            server,
+            model: ModelSettings::default(),
+            simskip: SimSkipConfig::default(),
+        }
+    }
+}
+
+/// Where a client's private data lives and where its outputs go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSettings {
+    /// Graph folder: train.tsv, valid.tsv, test.tsv, optional entity_labels.tsv.
+    pub dir: PathBuf,
+    /// Private output folder (stage-1 embeddings, refined embeddings, gate decision).
+    pub out_dir: PathBuf,
+    /// Start stage 2 from this table instead of a FedE stage.
+    pub input_embeddings: Option<PathBuf>,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data"),
+            out_dir: PathBuf::from("out"),
+            input_embeddings: None,
+        }
+    }
+}
+
+/// `simskip-client`'s settings file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientFile {
+    pub client: ClientConfig,
+    pub data: DataSettings,
+    pub transe: TransEConfig,
+    pub simskip: SimSkipConfig,
+    pub gate: GateSettings,
+    pub eval: EvalSettings,
+}
+
+/// The strategies of the configured stages, in order.
+pub fn strategies(file: &ServerFile) -> Result<Vec<Box<dyn Strategy>>> {
+    file.server
+        .stages
+        .iter()
+        .map(|stage| -> Result<Box<dyn Strategy>> {
+            Ok(match stage.kind {
+                StageKind::FedE => Box::new(FedEStrategy::new(file.model.dim, file.model.seed)),
+                StageKind::FedAvg => {
+                    let cfg = SimSkipConfig {
+                        seed: file.model.seed,
+                        ..file.simskip.clone()
+                    };
+                    let initial = SimSkipTrainer::new(file.model.dim, cfg)?.model().export()?;
+                    Box::new(FedAvgStrategy::new(initial))
+                }
+            })
+        })
+        .collect()
+}
+
+pub fn run_server(args: ServerArgs) -> Result<()> {
+    let mut file: ServerFile = settings::load(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        file.server.listen = listen;
+    }
+    file.server.validate()?;
+    let strategies = strategies(&file)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let summary = runtime.block_on(simskip_fed::run_server(file.server.clone(), strategies, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }))?;
+    tracing::info!(run_id = %summary.run_id, completed = summary.completed, out = %summary.out_dir.display(), "run finished");
+    anyhow::ensure!(summary.completed, "the run was stopped before it finished");
+    Ok(())
+}
+
+pub fn run_client(args: ClientArgs) -> Result<()> {
+    let mut file: ClientFile = settings::load(args.config.as_deref())?;
+    if let Some(server) = args.server {
+        file.client.server_url = server;
+    }
+    let ds = KgDataset::load(&file.data.dir).with_context(|| format!("loading the private graph {}", file.data.dir.display()))?;
+    let settings = crate::settings::Settings {
+        transe: file.transe.clone(),
+        simskip: file.simskip.clone(),
+        gate: file.gate.clone(),
+        eval: file.eval.clone(),
+    };
+    let work = FederatedWork::new(ds, file.data.out_dir.clone(), settings, file.data.input_embeddings.as_deref())?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(simskip_fed::run_client(file.client.clone(), work))
+}
+
+/// The aggregated and per-client figures of a finished run, read from the coordinator's
+/// `metrics.jsonl`: the last evaluation of each stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunFigures {
+    /// stage name -> (round, aggregated metrics, per-client metrics)
+    pub stages: BTreeMap<String, StageFigures>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageFigures {
+    pub round: u32,
+    pub aggregate: BTreeMap<String, f64>,
+    pub clients: BTreeMap<String, BTreeMap<String, f64>>,
+    /// (round, aggregated metrics) of every evaluation, in order.
+    pub history: Vec<(u32, BTreeMap<String, f64>)>,
+}
+
+impl RunFigures {
+    pub fn read(coordinator_dir: &Path) -> Result<Self> {
+        let path = coordinator_dir.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut figures = RunFigures::default();
+        for (i, line) in text.lines().enumerate() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            if v["kind"] != "evaluate" {
+                continue;
+            }
+            let stage = v["stage"].as_str().unwrap_or_default().to_owned();
+            let round = v["round"].as_u64().unwrap_or_default() as u32;
+            let aggregate: BTreeMap<String, f64> = serde_json::from_value(v["aggregate"].clone()).unwrap_or_default();
+            let clients: BTreeMap<String, BTreeMap<String, f64>> =
+                serde_json::from_value(v["clients"].clone()).unwrap_or_default();
+            let entry = figures.stages.entry(stage).or_default();
+            entry.history.push((round, aggregate.clone()));
+            entry.round = round;
+            entry.aggregate = aggregate;
+            entry.clients = clients;
+        }
+        Ok(figures)
+    }
+
+    /// Tables: per stage, one row per client and the aggregate.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (stage, f) in &self.stages {
+            let mut rows: Vec<(String, &BTreeMap<String, f64>)> = f.clients.iter().map(|(c, m)| (c.clone(), m)).collect();
+            rows.push(("aggregate".into(), &f.aggregate));
+            let has_refined = f.aggregate.keys().any(|k| k.starts_with("refined."));
+            out.push_str(&format!("\nstage '{stage}', evaluation after round {}:\n", f.round));
+            if has_refined {
+                out.push_str(&format!(
+                    "{:<12} {:<8} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
+                    "client", "table", "KNN@10", "probe acc", "probe F1", "LP MRR", "LP H@10"
+                ));
+                for (name, m) in &rows {
+                    for table in ["input", "refined"] {
+                        let g = |k: &str| m.get(&format!("{table}.{k}")).map_or("-".to_owned(), |v| format!("{v:.4}"));
+                        out.push_str(&format!(
+                            "{:<12} {:<8} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
+                            name,
+                            table,
+                            g("knn_at_10"),
+                            g("probe_accuracy"),
+                            g("probe_macro_f1"),
+                            g("lp_mrr"),
+                            g("lp_hits_at_10")
+                        ));
+                    }
+                }
+            } else {
+                out.push_str(&format!(
+                    "{:<12} {:>9} {:>9} {:>10} {:>9} {:>10}\n",
+                    "client", "valid MRR", "test MRR", "test H@1", "test H@10", "tail MRR"
+                ));
+                for (name, m) in &rows {
+                    let g = |k: &str| m.get(k).map_or("-".to_owned(), |v| format!("{v:.4}"));
+                    out.push_str(&format!(
+                        "{:<12} {:>9} {:>9} {:>10} {:>9} {:>10}\n",
+                        name,
+                        g("valid.mrr"),
+                        g("test.mrr"),
+                        g("test.hits_at_1"),
+                        g("test.hits_at_10"),
+                        g("test.tail_mrr")
+                    ));
+                }
+            }
+        }
+        out
+    }
+}

@@ -121,7 +121,15 @@ impl Drop for Guard {
 
 fn spawn(bin: &Path, config: &Path, log: &Path, name: &str) -> Result<Guard> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let child = Command::new(bin)
+    let mut command = Command::new(bin);
+    // Several daemons share the machine's cores: one compute thread each, unless the user
+    // chose otherwise (candle's pool busy-waits, which starves the others).
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            command.env(var, "1");
+        }
+    }
+    let child = command
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
