@@ -46,7 +46,9 @@ pub fn knn_precision_at_k(x: &Matrix, labels: &[Option<u32>], queries: &[u32], k
             "knn: query entity {q} is out of range or unlabelled"
         );
     }
-    let candidates: Vec<u32> = (0..x.rows as u32).filter(|&e| labels[e as usize].is_some()).collect();
+    let candidates: Vec<u32> = (0..x.rows as u32)
+        .filter(|&e| labels[e as usize].is_some())
+        .collect();
     let k_eff = k.min(candidates.len().saturating_sub(1));
     if queries.is_empty() || k_eff == 0 {
         return f64::NAN;
@@ -79,12 +81,16 @@ pub fn knn_precision_at_k(x: &Matrix, labels: &[Option<u32>], queries: &[u32], k
                         .map(|(&c, &s)| (s, c)),
                 );
                 // best first: higher similarity, then lower id
-                let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+                let order =
+                    |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
                 if k_eff < scratch.len() {
                     scratch.select_nth_unstable_by(k_eff - 1, order);
                 }
                 let label = labels[q as usize];
-                let same = scratch[..k_eff].iter().filter(|(_, c)| labels[*c as usize] == label).count();
+                let same = scratch[..k_eff]
+                    .iter()
+                    .filter(|(_, c)| labels[*c as usize] == label)
+                    .count();
                 sum += same as f64 / k_eff as f64;
             }
             sum
@@ -164,10 +170,22 @@ mod tests {
         // more queries than one block, random-ish points: compare against a full sort
         let n = 150;
         let d = 5;
-        let data: Vec<f32> = (0..n * d).map(|i| ((i * 7919 % 113) as f32 - 56.0) / 10.0).collect();
+        let data: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 10.0)
+            .collect();
         let x = Matrix::from_vec(n, d, data);
-        let labels: Vec<Option<u32>> = (0..n).map(|e| if e % 11 == 0 { None } else { Some((e % 3) as u32) }).collect();
-        let queries: Vec<u32> = (0..n as u32).filter(|&e| labels[e as usize].is_some()).collect();
+        let labels: Vec<Option<u32>> = (0..n)
+            .map(|e| {
+                if e % 11 == 0 {
+                    None
+                } else {
+                    Some((e % 3) as u32)
+                }
+            })
+            .collect();
+        let queries: Vec<u32> = (0..n as u32)
+            .filter(|&e| labels[e as usize].is_some())
+            .collect();
         let k = 10;
         let unit = normalised_rows(&x);
         let mut naive = 0.0;
@@ -175,10 +193,19 @@ mod tests {
             let mut c: Vec<(f32, u32)> = queries
                 .iter()
                 .filter(|&&e| e != q)
-                .map(|&e| (dot(&unit[q as usize * d..][..d], &unit[e as usize * d..][..d]), e))
+                .map(|&e| {
+                    (
+                        dot(&unit[q as usize * d..][..d], &unit[e as usize * d..][..d]),
+                        e,
+                    )
+                })
                 .collect();
             c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            naive += c[..k].iter().filter(|(_, e)| labels[*e as usize] == labels[q as usize]).count() as f64 / k as f64;
+            naive += c[..k]
+                .iter()
+                .filter(|(_, e)| labels[*e as usize] == labels[q as usize])
+                .count() as f64
+                / k as f64;
         }
         naive /= queries.len() as f64;
         let got = knn_precision_at_k(&x, &labels, &queries, k);

@@ -87,7 +87,13 @@ pub fn probe(
     let standardised = |ids: &[u32]| -> Vec<f32> {
         let mut out = Vec::with_capacity(ids.len() * d);
         for &e in ids {
-            out.extend(x.row(e as usize).iter().zip(&mean).zip(&std).map(|((v, m), s)| (v - m) / s));
+            out.extend(
+                x.row(e as usize)
+                    .iter()
+                    .zip(&mean)
+                    .zip(&std)
+                    .map(|((v, m), s)| (v - m) / s),
+            );
         }
         out
     };
@@ -155,7 +161,11 @@ fn validate(
 ) -> Result<()> {
     let invalid = |m: String| Err(EvalError::Invalid(m));
     if labels.len() != x.rows {
-        return invalid(format!("{} labels for a table of {} rows", labels.len(), x.rows));
+        return invalid(format!(
+            "{} labels for a table of {} rows",
+            labels.len(),
+            x.rows
+        ));
     }
     if x.cols == 0 || num_classes == 0 {
         return invalid(format!("{} feature columns, {num_classes} classes", x.cols));
@@ -166,16 +176,27 @@ fn validate(
             cfg.hidden, cfg.epochs, cfg.batch_size
         ));
     }
-    for (part, ids) in [("train", &split.train), ("valid", &split.valid), ("test", &split.test)] {
+    for (part, ids) in [
+        ("train", &split.train),
+        ("valid", &split.valid),
+        ("test", &split.test),
+    ] {
         if ids.is_empty() {
             return invalid(format!("the {part} part of the label split is empty"));
         }
         for &e in ids.iter() {
             match labels.get(e as usize) {
-                None => return invalid(format!("{part} entity {e} is out of range for {} rows", x.rows)),
+                None => {
+                    return invalid(format!(
+                        "{part} entity {e} is out of range for {} rows",
+                        x.rows
+                    ))
+                }
                 Some(None) => return invalid(format!("{part} entity {e} has no label")),
                 Some(Some(c)) if *c as usize >= num_classes => {
-                    return invalid(format!("{part} entity {e} has class {c}, but num_classes is {num_classes}"))
+                    return invalid(format!(
+                        "{part} entity {e} has class {c}, but num_classes is {num_classes}"
+                    ))
                 }
                 Some(Some(_)) => {}
             }
@@ -230,10 +251,15 @@ impl Mlp {
         for w in widths.windows(2) {
             let (fan_in, fan_out) = (w[0], w[1]);
             let bound = 1.0 / (fan_in as f32).sqrt();
-            let mut uniform = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
+            let mut uniform = |n: usize| -> Vec<f32> {
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+            };
             let weight = Var::from_vec(uniform(fan_out * fan_in), (fan_out, fan_in), device)?;
             let bias = Var::from_vec(uniform(fan_out), fan_out, device)?;
-            layers.push(Linear::new(weight.as_tensor().clone(), Some(bias.as_tensor().clone())));
+            layers.push(Linear::new(
+                weight.as_tensor().clone(),
+                Some(bias.as_tensor().clone()),
+            ));
             vars.push(weight);
             vars.push(bias);
         }
@@ -290,7 +316,13 @@ mod tests {
     #[test]
     fn separable_toy_is_learned_and_deterministic() {
         let (x, labels, split) = toy();
-        let cfg = ProbeConfig { hidden: 16, epochs: 60, batch_size: 16, lr: 1e-2, ..ProbeConfig::default() };
+        let cfg = ProbeConfig {
+            hidden: 16,
+            epochs: 60,
+            batch_size: 16,
+            lr: 1e-2,
+            ..ProbeConfig::default()
+        };
         let a = probe(&x, &labels, 3, &split, &cfg).unwrap();
         assert_eq!(a.accuracy, 1.0, "{a:?}");
         assert_eq!(a.macro_f1, 1.0);
@@ -300,7 +332,14 @@ mod tests {
     #[test]
     fn patience_stops_early_but_keeps_best() {
         let (x, labels, split) = toy();
-        let cfg = ProbeConfig { hidden: 16, epochs: 500, batch_size: 16, lr: 1e-2, patience: Some(3), ..ProbeConfig::default() };
+        let cfg = ProbeConfig {
+            hidden: 16,
+            epochs: 500,
+            batch_size: 16,
+            lr: 1e-2,
+            patience: Some(3),
+            ..ProbeConfig::default()
+        };
         let r = probe(&x, &labels, 3, &split, &cfg).unwrap();
         assert_eq!(r.valid_accuracy, 1.0);
         assert!(r.best_epoch < 500);
@@ -309,12 +348,27 @@ mod tests {
     #[test]
     fn invalid_inputs_are_typed_errors() {
         let (x, mut labels, split) = toy();
-        let cfg = ProbeConfig { epochs: 1, ..ProbeConfig::default() };
-        let empty = LabelSplit { valid: vec![], ..split.clone() };
-        assert!(matches!(probe(&x, &labels, 3, &empty, &cfg), Err(EvalError::Invalid(m)) if m.contains("valid")));
-        assert!(matches!(probe(&x, &labels, 2, &split, &cfg), Err(EvalError::Invalid(m)) if m.contains("num_classes")));
+        let cfg = ProbeConfig {
+            epochs: 1,
+            ..ProbeConfig::default()
+        };
+        let empty = LabelSplit {
+            valid: vec![],
+            ..split.clone()
+        };
+        assert!(
+            matches!(probe(&x, &labels, 3, &empty, &cfg), Err(EvalError::Invalid(m)) if m.contains("valid"))
+        );
+        assert!(
+            matches!(probe(&x, &labels, 2, &split, &cfg), Err(EvalError::Invalid(m)) if m.contains("num_classes"))
+        );
         labels[80] = None;
-        assert!(matches!(probe(&x, &labels, 3, &split, &cfg), Err(EvalError::Invalid(m)) if m.contains("no label")));
-        assert!(matches!(probe(&x, &labels[..10], 3, &split, &cfg), Err(EvalError::Invalid(_))));
+        assert!(
+            matches!(probe(&x, &labels, 3, &split, &cfg), Err(EvalError::Invalid(m)) if m.contains("no label"))
+        );
+        assert!(matches!(
+            probe(&x, &labels[..10], 3, &split, &cfg),
+            Err(EvalError::Invalid(_))
+        ));
     }
 }

@@ -23,11 +23,21 @@ pub struct Comparison {
 impl Comparison {
     /// The two rows as a table, named "input" and "refined".
     pub fn render(&self) -> String {
-        render_table(&[("input".to_owned(), &self.input), ("refined".to_owned(), &self.refined)])
+        render_table(&[
+            ("input".to_owned(), &self.input),
+            ("refined".to_owned(), &self.refined),
+        ])
     }
 }
 
-const HEADERS: [&str; 6] = ["name", "KNN@10", "probe acc", "probe F1", "LP MRR", "LP H@10"];
+const HEADERS: [&str; 6] = [
+    "name",
+    "KNN@10",
+    "probe acc",
+    "probe F1",
+    "LP MRR",
+    "LP H@10",
+];
 
 /// An aligned plain-text table: a header line, a rule, one line per row. The name column is
 /// left-aligned, the figures right-aligned with 4 decimals, `-` where a figure is `None`.
@@ -93,7 +103,10 @@ mod tests {
             lp_mrr: Some(0.123456),
             lp_hits_at_10: None,
         };
-        let b = TaskFigures { knn_at_10: Some(0.6), ..TaskFigures::default() };
+        let b = TaskFigures {
+            knn_at_10: Some(0.6),
+            ..TaskFigures::default()
+        };
         let s = render_table(&[("input".into(), &a), ("refined table".into(), &b)]);
         let expected = "\
 name           KNN@10  probe acc  probe F1  LP MRR  LP H@10
@@ -107,8 +120,15 @@ refined table  0.6000          -         -       -        -
     #[test]
     fn serde_round_trip() {
         let c = Comparison {
-            input: TaskFigures { knn_at_10: Some(0.25), ..TaskFigures::default() },
-            refined: TaskFigures { probe_accuracy: Some(0.75), lp_hits_at_10: Some(0.5), ..TaskFigures::default() },
+            input: TaskFigures {
+                knn_at_10: Some(0.25),
+                ..TaskFigures::default()
+            },
+            refined: TaskFigures {
+                probe_accuracy: Some(0.75),
+                lp_hits_at_10: Some(0.5),
+                ..TaskFigures::default()
+            },
         };
         let json = serde_json::to_string(&c).unwrap();
         assert!(json.contains("\"lp_mrr\":null"));

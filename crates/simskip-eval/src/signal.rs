@@ -88,7 +88,11 @@ pub fn neighbour_retrieval_mrr(
         );
     }
     if let Some(adj) = filter_train_neighbours {
-        assert_eq!(adj.neighbours.len(), x.rows, "neighbour_retrieval_mrr: adjacency size vs table rows");
+        assert_eq!(
+            adj.neighbours.len(),
+            x.rows,
+            "neighbour_retrieval_mrr: adjacency size vs table rows"
+        );
     }
     let unit = normalised_rows(x);
     let d = x.cols;
@@ -187,12 +191,19 @@ mod tests {
         let n = 10;
         let x = Matrix::from_vec(n, 3, vec![1.0; n * 3]);
         let mrr = neighbour_retrieval_mrr(&x, &[(0, 1), (2, 3)], None);
-        assert!((mrr - 1.0 / (1.0 + (n as f64 - 2.0) / 2.0)).abs() < 1e-12, "{mrr}");
+        assert!(
+            (mrr - 1.0 / (1.0 + (n as f64 - 2.0) / 2.0)).abs() < 1e-12,
+            "{mrr}"
+        );
     }
 
     #[test]
     fn adjacency_from_triples() {
-        let tr = [Triple { h: 0, r: 0, t: 2 }, Triple { h: 2, r: 1, t: 0 }, Triple { h: 1, r: 0, t: 2 }];
+        let tr = [
+            Triple { h: 0, r: 0, t: 2 },
+            Triple { h: 2, r: 1, t: 0 },
+            Triple { h: 1, r: 0, t: 2 },
+        ];
         let adj = Adjacency::from_triples(3, &tr);
         assert_eq!(adj.of(0), &[2]);
         assert_eq!(adj.of(2), &[0, 1]);

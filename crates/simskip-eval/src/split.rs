@@ -26,7 +26,12 @@ pub struct LabelSplit {
 /// shuffle. The same `labels` and `seed` always give the same split (for a given `rand` version).
 ///
 /// Panics unless both fractions are in `[0, 1]` and sum to at most 1 (a programming error).
-pub fn label_split(labels: &Labels, seed: u64, valid_fraction: f64, test_fraction: f64) -> LabelSplit {
+pub fn label_split(
+    labels: &Labels,
+    seed: u64,
+    valid_fraction: f64,
+    test_fraction: f64,
+) -> LabelSplit {
     assert!(
         (0.0..=1.0).contains(&valid_fraction)
             && (0.0..=1.0).contains(&test_fraction)
@@ -82,7 +87,13 @@ pub fn label_split(labels: &Labels, seed: u64, valid_fraction: f64, test_fractio
 
 /// Largest-remainder apportionment of `target` places over classes of `sizes`, proportional to
 /// `fraction`, never giving a class more than `cap[c]`.
-fn apportion(sizes: &[usize], cap: &[usize], fraction: f64, target: usize, rng: &mut StdRng) -> Vec<usize> {
+fn apportion(
+    sizes: &[usize],
+    cap: &[usize],
+    fraction: f64,
+    target: usize,
+    rng: &mut StdRng,
+) -> Vec<usize> {
     let exact: Vec<f64> = sizes.iter().map(|&s| s as f64 * fraction).collect();
     let mut quota: Vec<usize> = exact
         .iter()
@@ -146,7 +157,13 @@ mod tests {
         let labels = toy_labels();
         let n = labels.labelled().len();
         let s = label_split(&labels, 7, 0.2, 0.2);
-        let mut all: Vec<u32> = s.train.iter().chain(&s.valid).chain(&s.test).copied().collect();
+        let mut all: Vec<u32> = s
+            .train
+            .iter()
+            .chain(&s.valid)
+            .chain(&s.test)
+            .copied()
+            .collect();
         all.sort_unstable();
         // covering and disjoint: the union, with repeats, is exactly the labelled set
         assert_eq!(all, labels.labelled());
@@ -155,8 +172,15 @@ mod tests {
         // stratified: each class's share of test within one of proportional
         for c in 0..4u32 {
             let n_c = labels.of.iter().filter(|&&l| l == Some(c)).count() as f64;
-            let t_c = s.test.iter().filter(|&&e| labels.of[e as usize] == Some(c)).count() as f64;
-            assert!((t_c - 0.2 * n_c).abs() < 1.0 + 1e-9, "class {c}: {t_c} of {n_c}");
+            let t_c = s
+                .test
+                .iter()
+                .filter(|&&e| labels.of[e as usize] == Some(c))
+                .count() as f64;
+            assert!(
+                (t_c - 0.2 * n_c).abs() < 1.0 + 1e-9,
+                "class {c}: {t_c} of {n_c}"
+            );
         }
         assert_eq!(s, label_split(&labels, 7, 0.2, 0.2));
         assert_ne!(s, label_split(&labels, 8, 0.2, 0.2));

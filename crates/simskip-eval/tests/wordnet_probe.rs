@@ -96,8 +96,15 @@ fn majority_baseline(f: &Fixture) -> f64 {
     for &e in &f.split.train {
         count[f.labels[e as usize].unwrap() as usize] += 1;
     }
-    let majority = (0..f.num_classes).max_by_key(|&c| (count[c], std::cmp::Reverse(c))).unwrap() as u32;
-    let hits = f.split.test.iter().filter(|&&e| f.labels[e as usize] == Some(majority)).count();
+    let majority = (0..f.num_classes)
+        .max_by_key(|&c| (count[c], std::cmp::Reverse(c)))
+        .unwrap() as u32;
+    let hits = f
+        .split
+        .test
+        .iter()
+        .filter(|&&e| f.labels[e as usize] == Some(majority))
+        .count();
     hits as f64 / f.split.test.len() as f64
 }
 
@@ -105,7 +112,11 @@ fn majority_baseline(f: &Fixture) -> f64 {
 fn probe_beats_majority_and_is_deterministic() {
     let f = fixture();
     let base = majority_baseline(&f);
-    let cfg = ProbeConfig { epochs: 30, seed: 7, ..ProbeConfig::default() };
+    let cfg = ProbeConfig {
+        epochs: 30,
+        seed: 7,
+        ..ProbeConfig::default()
+    };
     let t0 = Instant::now();
     let a = probe(&f.features, &f.labels, f.num_classes, &f.split, &cfg).unwrap();
     eprintln!(
@@ -130,7 +141,9 @@ fn knn_on_real_features_beats_random_table() {
     let noise = Matrix::from_vec(
         f.features.rows,
         f.features.cols,
-        (0..f.features.data.len()).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+        (0..f.features.data.len())
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect(),
     );
     let random = knn_precision_at_k(&noise, &f.labels, &f.split.test, 10);
     eprintln!("knn@10 real {real:.4} random {random:.4} ({elapsed:.2?})");
@@ -149,15 +162,31 @@ fn probe_timing_5000x128() {
     let d_in = f.features.cols;
     let d = 128;
     let mut rng = StdRng::seed_from_u64(11);
-    let proj: Vec<f32> = (0..d_in * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let proj: Vec<f32> = (0..d_in * d)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
     let mut x = Matrix::zeros(f.features.rows, d);
     for i in 0..x.rows {
         let src = f.features.row(i);
         for (j, out) in x.row_mut(i).iter_mut().enumerate() {
-            *out = src.iter().enumerate().map(|(k, v)| v * proj[k * d + j]).sum();
+            *out = src
+                .iter()
+                .enumerate()
+                .map(|(k, v)| v * proj[k * d + j])
+                .sum();
         }
     }
     let t0 = Instant::now();
-    let r = probe(&x, &f.labels, f.num_classes, &f.split, &ProbeConfig::default()).unwrap();
-    eprintln!("probe 5000x128, default config: {r:?} in {:.2?}", t0.elapsed());
+    let r = probe(
+        &x,
+        &f.labels,
+        f.num_classes,
+        &f.split,
+        &ProbeConfig::default(),
+    )
+    .unwrap();
+    eprintln!(
+        "probe 5000x128, default config: {r:?} in {:.2?}",
+        t0.elapsed()
+    );
 }

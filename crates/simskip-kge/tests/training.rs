@@ -192,4 +192,12 @@ fn umls_transe_learns() {
         "test Hits@10 {}",
         metrics.hits_at_10
     );
+    // The figures `simskip bench` reports.
+    let small = TransEConfig {
+        dim: 16,
+        ..Default::default()
+    };
+    let eps = simskip_kge::bench::transe_epochs_per_second(&ds, &small, 1);
+    let qps = simskip_kge::bench::linkpred_queries_per_second_on(m, &ds);
+    assert!(eps.is_finite() && eps > 0.0 && qps.is_finite() && qps > 0.0);
 }

@@ -75,43 +75,56 @@ pub struct NtXentOnNormalised {
 impl NtXentOnNormalised {
     /// `(loss, G + Gᵀ)` from the similarity matrix `s` (`n2 × n2`, row-major; consumed).
     fn loss_and_grad(&self, mut s: Vec<f32>, n2: usize) -> (f32, Vec<f32>) {
-        let mut total = 0f64;
         let scale = self.inv_tau / n2 as f32;
-        // The diagonal is excluded: −∞ gives exp(·) = 0 and keeps the loops branch-free.
-        // `s` is turned into G in place, row by row.
+        let mut total = 0f64;
         for (i, row) in s.chunks_exact_mut(n2).enumerate() {
-            let pos = (i + n2 / 2) % n2;
-            row[i] = f32::NEG_INFINITY;
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * self.inv_tau;
-            let positive = row[pos] * self.inv_tau;
-            let mut sum = 0f32;
-            for v in row.iter_mut() {
-                let e = (*v * self.inv_tau - m).exp();
-                *v = e;
-                sum += e;
-            }
-            total += (m + sum.ln() - positive) as f64;
-            let k = scale / sum;
-            for v in row.iter_mut() {
-                *v *= k;
-            }
-            row[pos] -= scale;
+            total += nt_xent_row(row, i, self.inv_tau, scale) as f64;
         }
-        // Symmetrise in tiles: G + Gᵀ.
-        const T: usize = 32;
-        for bi in (0..n2).step_by(T) {
-            for bj in (bi..n2).step_by(T) {
-                for i in bi..(bi + T).min(n2) {
-                    let j0 = if bi == bj { i + 1 } else { bj };
-                    for j in j0..(bj + T).min(n2) {
-                        let v = s[i * n2 + j] + s[j * n2 + i];
-                        s[i * n2 + j] = v;
-                        s[j * n2 + i] = v;
-                    }
+        symmetrise(&mut s, n2);
+        ((total / n2 as f64) as f32, s)
+    }
+}
+
+/// Row `i` of the fused NT-Xent: turns `row` (the similarities `s_i·` of anchor `i` among
+/// `row.len() = 2N` projections) into row `i` of `G` (`(p_ij − [j = pos(i)])·scale`, `p` the
+/// softmax of `s_i·/τ` without the diagonal) and returns the row's loss
+/// `logsumexp_{j≠i}(s_ij/τ) − s_{i,pos(i)}/τ`.
+pub(crate) fn nt_xent_row(row: &mut [f32], i: usize, inv_tau: f32, scale: f32) -> f32 {
+    let n2 = row.len();
+    let pos = (i + n2 / 2) % n2;
+    // The diagonal is excluded: −∞ gives exp(·) = 0 and keeps the loops branch-free.
+    row[i] = f32::NEG_INFINITY;
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) * inv_tau;
+    let positive = row[pos] * inv_tau;
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        let e = (*v * inv_tau - m).exp();
+        *v = e;
+        sum += e;
+    }
+    let loss = m + sum.ln() - positive;
+    let k = scale / sum;
+    for v in row.iter_mut() {
+        *v *= k;
+    }
+    row[pos] -= scale;
+    loss
+}
+
+/// `G ← G + Gᵀ` in place for a row-major `n2 × n2` matrix, in tiles.
+pub(crate) fn symmetrise(s: &mut [f32], n2: usize) {
+    const T: usize = 32;
+    for bi in (0..n2).step_by(T) {
+        for bj in (bi..n2).step_by(T) {
+            for i in bi..(bi + T).min(n2) {
+                let j0 = if bi == bj { i + 1 } else { bj };
+                for j in j0..(bj + T).min(n2) {
+                    let v = s[i * n2 + j] + s[j * n2 + i];
+                    s[i * n2 + j] = v;
+                    s[j * n2 + i] = v;
                 }
             }
         }
-        ((total / n2 as f64) as f32, s)
     }
 }
 

@@ -1,0 +1,429 @@
+//! In-process coordinator and clients over loopback gRPC, with fake deterministic work.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use simskip_data::tensors::read_named_safetensors;
+use simskip_data::NamedArray;
+use simskip_fed::chunk::DEFAULT_MAX_MESSAGE_BYTES;
+use simskip_fed::{
+    run_client, serve, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy, FedEStrategy,
+    FitOutput, ServerConfig, StageConfig, StageInfo, StageKind, Strategy,
+};
+use tokio::net::TcpListener;
+
+type Log = Arc<Mutex<Vec<(String, String, Vec<NamedArray>)>>>;
+
+/// FedAvg: returns global + id. FedE: returns its rows + 1. Records what it receives.
+struct Fake {
+    id: u32,
+    examples: u64,
+    keys: Vec<String>,
+    /// (event, stage, arrays) as received.
+    log: Log,
+    /// Blocks in FIT of this round until released.
+    block: Option<(u32, Arc<(Mutex<bool>, Condvar)>)>,
+}
+
+impl ClientWork for Fake {
+    fn entity_keys(&self) -> Vec<String> {
+        self.keys.clone()
+    }
+    fn num_examples(&self) -> u64 {
+        self.examples
+    }
+    fn fit(
+        &mut self,
+        stage: &StageInfo,
+        round: u32,
+        global: Vec<NamedArray>,
+        config: &BTreeMap<String, String>,
+    ) -> anyhow::Result<FitOutput> {
+        assert_eq!(config.get("stage").map(String::as_str), Some(stage.name.as_str()));
+        if let Some((r, gate)) = &self.block {
+            if *r == round {
+                let (m, cv) = &**gate;
+                let mut released = m.lock().unwrap();
+                while !*released {
+                    released = cv.wait(released).unwrap();
+                }
+            }
+        }
+        self.log
+            .lock()
+            .unwrap()
+            .push((format!("fit{round}"), stage.name.clone(), global.clone()));
+        let add = match stage.kind {
+            StageKind::FedE => 1.0,
+            StageKind::FedAvg => self.id as f32,
+        };
+        let arrays = global
+            .into_iter()
+            .map(|mut a| {
+                a.data.iter_mut().for_each(|v| *v += add);
+                a
+            })
+            .collect();
+        Ok(FitOutput {
+            arrays,
+            num_examples: self.examples,
+            metrics: BTreeMap::from([("loss".to_string(), self.id as f64)]),
+        })
+    }
+    fn evaluate(
+        &mut self,
+        _stage: &StageInfo,
+        _round: u32,
+        _global: Vec<NamedArray>,
+        _config: &BTreeMap<String, String>,
+    ) -> anyhow::Result<EvalOutput> {
+        Ok(EvalOutput {
+            num_examples: self.examples,
+            metrics: BTreeMap::from([("acc".to_string(), self.id as f64 / 10.0)]),
+        })
+    }
+    fn finish_stage(
+        &mut self,
+        stage: &StageInfo,
+        global: Vec<NamedArray>,
+        _config: &BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(("finish".into(), stage.name.clone(), global));
+        Ok(())
+    }
+}
+
+fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageConfig {
+    StageConfig {
+        name: name.into(),
+        kind,
+        rounds,
+        eval_every,
+        config: BTreeMap::from([("stage".to_string(), name.to_string())]),
+    }
+}
+
+fn server_config(out: &Path, stages: Vec<StageConfig>, min: usize, min_fit: usize) -> ServerConfig {
+    ServerConfig {
+        run_id: "test-run".into(),
+        min_clients: min,
+        min_fit_clients: min_fit,
+        round_timeout_secs: 1.0,
+        heartbeat_interval_secs: 0.2,
+        heartbeat_timeout_secs: 3.0,
+        poll_timeout_secs: 1.0,
+        out_dir: out.to_path_buf(),
+        stages,
+        seed: 3,
+        tick_ms: 20,
+        done_grace_secs: 1.0,
+        ..ServerConfig::default()
+    }
+}
+
+fn client_config(port: u16, name: &str) -> ClientConfig {
+    ClientConfig {
+        server: format!("http://127.0.0.1:{port}"),
+        name: name.into(),
+        connect_retries: 20,
+        backoff_initial_ms: 50,
+        backoff_max_ms: 200,
+        ..ClientConfig::default()
+    }
+}
+
+fn keys(k: &[&str]) -> Vec<String> {
+    k.iter().map(|s| s.to_string()).collect()
+}
+
+fn arr(name: &str, shape: Vec<usize>, data: Vec<f32>) -> NamedArray {
+    NamedArray::new(name, shape, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stages_three_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = server_config(
+        dir.path(),
+        vec![
+            stage("kge", StageKind::FedE, 2, 1),
+            stage("simskip", StageKind::FedAvg, 3, 2),
+        ],
+        3,
+        2,
+    );
+    let initial = vec![
+        arr("w", vec![2, 2], vec![0.0; 4]),
+        arr("bn.running_mean", vec![2], vec![1.0, 1.0]),
+    ];
+    let strategies: Vec<Box<dyn Strategy>> = vec![
+        Box::new(FedEStrategy::new(4, 11)),
+        Box::new(FedAvgStrategy::new(initial)),
+    ];
+    let t0 = Instant::now();
+    let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
+
+    let specs = [
+        ("a", 1, 1, keys(&["e0", "e1", "e2"])),
+        ("b", 2, 1, keys(&["e1", "e2", "e3"])),
+        ("c", 3, 2, keys(&["e2", "e4"])),
+    ];
+    let mut logs = Vec::new();
+    let mut clients = Vec::new();
+    for (name, id, examples, k) in specs.iter().cloned() {
+        let log: Log = Arc::default();
+        logs.push(log.clone());
+        let work = Fake {
+            id,
+            examples,
+            keys: k,
+            log,
+            block: None,
+        };
+        clients.push(tokio::spawn(run_client(client_config(port, name), work)));
+    }
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+    let summary = server.await.unwrap().unwrap();
+    eprintln!("two stages x 3 clients: {:?}", t0.elapsed());
+    assert!(summary.completed);
+    let seq: Vec<String> = summary
+        .records
+        .iter()
+        .map(|r| format!("{}:{}{}", r.stage, r.kind.as_str(), r.round))
+        .collect();
+    assert_eq!(
+        seq,
+        [
+            "kge:fit1", "kge:evaluate1", "kge:fit2", "kge:evaluate2", "kge:finish_stage2",
+            "simskip:fit1", "simskip:fit2", "simskip:evaluate2", "simskip:fit3",
+            "simskip:evaluate3", "simskip:finish_stage3"
+        ]
+    );
+    assert!(summary.records.iter().all(|r| r.num_clients == 3 && !r.timed_out));
+
+    // FedAvg: each round adds (1*1 + 1*2 + 2*3) / 4 = 2.25.
+    let simskip = &summary.globals[1].arrays;
+    assert_eq!(simskip[0].data, vec![6.75; 4]);
+    assert_eq!(simskip[1].data, vec![7.75; 2]);
+    let (saved, meta) = read_named_safetensors(&dir.path().join("simskip/global.safetensors")).unwrap();
+    assert_eq!(meta["round"], "3");
+    assert_eq!(meta["run_id"], "test-run");
+    let w = saved.iter().find(|a| a.name == "w").unwrap();
+    assert_eq!(w.data, vec![6.75; 4]);
+    let bn = saved.iter().find(|a| a.name == "bn.running_mean").unwrap();
+    assert_eq!(bn.data, vec![7.75; 2]);
+
+    // FedE: every holder adds 1 per round, so every entity gains exactly 2.
+    let table_keys = std::fs::read_to_string(dir.path().join("kge/entities.txt")).unwrap();
+    let table_keys: Vec<&str> = table_keys.lines().collect();
+    let mut sorted = table_keys.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["e0", "e1", "e2", "e3", "e4"]);
+    let (saved, _) = read_named_safetensors(&dir.path().join("kge/global.safetensors")).unwrap();
+    assert_eq!(saved[0].shape, vec![5, 4]);
+    let global_row = |k: &str| {
+        let i = table_keys.iter().position(|x| *x == k).unwrap();
+        saved[0].data[i * 4..(i + 1) * 4].to_vec()
+    };
+    for ((_, _, _, k), log) in specs.iter().zip(&logs) {
+        let log = log.lock().unwrap();
+        let first = &log.iter().find(|(e, s, _)| e == "fit1" && s == "kge").unwrap().2[0];
+        let fin = &log.iter().find(|(e, s, _)| e == "finish" && s == "kge").unwrap().2[0];
+        assert_eq!(first.shape, vec![k.len(), 4]);
+        for (r, key) in k.iter().enumerate() {
+            let before = &first.data[r * 4..(r + 1) * 4];
+            let after = &fin.data[r * 4..(r + 1) * 4];
+            assert!(before.iter().all(|v| v.abs() <= 3.0));
+            for (b, a) in before.iter().zip(after) {
+                assert!((a - (b + 2.0)).abs() < 1e-5, "{key}: {b} -> {a}");
+            }
+            assert_eq!(after, &global_row(key)[..]);
+        }
+        let fin = &log.iter().find(|(e, s, _)| e == "finish" && s == "simskip").unwrap().2;
+        assert_eq!(fin[0].data, vec![6.75; 4]);
+    }
+
+    // metrics.jsonl: one object per closed round.
+    let jsonl = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 11);
+    let fit1 = &lines[5];
+    assert_eq!(fit1["stage"], "simskip");
+    assert_eq!(fit1["kind"], "fit");
+    assert_eq!(fit1["round"], 1);
+    assert_eq!(fit1["run_id"], "test-run");
+    assert_eq!(fit1["num_clients"], 3);
+    assert_eq!(fit1["metrics"]["loss"], 2.25);
+    assert_eq!(fit1["clients"]["c"]["num_examples"], 2);
+    assert!(fit1["coordinator"]["aggregate_secs"].as_f64().unwrap() >= 0.0);
+    assert!(fit1["coordinator"]["serialize_secs"].as_f64().unwrap() > 0.0);
+    let eval = &lines[7];
+    assert_eq!(eval["kind"], "evaluate");
+    assert!((eval["metrics"]["acc"].as_f64().unwrap() - 0.225).abs() < 1e-12);
+
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert!(csv.starts_with("run_id,stage,round,kind,client,metric,value\n"));
+    assert!(csv.contains("test-run,simskip,1,fit,aggregate,loss,2.25\n"));
+    assert!(csv.contains("test-run,simskip,1,fit,c,num_examples,2\n"));
+    assert!(csv.contains("test-run,kge,2,evaluate,b,acc,0.2\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stuck_client_does_not_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 2, 0)], 3, 2);
+    let strategies: Vec<Box<dyn Strategy>> =
+        vec![Box::new(FedAvgStrategy::new(vec![arr("w", vec![1], vec![0.0])]))];
+    let t0 = Instant::now();
+    let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let mut handles = Vec::new();
+    for (name, id) in [("a", 1), ("b", 2), ("c", 3)] {
+        let work = Fake {
+            id,
+            examples: 1,
+            keys: vec![],
+            log: Arc::default(),
+            block: (name == "c").then(|| (1, gate.clone())),
+        };
+        let mut cc = client_config(port, name);
+        cc.connect_retries = 1;
+        handles.push(tokio::spawn(run_client(cc, work)));
+    }
+    let summary = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the run finishes despite the stuck client")
+        .unwrap()
+        .unwrap();
+    let elapsed = t0.elapsed();
+    eprintln!("run with a stuck client: {elapsed:?}");
+    assert!(summary.completed);
+    let fit1 = &summary.records[0];
+    assert!(fit1.timed_out && fit1.aggregated);
+    assert_eq!(fit1.missing, vec!["c".to_string()]);
+    assert_eq!(fit1.metrics["loss"], 1.5);
+    // Round 1: (1 + 2) / 2; round 2 again without c.
+    assert_eq!(summary.globals[0].arrays[0].data, vec![3.0]);
+    // a and b finished cleanly.
+    for h in handles.drain(..2) {
+        h.await.unwrap().unwrap();
+    }
+    // Release c so its blocking thread ends; it then finds the coordinator gone.
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    let c = tokio::time::timeout(Duration::from_secs(20), handles.pop().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(c.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn table_larger_than_4_mib_crosses_grpc_and_client_waits_for_server() {
+    let dir = tempfile::tempdir().unwrap();
+    // Reserve a port, free it, and start the client before the server exists.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (rows, cols) = (40_000, 32);
+    let initial = arr(
+        "entity_table",
+        vec![rows, cols],
+        (0..rows * cols).map(|i| (i % 1000) as f32 * 0.001).collect(),
+    );
+    assert!(initial.data.len() * 4 > DEFAULT_MAX_MESSAGE_BYTES);
+    let log: Log = Arc::default();
+    let work = Fake {
+        id: 1,
+        examples: 5,
+        keys: vec![],
+        log: log.clone(),
+        block: None,
+    };
+    let t0 = Instant::now();
+    let client = tokio::spawn(run_client(client_config(port, "solo"), work));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let cfg = server_config(dir.path(), vec![stage("big", StageKind::FedAvg, 1, 0)], 1, 1);
+    assert_eq!(cfg.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![initial.clone()]))];
+    let summary = serve(cfg, listener, strategies, std::future::pending())
+        .await
+        .unwrap();
+    client.await.unwrap().unwrap();
+    eprintln!("5 MB table round trip: {:?}", t0.elapsed());
+
+    let expected: Vec<f32> = initial.data.iter().map(|v| v + 1.0).collect();
+    assert_eq!(summary.globals[0].arrays[0].data, expected);
+    let received = &log.lock().unwrap()[0].2[0];
+    assert_eq!(received, &initial);
+    let (saved, _) = read_named_safetensors(&dir.path().join("big/global.safetensors")).unwrap();
+    assert_eq!(saved[0].shape, vec![rows, cols]);
+    assert_eq!(saved[0].data, expected);
+}
+
+#[tokio::test]
+async fn bad_token_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 1, 0)], 1, 1);
+    cfg.token = Some("secret".into());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let strategies: Vec<Box<dyn Strategy>> =
+        vec![Box::new(FedAvgStrategy::new(vec![arr("w", vec![1], vec![0.0])]))];
+    let server = tokio::spawn(serve(cfg, listener, strategies, async {
+        let _ = stop_rx.await;
+    }));
+    let work = Fake {
+        id: 1,
+        examples: 1,
+        keys: vec![],
+        log: Arc::default(),
+        block: None,
+    };
+    let mut cc = client_config(port, "intruder");
+    cc.token = "guess".into();
+    let err = run_client(cc, work).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("server at http://127.0.0.1:{port} refused registration")), "{err}");
+    assert!(err.contains("bad token"), "{err}");
+    stop_tx.send(()).unwrap();
+    let summary = server.await.unwrap().unwrap();
+    assert!(!summary.completed);
+}
+
+#[test]
+fn server_config_parses_with_defaults_and_rejects_unknown_fields() {
+    let cfg: ServerConfig = serde_json::from_str(
+        r#"{"listen":"127.0.0.1:7000","min_clients":3,
+            "stages":[{"name":"kge","kind":"fede","rounds":5},
+                      {"name":"simskip","kind":"fedavg","rounds":10,"eval_every":2,"config":{"lr":"0.01"}}]}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.min_clients, 3);
+    assert_eq!(cfg.stages[0].kind, StageKind::FedE);
+    assert_eq!(cfg.stages[1].config["lr"], "0.01");
+    assert!(cfg.run_id.starts_with("run-"));
+    assert_eq!(cfg.chunk_bytes, 1 << 20);
+    cfg.validate().unwrap();
+    assert!(serde_json::from_str::<ServerConfig>(r#"{"min_client":3}"#).is_err());
+    assert!(serde_json::from_str::<ClientConfig>(r#"{"name":"a","tokn":"x"}"#).is_err());
+    let cc: ClientConfig = serde_json::from_str(r#"{"name":"a","server":"http://h:1"}"#).unwrap();
+    assert_eq!(cc.connect_retries, 30);
+}
