@@ -70,14 +70,13 @@ fn fixture() -> Fixture {
             }
         }
     }
-    for e in 0..n {
-        let row = x.row_mut(e);
+    for (row, &count) in x.data.chunks_mut(d).zip(&neighbour_count) {
         for v in &mut row[..2 * r] {
             *v = v.ln_1p();
         }
-        if neighbour_count[e] > 0.0 {
+        if count > 0.0 {
             for v in &mut row[2 * r..2 * r + num_classes] {
-                *v /= neighbour_count[e];
+                *v /= count;
             }
             row[d - 1] = 1.0;
         }

@@ -10,6 +10,7 @@
 //! * [`loss`] — NT-Xent;
 //! * [`positives`] — augmentation or neighbour positives, with a CSR neighbour list;
 //! * [`train`] — configuration and the trainer (AdamW, seeded, reproducible);
+//! * [`fast`] — the hand-fused CPU training step behind [`Backend::Fast`];
 //! * [`select`] — epoch selection against a caller-provided validation score;
 //! * [`bench`] — training throughput measurement.
 //!
@@ -19,6 +20,7 @@
 pub mod augment;
 pub mod bench;
 pub mod error;
+pub mod fast;
 pub mod loss;
 pub mod model;
 pub mod positives;
@@ -31,4 +33,4 @@ pub use loss::{nt_xent, NtXentLoss};
 pub use model::SimSkipModel;
 pub use positives::{Neighbours, Positives};
 pub use select::{apply, train_with_selection, Choice, Selection};
-pub use train::{EpochStats, SimSkipConfig, SimSkipTrainer};
+pub use train::{Backend, EpochStats, SimSkipConfig, SimSkipTrainer};

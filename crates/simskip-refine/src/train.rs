@@ -8,11 +8,26 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use simskip_data::Matrix;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::augment::{Augmentation, Augmenter};
 use crate::error::{RefineError, Result};
+use crate::fast::{AdamWParams, FastTrainer};
 use crate::loss::NtXentLoss;
 use crate::model::SimSkipModel;
 use crate::positives::{partner_ids, Neighbours, Positives};
+
+/// Which implementation runs a training step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The candle graph with autograd and `candle_nn::AdamW` (the reference).
+    Candle,
+    /// The hand-fused CPU step of [`crate::fast`]: same forward pass, loss, gradients and AdamW
+    /// update on plain `f32` buffers.
+    #[default]
+    Fast,
+}
 
 /// SimSkip hyper-parameters.
 ///
@@ -43,6 +58,11 @@ pub struct SimSkipConfig {
     pub epochs: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// Implementation of the training step.
+    pub backend: Backend,
+    /// Threads of the fast backend (gemm and row-parallel loops on rayon's global pool);
+    /// 0 = rayon's thread count, 1 = the calling thread only.
+    pub fast_threads: usize,
 }
 
 impl Default for SimSkipConfig {
@@ -61,6 +81,8 @@ impl Default for SimSkipConfig {
             epochs: 50,
             batch_size: 256,
             seed: 42,
+            backend: Backend::default(),
+            fast_threads: 0,
         }
     }
 }
@@ -114,10 +136,21 @@ pub struct EpochStats {
 }
 
 /// Owns the model, the AdamW optimiser and the random generator every random draw comes from.
+///
+/// With [`Backend::Fast`] the fast trainer holds the live parameters; the candle model is brought
+/// up to date lazily, when it is read ([`Self::model`], [`Self::model_mut`]), and a caller's
+/// changes through [`Self::model_mut`] are pulled back before the next fast step.
 pub struct SimSkipTrainer {
     cfg: SimSkipConfig,
     model: SimSkipModel,
     opt: AdamW,
+    fast: Option<FastTrainer>,
+    /// The fast copy is newer than the candle model.
+    model_stale: AtomicBool,
+    /// The candle model may have been changed through `model_mut`: reload the fast copy.
+    fast_stale: bool,
+    /// Reused views buffer of the fast path.
+    views: Vec<f32>,
     rng: StdRng,
     loss: NtXentLoss,
     augmenter: Augmenter,
@@ -141,15 +174,34 @@ impl SimSkipTrainer {
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let model =
             SimSkipModel::new(dim, cfg.skip, cfg.zero_init_residual, cfg.dropout, &mut rng)?;
-        let opt = AdamW::new(
-            model.trainable_vars(),
-            ParamsAdamW {
-                lr: cfg.lr,
-                weight_decay: cfg.weight_decay,
-                ..ParamsAdamW::default()
-            },
-        )?;
+        let params = ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..ParamsAdamW::default()
+        };
+        let fast = match cfg.backend {
+            Backend::Candle => None,
+            Backend::Fast => {
+                let threads = match cfg.fast_threads {
+                    0 => rayon::current_num_threads(),
+                    t => t,
+                };
+                let adam = AdamWParams {
+                    lr: params.lr,
+                    beta1: params.beta1,
+                    beta2: params.beta2,
+                    eps: params.eps,
+                    weight_decay: params.weight_decay,
+                };
+                Some(FastTrainer::new(&model, cfg.temperature, adam, threads)?)
+            }
+        };
+        let opt = AdamW::new(model.trainable_vars(), params)?;
         Ok(Self {
+            fast,
+            model_stale: AtomicBool::new(false),
+            fast_stale: false,
+            views: Vec::new(),
             loss: NtXentLoss::new(cfg.temperature as f64),
             augmenter: cfg.augmenter(),
             cfg,
@@ -164,12 +216,38 @@ impl SimSkipTrainer {
         &self.cfg
     }
 
+    /// The model, with the latest weights (synchronised from the fast backend if needed).
+    ///
+    /// # Panics
+    /// If copying the fast backend's weights into the candle variables fails (it cannot for a
+    /// model this trainer built).
     pub fn model(&self) -> &SimSkipModel {
+        self.sync_model().expect("sync fast weights into the model");
         &self.model
     }
 
+    /// The model for modification (e.g. [`SimSkipModel::import`]); the fast backend reloads it
+    /// before its next step.
+    ///
+    /// # Panics
+    /// As [`Self::model`].
     pub fn model_mut(&mut self) -> &mut SimSkipModel {
+        self.sync_model().expect("sync fast weights into the model");
+        if self.fast.is_some() {
+            self.fast_stale = true;
+        }
         &mut self.model
+    }
+
+    /// Copy the fast backend's weights and statistics into the candle model if they are newer.
+    fn sync_model(&self) -> Result<()> {
+        if let Some(fast) = &self.fast {
+            if self.model_stale.load(Ordering::Acquire) {
+                fast.store_into(&self.model)?;
+                self.model_stale.store(false, Ordering::Release);
+            }
+        }
+        Ok(())
     }
 
     /// Epochs trained so far by this trainer.
@@ -185,14 +263,26 @@ impl SimSkipTrainer {
         batch: &[u32],
         neighbours: Option<&Neighbours>,
     ) -> Result<Vec<f32>> {
-        let d = x.cols;
+        let mut buf = Vec::with_capacity(2 * batch.len() * x.cols);
+        self.fill_views(x, batch, neighbours, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`Self::make_views`] into a reused buffer (cleared first).
+    fn fill_views(
+        &mut self,
+        x: &Matrix,
+        batch: &[u32],
+        neighbours: Option<&Neighbours>,
+        buf: &mut Vec<f32>,
+    ) -> Result<()> {
         let partners = partner_ids(self.cfg.positives, batch, neighbours, &mut self.rng)?;
-        let mut buf = Vec::with_capacity(2 * batch.len() * d);
+        buf.clear();
         for &i in batch.iter().chain(partners.iter()) {
             buf.extend_from_slice(x.row(i as usize));
         }
-        self.augmenter.apply(&mut buf, &mut self.rng);
-        Ok(buf)
+        self.augmenter.apply(buf, &mut self.rng);
+        Ok(())
     }
 
     /// One optimisation step on `batch` (at least 2 anchors); returns the batch loss.
@@ -208,6 +298,9 @@ impl SimSkipTrainer {
                 batch.len()
             )));
         }
+        if self.fast.is_some() {
+            return self.fast_step(x, batch, neighbours);
+        }
         let buf = self.make_views(x, batch, neighbours)?;
         let t = Tensor::from_vec(buf, (2 * batch.len(), x.cols), self.model.device())?;
         let h = self.model.encode(&t, Some(&mut self.rng))?;
@@ -215,6 +308,38 @@ impl SimSkipTrainer {
         let loss = self.loss.forward(&z)?;
         self.opt.backward_step(&loss)?;
         Ok(loss.to_scalar::<f32>()?)
+    }
+
+    /// [`Self::train_step`] on the fast backend.
+    fn fast_step(
+        &mut self,
+        x: &Matrix,
+        batch: &[u32],
+        neighbours: Option<&Neighbours>,
+    ) -> Result<f32> {
+        if x.cols != self.model.dim() {
+            return Err(RefineError::DimMismatch {
+                expected: self.model.dim(),
+                found: x.cols,
+            });
+        }
+        let mut views = std::mem::take(&mut self.views);
+        let made = self.fill_views(x, batch, neighbours, &mut views);
+        let fast = self.fast.as_mut().expect("fast backend");
+        if made.is_ok() && self.fast_stale {
+            // The caller may have changed the model through `model_mut`.
+            if let Err(e) = fast.load_from(&self.model) {
+                self.views = views;
+                return Err(e);
+            }
+            self.fast_stale = false;
+        }
+        let out = made.map(|()| fast.step(&views, &mut self.rng));
+        self.views = views;
+        if out.is_ok() {
+            *self.model_stale.get_mut() = true;
+        }
+        out
     }
 
     /// One pass over the rows of `x` in shuffled batches of `batch_size` (a last batch of fewer

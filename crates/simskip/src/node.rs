@@ -34,7 +34,7 @@ pub struct ClientArgs {
     /// SIMSKIP_CLIENT__NAME etc. override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Coordinator URL (overrides client.server_url).
+    /// Coordinator URL (overrides client.server).
     #[arg(long)]
     pub server: Option<String>,
 }
@@ -172,7 +172,7 @@ pub fn run_server(args: ServerArgs) -> Result<()> {
 pub fn run_client(args: ClientArgs) -> Result<()> {
     let mut file: ClientFile = settings::load(args.config.as_deref())?;
     if let Some(server) = args.server {
-        file.client.server_url = server;
+        file.client.server = server;
     }
     let ds = KgDataset::load(&file.data.dir).with_context(|| format!("loading the private graph {}", file.data.dir.display()))?;
     let settings = crate::settings::Settings {

@@ -196,7 +196,7 @@ pub fn simulate(file: &SimulateFile) -> Result<crate::node::RunFigures> {
     let mut clients = Vec::new();
     for (k, dir) in dirs.iter().enumerate() {
         let mut client = file.client.clone();
-        client.client.server_url = format!("http://127.0.0.1:{port}");
+        client.client.server = format!("http://127.0.0.1:{port}");
         client.client.name = format!("org-{k}");
         client.data.dir = dir.clone();
         client.data.out_dir = out.join(format!("org-{k}-output"));

@@ -1,0 +1,834 @@
+//! A hand-fused CPU training step for [`SimSkipModel`](crate::model::SimSkipModel).
+//!
+//! [`FastTrainer`] computes exactly what the candle path of
+//! [`SimSkipTrainer::train_step`](crate::train::SimSkipTrainer::train_step) computes — the
+//! training-mode forward pass (BatchNorm on batch statistics, updating the running statistics
+//! with candle's momentum convention and unbiased running variance; inverted dropout with masks
+//! drawn by [`dropout_mask`](crate::augment::dropout_mask)'s rule from the same generator, layer 1
+//! then layer 2), the NT-Xent loss, its exact gradient and candle's `AdamW` update — on plain
+//! `f32` slices:
+//!
+//! * every matrix product is one `gemm` call on row-major buffers (transposes are strides);
+//! * BatchNorm + ReLU + dropout are one fused pass forward and one backward;
+//! * NT-Xent normalises the rows, forms `S = ẑ ẑᵀ` with one gemm, turns each row into its
+//!   softmax-gradient row in place ([`nt_xent_row`], shared with the candle op) and needs one
+//!   more gemm for `∂L/∂ẑ = (G + Gᵀ) ẑ`;
+//! * all buffers are allocated once (grown to the largest batch seen) and reused.
+//!
+//! The parameters, AdamW moments and BatchNorm running statistics are the trainer's own `f32`
+//! copies; [`FastTrainer::load_from`] and [`FastTrainer::store_into`] move them from and to the
+//! candle model's variables (moments stay with the fast trainer, as candle's `AdamW` keeps its
+//! own).
+
+use candle_core::Tensor;
+use gemm::Parallelism;
+use rand::rngs::StdRng;
+use rayon::prelude::*;
+
+use crate::augment::mask_in_place;
+use crate::error::{RefineError, Result};
+use crate::loss::{nt_xent_row, symmetrise};
+use crate::model::{SimSkipModel, BN_EPS, BN_MOMENTUM};
+
+// Trainable parameters, by index.
+const W1: usize = 0;
+const B1: usize = 1;
+const G1: usize = 2;
+const BE1: usize = 3;
+const W2: usize = 4;
+const B2: usize = 5;
+const G2: usize = 6;
+const BE2: usize = 7;
+const WO: usize = 8;
+const BO: usize = 9;
+const WP0: usize = 10;
+const BP0: usize = 11;
+const WP2: usize = 12;
+const BP2: usize = 13;
+const NP: usize = 14;
+
+/// Names of the trainable parameters, in index order.
+const NAMES: [&str; NP] = [
+    "encoder.layer1.linear.weight",
+    "encoder.layer1.linear.bias",
+    "encoder.layer1.bn.weight",
+    "encoder.layer1.bn.bias",
+    "encoder.layer2.linear.weight",
+    "encoder.layer2.linear.bias",
+    "encoder.layer2.bn.weight",
+    "encoder.layer2.bn.bias",
+    "encoder.out.weight",
+    "encoder.out.bias",
+    "projector.0.weight",
+    "projector.0.bias",
+    "projector.2.weight",
+    "projector.2.bias",
+];
+
+// BatchNorm running statistics, by index.
+const RM1: usize = 0;
+const RV1: usize = 1;
+const RM2: usize = 2;
+const RV2: usize = 3;
+const RUNNING: [&str; 4] = [
+    "encoder.layer1.bn.running_mean",
+    "encoder.layer1.bn.running_var",
+    "encoder.layer2.bn.running_mean",
+    "encoder.layer2.bn.running_var",
+];
+
+/// AdamW hyper-parameters (candle's `ParamsAdamW` semantics).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWParams {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// Row-major scratch buffers, sized for `cap` rows.
+#[derive(Default)]
+struct Workspace {
+    cap: usize,
+    mask1: Vec<f32>,
+    mask2: Vec<f32>,
+    // Layer 1: pre-BN (then x̂), BN output (for the ReLU mask), output after dropout.
+    xh1: Vec<f32>,
+    y1: Vec<f32>,
+    h1: Vec<f32>,
+    xh2: Vec<f32>,
+    y2: Vec<f32>,
+    h2: Vec<f32>,
+    f: Vec<f32>,
+    q: Vec<f32>,
+    u: Vec<f32>,
+    z: Vec<f32>,
+    zn: Vec<f32>,
+    norm: Vec<f32>,
+    s: Vec<f32>,
+    row_loss: Vec<f32>,
+    // Gradients of activations.
+    dz: Vec<f32>,
+    dq: Vec<f32>,
+    df: Vec<f32>,
+    dh2: Vec<f32>,
+    dh1: Vec<f32>,
+    // Per-feature BatchNorm statistics and sums.
+    mean1: Vec<f32>,
+    inv1: Vec<f32>,
+    mean2: Vec<f32>,
+    inv2: Vec<f32>,
+}
+
+impl Workspace {
+    fn ensure(&mut self, n: usize, d: usize, h: usize) {
+        if n <= self.cap {
+            return;
+        }
+        let grow = |v: &mut Vec<f32>, len: usize| v.resize(len, 0.0);
+        for (v, len) in [
+            (&mut self.mask1, n * h),
+            (&mut self.mask2, n * d),
+            (&mut self.xh1, n * h),
+            (&mut self.y1, n * h),
+            (&mut self.h1, n * h),
+            (&mut self.xh2, n * d),
+            (&mut self.y2, n * d),
+            (&mut self.h2, n * d),
+            (&mut self.f, n * d),
+            (&mut self.q, n * d),
+            (&mut self.u, n * d),
+            (&mut self.z, n * d),
+            (&mut self.zn, n * d),
+            (&mut self.norm, n),
+            (&mut self.s, n * n),
+            (&mut self.row_loss, n),
+            (&mut self.dz, n * d),
+            (&mut self.dq, n * d),
+            (&mut self.df, n * d),
+            (&mut self.dh2, n * d),
+            (&mut self.dh1, n * h),
+            (&mut self.mean1, h),
+            (&mut self.inv1, h),
+            (&mut self.mean2, d),
+            (&mut self.inv2, d),
+        ] {
+            grow(v, len);
+        }
+        self.cap = n;
+    }
+}
+
+/// The fused trainer: `f32` copies of the parameters, their gradients and AdamW moments, the
+/// BatchNorm running statistics, and the scratch buffers.
+pub struct FastTrainer {
+    dim: usize,
+    hidden: usize,
+    skip: bool,
+    dropout: f32,
+    inv_tau: f32,
+    adam: AdamWParams,
+    step_t: usize,
+    threads: usize,
+    params: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    running: Vec<Vec<f32>>,
+    ws: Workspace,
+}
+
+impl std::fmt::Debug for FastTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastTrainer")
+            .field("dim", &self.dim)
+            .field("skip", &self.skip)
+            .field("step_t", &self.step_t)
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `dst (m×n) = alpha·dst + lhs (m×k) · rhs (k×n)`, each operand given as (pointer-slice, row
+/// stride, column stride). Row-major `dst`.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    par: Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    assert!(dst.len() >= m * n);
+    if m > 0 && n > 0 && k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    }
+    // SAFETY: the asserts above keep every access of the strided operands inside the slices;
+    // `dst` is exclusively borrowed and does not alias the shared operands.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `y (n×dout) = x (n×din) Wᵀ + 1 bᵀ` with `W` row-major `dout × din`.
+#[allow(clippy::too_many_arguments)]
+fn linear_fwd(
+    par: Parallelism,
+    n: usize,
+    din: usize,
+    dout: usize,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    y: &mut [f32],
+) {
+    for row in y[..n * dout].chunks_exact_mut(dout) {
+        row.copy_from_slice(b);
+    }
+    mm(par, n, dout, din, y, true, x, din, 1, w, 1, din);
+}
+
+/// `dW = dYᵀ X` (`dout × din`) and `db = 1ᵀ dY`.
+#[allow(clippy::too_many_arguments)]
+fn linear_grad_params(
+    par: Parallelism,
+    n: usize,
+    din: usize,
+    dout: usize,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    mm(par, dout, din, n, dw, false, dy, 1, dout, x, din, 1);
+    db.fill(0.0);
+    for row in dy[..n * dout].chunks_exact(dout) {
+        for (s, &g) in db.iter_mut().zip(row) {
+            *s += g;
+        }
+    }
+}
+
+/// `dX (n×din) = dY (n×dout) W`.
+fn linear_grad_input(
+    par: Parallelism,
+    n: usize,
+    din: usize,
+    dout: usize,
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+) {
+    mm(par, n, din, dout, dx, false, dy, dout, 1, w, din, 1);
+}
+
+/// Training-mode BatchNorm → ReLU → dropout over `n` rows of `c` features, in place:
+/// `xh` holds the pre-activations on entry and `x̂` on exit; `y` gets the BatchNorm output, `h`
+/// the layer output. Updates the running statistics like candle's `BatchNorm::forward_train`.
+#[allow(clippy::too_many_arguments)]
+fn bn_relu_dropout_fwd(
+    n: usize,
+    c: usize,
+    xh: &mut [f32],
+    y: &mut [f32],
+    h: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mask: Option<&[f32]>,
+    mean: &mut [f32],
+    inv: &mut [f32],
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+) {
+    let xh = &mut xh[..n * c];
+    mean.fill(0.0);
+    for row in xh.chunks_exact(c) {
+        for (s, &v) in mean.iter_mut().zip(row) {
+            *s += v;
+        }
+    }
+    let nf = n as f32;
+    for s in mean.iter_mut() {
+        *s /= nf;
+    }
+    // `inv` first accumulates the biased variance.
+    inv.fill(0.0);
+    for row in xh.chunks_exact(c) {
+        for ((s, &v), &mu) in inv.iter_mut().zip(row).zip(mean.iter()) {
+            let d = v - mu;
+            *s += d * d;
+        }
+    }
+    let mom = BN_MOMENTUM;
+    let (keep, mom_f) = ((1.0 - mom) as f32, mom as f32);
+    let var_w = (mom * n as f64 / (n as f64 - 1.0)) as f32;
+    let eps = BN_EPS as f32;
+    for j in 0..c {
+        let var = inv[j] / nf;
+        running_mean[j] = running_mean[j] * keep + mean[j] * mom_f;
+        running_var[j] = running_var[j] * keep + var * var_w;
+        inv[j] = 1.0 / (var + eps).sqrt();
+    }
+    let rows = xh
+        .chunks_exact_mut(c)
+        .zip(y[..n * c].chunks_exact_mut(c))
+        .zip(h[..n * c].chunks_exact_mut(c));
+    for (r, ((xr, yr), hr)) in rows.enumerate() {
+        for j in 0..c {
+            let xn = (xr[j] - mean[j]) * inv[j];
+            let yv = xn * gamma[j] + beta[j];
+            xr[j] = xn;
+            yr[j] = yv;
+            hr[j] = yv.max(0.0);
+        }
+        if let Some(mask) = mask {
+            for (hv, &mv) in hr.iter_mut().zip(&mask[r * c..(r + 1) * c]) {
+                *hv *= mv;
+            }
+        }
+    }
+}
+
+/// Backward of [`bn_relu_dropout_fwd`]: `dh` (gradient of the layer output) becomes the gradient
+/// of the pre-activations, in place; `dgamma`, `dbeta` are written.
+#[allow(clippy::too_many_arguments)]
+fn bn_relu_dropout_bwd(
+    n: usize,
+    c: usize,
+    dh: &mut [f32],
+    xh: &[f32],
+    y: &[f32],
+    gamma: &[f32],
+    inv: &[f32],
+    mask: Option<&[f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let dh = &mut dh[..n * c];
+    dgamma.fill(0.0);
+    dbeta.fill(0.0);
+    for (r, (dr, (xr, yr))) in dh
+        .chunks_exact_mut(c)
+        .zip(xh.chunks_exact(c).zip(y.chunks_exact(c)))
+        .enumerate()
+    {
+        if let Some(mask) = mask {
+            for (dv, &mv) in dr.iter_mut().zip(&mask[r * c..(r + 1) * c]) {
+                *dv *= mv;
+            }
+        }
+        for j in 0..c {
+            // candle's ReLU gradient is `x >= 0`.
+            let dv = if yr[j] >= 0.0 { dr[j] } else { 0.0 };
+            dr[j] = dv;
+            dbeta[j] += dv;
+            dgamma[j] += dv * xr[j];
+        }
+    }
+    let nf = n as f32;
+    for (dr, xr) in dh.chunks_exact_mut(c).zip(xh.chunks_exact(c)) {
+        for j in 0..c {
+            let k = gamma[j] * inv[j] / nf;
+            dr[j] = k * (nf * dr[j] - dbeta[j] - xr[j] * dgamma[j]);
+        }
+    }
+}
+
+impl FastTrainer {
+    /// A fast trainer with the parameters and running statistics of `model`, zero AdamW moments.
+    /// `threads`: 1 runs everything on the calling thread, more uses gemm's and rayon's
+    /// parallelism (on rayon's global pool).
+    pub fn new(
+        model: &SimSkipModel,
+        temperature: f32,
+        adam: AdamWParams,
+        threads: usize,
+    ) -> Result<Self> {
+        let (d, h) = (model.dim(), model.hidden());
+        let sizes = [
+            h * d,
+            h,
+            h,
+            h,
+            d * h,
+            d,
+            d,
+            d,
+            d * d,
+            d,
+            d * d,
+            d,
+            d * d,
+            d,
+        ];
+        let zeros = || sizes.iter().map(|&s| vec![0f32; s]).collect::<Vec<_>>();
+        let mut t = Self {
+            dim: d,
+            hidden: h,
+            skip: model.skip(),
+            dropout: model.dropout(),
+            inv_tau: 1.0 / temperature,
+            adam,
+            step_t: 0,
+            threads: threads.max(1),
+            params: zeros(),
+            grads: zeros(),
+            m: zeros(),
+            v: zeros(),
+            running: vec![vec![0f32; h], vec![0f32; h], vec![0f32; d], vec![0f32; d]],
+            ws: Workspace::default(),
+        };
+        t.load_from(model)?;
+        Ok(t)
+    }
+
+    /// Copy the parameters and running statistics from `model` (AdamW moments are kept).
+    pub fn load_from(&mut self, model: &SimSkipModel) -> Result<()> {
+        let data = model.varmap().data().lock().unwrap();
+        let dsts = self.params.iter_mut().zip(NAMES.iter());
+        let dsts = dsts.chain(self.running.iter_mut().zip(RUNNING.iter()));
+        for (dst, name) in dsts {
+            let var = data
+                .get(*name)
+                .ok_or_else(|| RefineError::MissingArray(name.to_string()))?;
+            let vals = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            if vals.len() != dst.len() {
+                return Err(RefineError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: vec![dst.len()],
+                    found: var.dims().to_vec(),
+                    len: vals.len(),
+                });
+            }
+            dst.copy_from_slice(&vals);
+        }
+        Ok(())
+    }
+
+    /// Write the parameters and running statistics into `model`'s variables (through
+    /// `Var::set`, so a shared reference is enough).
+    pub fn store_into(&self, model: &SimSkipModel) -> Result<()> {
+        let data = model.varmap().data().lock().unwrap();
+        let srcs = self.params.iter().zip(NAMES.iter());
+        let srcs = srcs.chain(self.running.iter().zip(RUNNING.iter()));
+        for (src, name) in srcs {
+            let var = data
+                .get(*name)
+                .ok_or_else(|| RefineError::MissingArray(name.to_string()))?;
+            let t = Tensor::from_slice(src, var.dims(), model.device())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// AdamW steps taken.
+    pub fn steps(&self) -> usize {
+        self.step_t
+    }
+
+    fn par(&self) -> Parallelism {
+        if self.threads > 1 {
+            Parallelism::Rayon(self.threads)
+        } else {
+            Parallelism::None
+        }
+    }
+
+    /// Draw the dropout masks for `n` rows from `rng`, in the candle path's order (layer 1, then
+    /// layer 2; nothing when dropout is 0).
+    pub fn draw_masks(&mut self, n: usize, rng: &mut StdRng) {
+        let (d, h) = (self.dim, self.hidden);
+        self.ws.ensure(n, d, h);
+        if self.dropout > 0.0 {
+            let keep = 1.0 / (1.0 - self.dropout);
+            for (buf, len) in [(&mut self.ws.mask1, n * h), (&mut self.ws.mask2, n * d)] {
+                let buf = &mut buf[..len];
+                buf.fill(keep);
+                mask_in_place(buf, self.dropout, rng);
+            }
+        }
+    }
+
+    /// Set the dropout masks for `n` rows explicitly (`n·hidden` and `n·dim` values).
+    pub fn set_masks(&mut self, n: usize, mask1: &[f32], mask2: &[f32]) {
+        let (d, h) = (self.dim, self.hidden);
+        self.ws.ensure(n, d, h);
+        self.ws.mask1[..n * h].copy_from_slice(&mask1[..n * h]);
+        self.ws.mask2[..n * d].copy_from_slice(&mask2[..n * d]);
+    }
+
+    /// One full step on the `2N × dim` views: draw the masks, forward, backward, AdamW. Returns
+    /// the loss.
+    pub fn step(&mut self, views: &[f32], rng: &mut StdRng) -> f32 {
+        let n = views.len() / self.dim;
+        self.draw_masks(n, rng);
+        let loss = self.forward_backward(views);
+        self.adam_step();
+        loss
+    }
+
+    /// Training-mode forward pass and gradient on the `2N × dim` views with the current masks.
+    /// Updates the BatchNorm running statistics; leaves the gradients in [`Self::grads`].
+    pub fn forward_backward(&mut self, x: &[f32]) -> f32 {
+        let (d, h) = (self.dim, self.hidden);
+        let n = x.len() / d;
+        assert!(n >= 2 && n % 2 == 0 && x.len() == n * d, "bad views shape");
+        self.ws.ensure(n, d, h);
+        let par = self.par();
+        let threads = self.threads;
+        let p = &self.params;
+        let g = &mut self.grads;
+        let ws = &mut self.ws;
+        let (mask1, mask2) = if self.dropout > 0.0 {
+            (Some(&ws.mask1[..n * h]), Some(&ws.mask2[..n * d]))
+        } else {
+            (None, None)
+        };
+
+        // ---- forward ----
+        linear_fwd(par, n, d, h, x, &p[W1], &p[B1], &mut ws.xh1);
+        let (rm1, rest) = self.running.split_at_mut(1);
+        let (rv1, rest) = rest.split_at_mut(1);
+        let (rm2, rv2) = rest.split_at_mut(1);
+        bn_relu_dropout_fwd(
+            n,
+            h,
+            &mut ws.xh1,
+            &mut ws.y1,
+            &mut ws.h1,
+            &p[G1],
+            &p[BE1],
+            mask1,
+            &mut ws.mean1,
+            &mut ws.inv1,
+            &mut rm1[0],
+            &mut rv1[0],
+        );
+        linear_fwd(par, n, h, d, &ws.h1, &p[W2], &p[B2], &mut ws.xh2);
+        bn_relu_dropout_fwd(
+            n,
+            d,
+            &mut ws.xh2,
+            &mut ws.y2,
+            &mut ws.h2,
+            &p[G2],
+            &p[BE2],
+            mask2,
+            &mut ws.mean2,
+            &mut ws.inv2,
+            &mut rm2[0],
+            &mut rv2[0],
+        );
+        linear_fwd(par, n, d, d, &ws.h2, &p[WO], &p[BO], &mut ws.f);
+        if self.skip {
+            for (fv, &xv) in ws.f[..n * d].iter_mut().zip(x) {
+                *fv += xv;
+            }
+        }
+        linear_fwd(par, n, d, d, &ws.f, &p[WP0], &p[BP0], &mut ws.q);
+        for (uv, &qv) in ws.u[..n * d].iter_mut().zip(&ws.q[..n * d]) {
+            *uv = qv.max(0.0);
+        }
+        linear_fwd(par, n, d, d, &ws.u, &p[WP2], &p[BP2], &mut ws.z);
+
+        // ---- NT-Xent ----
+        for ((zr, znr), nv) in ws.z[..n * d]
+            .chunks_exact(d)
+            .zip(ws.zn[..n * d].chunks_exact_mut(d))
+            .zip(ws.norm[..n].iter_mut())
+        {
+            let ss: f32 = zr.iter().map(|v| v * v).sum();
+            let norm = (ss + 1e-12).sqrt();
+            *nv = norm;
+            for (a, &b) in znr.iter_mut().zip(zr) {
+                *a = b / norm;
+            }
+        }
+        let zn = &ws.zn[..n * d];
+        let s = &mut ws.s[..n * n];
+        mm(par, n, n, d, s, false, zn, d, 1, zn, 1, d);
+        let inv_tau = self.inv_tau;
+        let scale = inv_tau / n as f32;
+        if threads > 1 {
+            s.par_chunks_mut(n)
+                .zip(ws.row_loss[..n].par_iter_mut())
+                .enumerate()
+                .with_min_len(16)
+                .for_each(|(i, (row, l))| *l = nt_xent_row(row, i, inv_tau, scale));
+        } else {
+            for (i, (row, l)) in s
+                .chunks_exact_mut(n)
+                .zip(ws.row_loss[..n].iter_mut())
+                .enumerate()
+            {
+                *l = nt_xent_row(row, i, inv_tau, scale);
+            }
+        }
+        let total: f64 = ws.row_loss[..n].iter().map(|&l| l as f64).sum();
+        let loss = (total / n as f64) as f32;
+        symmetrise(s, n);
+        // ∂L/∂ẑ = (G + Gᵀ) ẑ, then through the normalisation: (∂ẑ − ẑ (ẑ·∂ẑ)) / ‖z‖.
+        mm(par, n, d, n, &mut ws.dz, false, s, n, 1, zn, d, 1);
+        for ((dr, znr), &nv) in ws.dz[..n * d]
+            .chunks_exact_mut(d)
+            .zip(zn.chunks_exact(d))
+            .zip(&ws.norm[..n])
+        {
+            let dot: f32 = dr.iter().zip(znr).map(|(a, b)| a * b).sum();
+            for (a, &b) in dr.iter_mut().zip(znr) {
+                *a = (*a - b * dot) / nv;
+            }
+        }
+
+        // ---- backward ----
+        let (gl, gr) = g.split_at_mut(WP2);
+        let (gwp2, gbp2) = gr.split_at_mut(1);
+        linear_grad_params(par, n, d, d, &ws.u, &ws.dz, &mut gwp2[0], &mut gbp2[0]);
+        linear_grad_input(par, n, d, d, &ws.dz, &p[WP2], &mut ws.dq);
+        for (dv, &qv) in ws.dq[..n * d].iter_mut().zip(&ws.q[..n * d]) {
+            if qv < 0.0 {
+                *dv = 0.0;
+            }
+        }
+        let (gl, gr) = gl.split_at_mut(WP0);
+        let (gwp0, gbp0) = gr.split_at_mut(1);
+        linear_grad_params(par, n, d, d, &ws.f, &ws.dq, &mut gwp0[0], &mut gbp0[0]);
+        linear_grad_input(par, n, d, d, &ws.dq, &p[WP0], &mut ws.df);
+        // ∂L/∂g = ∂L/∂f (with or without the skip).
+        let (gl, gr) = gl.split_at_mut(WO);
+        let (gwo, gbo) = gr.split_at_mut(1);
+        linear_grad_params(par, n, d, d, &ws.h2, &ws.df, &mut gwo[0], &mut gbo[0]);
+        linear_grad_input(par, n, d, d, &ws.df, &p[WO], &mut ws.dh2);
+        let (gl, gr) = gl.split_at_mut(G2);
+        let (gg2, gbe2) = gr.split_at_mut(1);
+        bn_relu_dropout_bwd(
+            n,
+            d,
+            &mut ws.dh2,
+            &ws.xh2,
+            &ws.y2,
+            &p[G2],
+            &ws.inv2,
+            mask2,
+            &mut gg2[0],
+            &mut gbe2[0],
+        );
+        let (gl, gr) = gl.split_at_mut(W2);
+        let (gw2, gb2) = gr.split_at_mut(1);
+        linear_grad_params(par, n, h, d, &ws.h1, &ws.dh2, &mut gw2[0], &mut gb2[0]);
+        linear_grad_input(par, n, h, d, &ws.dh2, &p[W2], &mut ws.dh1);
+        let (gl, gr) = gl.split_at_mut(G1);
+        let (gg1, gbe1) = gr.split_at_mut(1);
+        bn_relu_dropout_bwd(
+            n,
+            h,
+            &mut ws.dh1,
+            &ws.xh1,
+            &ws.y1,
+            &p[G1],
+            &ws.inv1,
+            mask1,
+            &mut gg1[0],
+            &mut gbe1[0],
+        );
+        let (gw1, gb1) = gl.split_at_mut(1);
+        linear_grad_params(par, n, d, h, x, &ws.dh1, &mut gw1[0], &mut gb1[0]);
+        loss
+    }
+
+    /// One AdamW update from the gradients of the last [`Self::forward_backward`], with the
+    /// arithmetic of candle's `AdamW::step` (in `f32`).
+    pub fn adam_step(&mut self) {
+        self.step_t += 1;
+        let a = self.adam;
+        let t = self.step_t as i32;
+        let b1 = a.beta1 as f32;
+        let b2 = a.beta2 as f32;
+        let c1 = (1.0 - a.beta1) as f32;
+        let c2 = (1.0 - a.beta2) as f32;
+        let scale_m = (1.0 / (1.0 - a.beta1.powi(t))) as f32;
+        let scale_v = (1.0 / (1.0 - a.beta2.powi(t))) as f32;
+        let decay = (1.0 - a.lr * a.weight_decay) as f32;
+        let lr = a.lr as f32;
+        let eps = a.eps as f32;
+        for k in 0..NP {
+            let it = self.params[k]
+                .iter_mut()
+                .zip(&self.grads[k])
+                .zip(self.m[k].iter_mut().zip(self.v[k].iter_mut()));
+            for ((th, &gv), (mv, vv)) in it {
+                let nm = *mv * b1 + gv * c1;
+                let nv = *vv * b2 + (gv * gv) * c2;
+                let mh = nm * scale_m;
+                let vh = nv * scale_v;
+                *th = *th * decay - (mh / (vh.sqrt() + eps)) * lr;
+                *mv = nm;
+                *vv = nv;
+            }
+        }
+    }
+
+    /// Gradients of the last [`Self::forward_backward`], by parameter name.
+    pub fn grads(&self) -> impl Iterator<Item = (&'static str, &[f32])> {
+        NAMES.iter().copied().zip(self.grads.iter().map(|g| g.as_slice()))
+    }
+
+    /// Mutable parameters, by name (for tests: finite differences).
+    pub fn params_mut(&mut self) -> impl Iterator<Item = (&'static str, &mut Vec<f32>)> {
+        NAMES.iter().copied().zip(self.params.iter_mut())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn adam() -> AdamWParams {
+        AdamWParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// Central finite differences of the loss against the analytic gradient, on a tiny model
+    /// (d = 8, batch 4 → 8 views), with fixed dropout masks, skip and no skip.
+    #[test]
+    fn gradient_matches_finite_differences() {
+        for skip in [true, false] {
+            let mut rng = StdRng::seed_from_u64(11);
+            // No zero init, so every layer gets a gradient.
+            let model = SimSkipModel::new(8, skip, false, 0.25, &mut rng).unwrap();
+            let mut t = FastTrainer::new(&model, 0.5, adam(), 1).unwrap();
+            let n = 8;
+            let x: Vec<f32> = (0..n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+            t.draw_masks(n, &mut rng);
+            let _ = t.forward_backward(&x);
+            let analytic: Vec<(&str, Vec<f32>)> =
+                t.grads().map(|(n, g)| (n, g.to_vec())).collect();
+            let mut checked = 0;
+            let mut max_err = 0f32;
+            for (pi, (name, grad)) in analytic.iter().enumerate() {
+                for (k, &ga) in grad.iter().enumerate() {
+                    let eps = 2e-3f32;
+                    let orig = t.params[pi][k];
+                    t.params[pi][k] = orig + eps;
+                    let lp = t.forward_backward(&x);
+                    t.params[pi][k] = orig - eps;
+                    let lm = t.forward_backward(&x);
+                    t.params[pi][k] = orig;
+                    let fd = (lp - lm) / (2.0 * eps);
+                    let err = (fd - ga).abs();
+                    max_err = max_err.max(err);
+                    assert!(
+                        err < 2e-3 + 2e-2 * ga.abs(),
+                        "skip {skip} {name}[{k}]: finite difference {fd} vs analytic {ga}"
+                    );
+                    checked += 1;
+                }
+            }
+            assert!(checked > 500, "{checked}");
+            // The gradient is not trivially zero.
+            let big = analytic
+                .iter()
+                .flat_map(|(_, g)| g.iter())
+                .filter(|g| g.abs() > 1e-2)
+                .count();
+            assert!(big > 50, "only {big} sizeable gradient entries");
+            eprintln!("skip {skip}: max |fd - analytic| = {max_err:e}");
+        }
+    }
+
+    /// A deliberately wrong gradient is caught by the same check (the test above can fail).
+    #[test]
+    fn finite_difference_check_detects_a_wrong_gradient() {
+        let mut rng = StdRng::seed_from_u64(12);
+        let model = SimSkipModel::new(8, true, false, 0.0, &mut rng).unwrap();
+        let mut t = FastTrainer::new(&model, 0.5, adam(), 1).unwrap();
+        let x: Vec<f32> = (0..64).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let _ = t.forward_backward(&x);
+        // A gradient off by a factor of 2 (projector.2.bias, a sizeable entry) fails the check.
+        let ga = t.grads[BP2][0] * 2.0;
+        let eps = 2e-3f32;
+        let orig = t.params[BP2][0];
+        t.params[BP2][0] = orig + eps;
+        let lp = t.forward_backward(&x);
+        t.params[BP2][0] = orig - eps;
+        let lm = t.forward_backward(&x);
+        let fd = (lp - lm) / (2.0 * eps);
+        assert!(fd.abs() > 1e-2, "{fd}");
+        assert!((fd - ga).abs() >= 2e-3 + 2e-2 * ga.abs());
+    }
+}
