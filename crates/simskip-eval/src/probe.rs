@@ -69,6 +69,10 @@ pub struct ProbeResult {
 /// `U(-1/√fan_in, 1/√fan_in)`) and the batch order come from a seeded `StdRng`, and candle's
 /// CPU kernels do not reorder sums between runs.
 ///
+/// Cost: the default settings on a 5000×128 table (3000 train rows) take about 14 s on one
+/// core. candle's matmuls use `RAYON_NUM_THREADS` threads (results are identical for any
+/// thread count); on a machine already busy with other work, `RAYON_NUM_THREADS=1` is faster.
+///
 /// Errors ([`EvalError::Invalid`]) when `labels.len() != x.rows`, a part of the split is empty,
 /// a split entity is out of range or unlabelled, a class id is `>= num_classes`, or a setting
 /// is zero; [`EvalError::Candle`] for tensor failures.

@@ -113,6 +113,7 @@ fn probe_beats_majority_and_is_deterministic() {
     let base = majority_baseline(&f);
     let cfg = ProbeConfig {
         epochs: 30,
+        patience: Some(5),
         seed: 7,
         ..ProbeConfig::default()
     };

@@ -130,8 +130,11 @@ impl EntityTable {
         if data.len() != keys.len() * dim {
             return None;
         }
-        let index: HashMap<String, usize> =
-            keys.iter().enumerate().map(|(i, k)| (k.clone(), i)).collect();
+        let index: HashMap<String, usize> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i))
+            .collect();
         if index.len() != keys.len() {
             return None;
         }
@@ -212,8 +215,7 @@ pub fn check_fede_update(
         [r] if *r == 0 => (0, table.dim),
         _ => (usize::MAX, usize::MAX),
     };
-    if got_rows != keys.len() || got_dim != table.dim || rows.data.len() != keys.len() * table.dim
-    {
+    if got_rows != keys.len() || got_dim != table.dim || rows.data.len() != keys.len() * table.dim {
         return Err(AggregateError::Rows {
             update,
             rows: rows.name.clone(),
@@ -244,9 +246,7 @@ pub fn fede_aggregate(
     for (keys, rows) in updates {
         for (r, k) in keys.iter().enumerate() {
             let i = table.index[k.as_str()];
-            let (sum, count) = sums
-                .entry(i)
-                .or_insert_with(|| (vec![0.0; dim], 0));
+            let (sum, count) = sums.entry(i).or_insert_with(|| (vec![0.0; dim], 0));
             for (s, &v) in sum.iter_mut().zip(&rows.data[r * dim..(r + 1) * dim]) {
                 *s += v as f64;
             }
@@ -338,7 +338,10 @@ mod tests {
         )
         .unwrap();
         // client 1 holds a, b; client 2 holds b only (different order of rows is by its keys)
-        let u1 = (keys(&["b", "a"]), arr(ENTITIES, vec![2, 2], vec![2.0, 4.0, 1.0, 1.0]));
+        let u1 = (
+            keys(&["b", "a"]),
+            arr(ENTITIES, vec![2, 2], vec![2.0, 4.0, 1.0, 1.0]),
+        );
         let u2 = (keys(&["b"]), arr(ENTITIES, vec![1, 2], vec![6.0, 0.0]));
         assert_eq!(fede_aggregate(&mut t, &[u1, u2]).unwrap(), 2);
         assert_eq!(t.row("a").unwrap(), &[1.0, 1.0]);

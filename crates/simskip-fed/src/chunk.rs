@@ -38,7 +38,9 @@ pub enum ChunkError {
     },
     #[error("chunk for array {name:?} arrived before array {pending:?} was complete")]
     ArrayOrder { name: String, pending: String },
-    #[error("array {name:?}: chunk of {len} bytes at offset {offset} overruns its {num_bytes} bytes")]
+    #[error(
+        "array {name:?}: chunk of {len} bytes at offset {offset} overruns its {num_bytes} bytes"
+    )]
     Overrun {
         name: String,
         offset: u64,
@@ -317,7 +319,9 @@ mod tests {
     fn odd_chunk_size_rounds_to_whole_floats() {
         let t = table(10, 3);
         let (h, c) = encode_arrays(std::slice::from_ref(&t), 10, "r", 0);
-        assert!(c.iter().all(|c| c.data.len() == 8 || c.data.len() == 120 % 8));
+        assert!(c
+            .iter()
+            .all(|c| c.data.len() == 8 || c.data.len() == 120 % 8));
         assert_eq!(decode_arrays(&h, c).unwrap(), vec![t]);
     }
 
@@ -328,11 +332,17 @@ mod tests {
 
         let mut bad = headers.clone();
         bad[0].dtype = "f16".into();
-        assert!(matches!(Assembler::new(&bad), Err(ChunkError::Dtype { .. })));
+        assert!(matches!(
+            Assembler::new(&bad),
+            Err(ChunkError::Dtype { .. })
+        ));
 
         let mut bad = headers.clone();
         bad[1].num_bytes = 12;
-        assert!(matches!(Assembler::new(&bad), Err(ChunkError::HeaderSize { .. })));
+        assert!(matches!(
+            Assembler::new(&bad),
+            Err(ChunkError::HeaderSize { .. })
+        ));
 
         let mut a = Assembler::new(&headers).unwrap();
         let mut c = chunks[0].clone();
@@ -342,7 +352,11 @@ mod tests {
         let mut a = Assembler::new(&headers).unwrap();
         assert!(matches!(
             a.push(chunks[1].clone()),
-            Err(ChunkError::OutOfOrder { expected: 0, got: 16, .. })
+            Err(ChunkError::OutOfOrder {
+                expected: 0,
+                got: 16,
+                ..
+            })
         ));
 
         let mut a = Assembler::new(&headers).unwrap();
@@ -359,9 +373,15 @@ mod tests {
         assert!(matches!(a.finish(), Err(ChunkError::Incomplete { .. })));
 
         let mut a = Assembler::new(&headers).unwrap().expect_run("other", 1);
-        assert!(matches!(a.push(chunks[0].clone()), Err(ChunkError::RunId { .. })));
+        assert!(matches!(
+            a.push(chunks[0].clone()),
+            Err(ChunkError::RunId { .. })
+        ));
         let mut a = Assembler::new(&headers).unwrap().expect_run("run", 2);
-        assert!(matches!(a.push(chunks[0].clone()), Err(ChunkError::Round { .. })));
+        assert!(matches!(
+            a.push(chunks[0].clone()),
+            Err(ChunkError::Round { .. })
+        ));
     }
 
     #[test]
@@ -369,7 +389,9 @@ mod tests {
         let keys: Vec<String> = (0..1000).map(|i| format!("entity_{i:05}")).collect();
         let groups = chunk_keys(&keys, 1000);
         assert!(groups.len() > 10);
-        assert!(groups.iter().all(|g| g.iter().map(|k| k.len() + 6).sum::<usize>() <= 1000));
+        assert!(groups
+            .iter()
+            .all(|g| g.iter().map(|k| k.len() + 6).sum::<usize>() <= 1000));
         assert_eq!(groups.concat(), keys);
     }
 }

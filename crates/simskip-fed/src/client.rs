@@ -223,9 +223,10 @@ async fn connect_and_register(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
-    let channel = endpoint.connect().await.map_err(|e| {
-        SessionEnd::Reconnect(anyhow!("cannot connect to {}: {e}", cfg.server))
-    })?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| SessionEnd::Reconnect(anyhow!("cannot connect to {}: {e}", cfg.server)))?;
     let m = cfg.max_message_bytes;
     let mut client = CoordinatorClient::new(channel)
         .max_decoding_message_size(m)
@@ -244,7 +245,9 @@ async fn connect_and_register(
         chunk_keys(keys, cfg.chunk_bytes)
             .into_iter()
             .map(|k| proto::RegisterRequest {
-                part: Some(register_request::Part::EntityKeys(proto::EntityKeys { keys: k })),
+                part: Some(register_request::Part::EntityKeys(proto::EntityKeys {
+                    keys: k,
+                })),
             }),
     );
     let reply = match client.register(tokio_stream::iter(msgs)).await {
@@ -353,9 +356,9 @@ async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<ReceivedTas
             Err(e) => return Err(classify(&cfg.server, "receiving a task", e)),
         }
     }
-    let arrays = asm.finish().map_err(|e| {
-        SessionEnd::Reconnect(anyhow!("incomplete task from {}: {e}", cfg.server))
-    })?;
+    let arrays = asm
+        .finish()
+        .map_err(|e| SessionEnd::Reconnect(anyhow!("incomplete task from {}: {e}", cfg.server)))?;
     Ok(ReceivedTask {
         header,
         kind,
@@ -430,7 +433,12 @@ async fn run_session<W: ClientWork>(
         .await;
         let (w, out) = match joined {
             Ok(x) => x,
-            Err(e) => return Err(SessionEnd::Fatal(anyhow!("local {} task panicked: {e}", kind.as_str()))),
+            Err(e) => {
+                return Err(SessionEnd::Fatal(anyhow!(
+                    "local {} task panicked: {e}",
+                    kind.as_str()
+                )))
+            }
         };
         *work = Some(w);
         let mut fatal = None;

@@ -380,7 +380,10 @@ impl Rounds {
         let mut names = HashSet::new();
         for s in &cfg.stages {
             if s.name.is_empty() || !names.insert(s.name.as_str()) {
-                return bad(format!("stage names must be unique and non-empty: {:?}", s.name));
+                return bad(format!(
+                    "stage names must be unique and non-empty: {:?}",
+                    s.name
+                ));
             }
         }
         if cfg.min_clients == 0 || cfg.min_fit_clients == 0 {
@@ -934,16 +937,23 @@ impl Rounds {
         let (stage, round) = (rs.stage, rs.round);
         let next = match rs.kind {
             TaskKind::Fit => {
-                let eval = round == spec.rounds || (spec.eval_every > 0 && round % spec.eval_every == 0);
+                let eval =
+                    round == spec.rounds || (spec.eval_every > 0 && round % spec.eval_every == 0);
                 if eval {
                     Some(Next::Evaluate { stage, round })
                 } else {
-                    Some(Next::Fit { stage, round: round + 1 })
+                    Some(Next::Fit {
+                        stage,
+                        round: round + 1,
+                    })
                 }
             }
             TaskKind::Evaluate => {
                 if round < spec.rounds {
-                    Some(Next::Fit { stage, round: round + 1 })
+                    Some(Next::Fit {
+                        stage,
+                        round: round + 1,
+                    })
                 } else {
                     Some(Next::Finish { stage })
                 }
@@ -954,7 +964,10 @@ impl Rounds {
                     stage: spec.name.clone(),
                 });
                 if stage + 1 < self.cfg.stages.len() {
-                    Some(Next::Fit { stage: stage + 1, round: 1 })
+                    Some(Next::Fit {
+                        stage: stage + 1,
+                        round: 1,
+                    })
                 } else {
                     None
                 }

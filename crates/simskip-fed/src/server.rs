@@ -166,10 +166,7 @@ impl ServerConfig {
             bail!("heartbeat_timeout_secs must exceed heartbeat_interval_secs");
         }
         for s in &self.stages {
-            if s.name.is_empty()
-                || s.name.contains(['/', '\\'])
-                || s.name == "."
-                || s.name == ".."
+            if s.name.is_empty() || s.name.contains(['/', '\\']) || s.name == "." || s.name == ".."
             {
                 bail!("stage name {:?} cannot name a directory", s.name);
             }
@@ -241,7 +238,12 @@ fn log_event(e: &Event) {
             kind,
             clients,
             ..
-        } => tracing::info!(round, kind = kind.as_str(), clients = clients.len(), "round started"),
+        } => tracing::info!(
+            round,
+            kind = kind.as_str(),
+            clients = clients.len(),
+            "round started"
+        ),
         Event::RoundCompleted(r) => tracing::info!(
             stage = %r.stage,
             round = r.round,
@@ -319,7 +321,11 @@ impl Coordinator for Service {
             Some(proto::RegisterRequest {
                 part: Some(register_request::Part::Header(h)),
             }) => h,
-            _ => return Err(Status::invalid_argument("registration must start with a header")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "registration must start with a header",
+                ))
+            }
         };
         if let Some(token) = self.shared.token.as_deref().filter(|t| !t.is_empty()) {
             if header.credentials != token {

@@ -15,6 +15,7 @@ use simskip_fed::{
 use tokio::net::TcpListener;
 
 type Log = Arc<Mutex<Vec<(String, String, Vec<NamedArray>)>>>;
+type Gate = Arc<(Mutex<bool>, Condvar)>;
 
 /// FedAvg: returns global + id. FedE: returns its rows + 1. Records what it receives.
 struct Fake {
@@ -24,7 +25,7 @@ struct Fake {
     /// (event, stage, arrays) as received.
     log: Log,
     /// Blocks in FIT of this round until released.
-    block: Option<(u32, Arc<(Mutex<bool>, Condvar)>)>,
+    block: Option<(u32, Gate)>,
 }
 
 impl ClientWork for Fake {
@@ -41,7 +42,10 @@ impl ClientWork for Fake {
         global: Vec<NamedArray>,
         config: &BTreeMap<String, String>,
     ) -> anyhow::Result<FitOutput> {
-        assert_eq!(config.get("stage").map(String::as_str), Some(stage.name.as_str()));
+        assert_eq!(
+            config.get("stage").map(String::as_str),
+            Some(stage.name.as_str())
+        );
         if let Some((r, gate)) = &self.block {
             if *r == round {
                 let (m, cv) = &**gate;
@@ -203,18 +207,30 @@ async fn two_stages_three_clients() {
     assert_eq!(
         seq,
         [
-            "kge:fit1", "kge:evaluate1", "kge:fit2", "kge:evaluate2", "kge:finish_stage2",
-            "simskip:fit1", "simskip:fit2", "simskip:evaluate2", "simskip:fit3",
-            "simskip:evaluate3", "simskip:finish_stage3"
+            "kge:fit1",
+            "kge:evaluate1",
+            "kge:fit2",
+            "kge:evaluate2",
+            "kge:finish_stage2",
+            "simskip:fit1",
+            "simskip:fit2",
+            "simskip:evaluate2",
+            "simskip:fit3",
+            "simskip:evaluate3",
+            "simskip:finish_stage3"
         ]
     );
-    assert!(summary.records.iter().all(|r| r.num_clients == 3 && !r.timed_out));
+    assert!(summary
+        .records
+        .iter()
+        .all(|r| r.num_clients == 3 && !r.timed_out));
 
     // FedAvg: each round adds (1*1 + 1*2 + 2*3) / 4 = 2.25.
     let simskip = &summary.globals[1].arrays;
     assert_eq!(simskip[0].data, vec![6.75; 4]);
     assert_eq!(simskip[1].data, vec![7.75; 2]);
-    let (saved, meta) = read_named_safetensors(&dir.path().join("simskip/global.safetensors")).unwrap();
+    let (saved, meta) =
+        read_named_safetensors(&dir.path().join("simskip/global.safetensors")).unwrap();
     assert_eq!(meta["round"], "3");
     assert_eq!(meta["run_id"], "test-run");
     let w = saved.iter().find(|a| a.name == "w").unwrap();
@@ -236,8 +252,16 @@ async fn two_stages_three_clients() {
     };
     for ((_, _, _, k), log) in specs.iter().zip(&logs) {
         let log = log.lock().unwrap();
-        let first = &log.iter().find(|(e, s, _)| e == "fit1" && s == "kge").unwrap().2[0];
-        let fin = &log.iter().find(|(e, s, _)| e == "finish" && s == "kge").unwrap().2[0];
+        let first = &log
+            .iter()
+            .find(|(e, s, _)| e == "fit1" && s == "kge")
+            .unwrap()
+            .2[0];
+        let fin = &log
+            .iter()
+            .find(|(e, s, _)| e == "finish" && s == "kge")
+            .unwrap()
+            .2[0];
         assert_eq!(first.shape, vec![k.len(), 4]);
         for (r, key) in k.iter().enumerate() {
             let before = &first.data[r * 4..(r + 1) * 4];
@@ -248,7 +272,11 @@ async fn two_stages_three_clients() {
             }
             assert_eq!(after, &global_row(key)[..]);
         }
-        let fin = &log.iter().find(|(e, s, _)| e == "finish" && s == "simskip").unwrap().2;
+        let fin = &log
+            .iter()
+            .find(|(e, s, _)| e == "finish" && s == "simskip")
+            .unwrap()
+            .2;
         assert_eq!(fin[0].data, vec![6.75; 4]);
     }
 
@@ -286,8 +314,11 @@ async fn stuck_client_does_not_stop_the_run() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 2, 0)], 3, 2);
-    let strategies: Vec<Box<dyn Strategy>> =
-        vec![Box::new(FedAvgStrategy::new(vec![arr("w", vec![1], vec![0.0])]))];
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![arr(
+        "w",
+        vec![1],
+        vec![0.0],
+    )]))];
     let t0 = Instant::now();
     let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
     let gate = Arc::new((Mutex::new(false), Condvar::new()));
@@ -344,7 +375,9 @@ async fn table_larger_than_4_mib_crosses_grpc_and_client_waits_for_server() {
     let initial = arr(
         "entity_table",
         vec![rows, cols],
-        (0..rows * cols).map(|i| (i % 1000) as f32 * 0.001).collect(),
+        (0..rows * cols)
+            .map(|i| (i % 1000) as f32 * 0.001)
+            .collect(),
     );
     assert!(initial.data.len() * 4 > DEFAULT_MAX_MESSAGE_BYTES);
     let log: Log = Arc::default();
@@ -359,10 +392,16 @@ async fn table_larger_than_4_mib_crosses_grpc_and_client_waits_for_server() {
     let client = tokio::spawn(run_client(client_config(port, "solo"), work));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let cfg = server_config(dir.path(), vec![stage("big", StageKind::FedAvg, 1, 0)], 1, 1);
+    let cfg = server_config(
+        dir.path(),
+        vec![stage("big", StageKind::FedAvg, 1, 0)],
+        1,
+        1,
+    );
     assert_eq!(cfg.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![initial.clone()]))];
+    let strategies: Vec<Box<dyn Strategy>> =
+        vec![Box::new(FedAvgStrategy::new(vec![initial.clone()]))];
     let summary = serve(cfg, listener, strategies, std::future::pending())
         .await
         .unwrap();
@@ -386,8 +425,11 @@ async fn bad_token_is_refused_clearly() {
     let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 1, 0)], 1, 1);
     cfg.token = Some("secret".into());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let strategies: Vec<Box<dyn Strategy>> =
-        vec![Box::new(FedAvgStrategy::new(vec![arr("w", vec![1], vec![0.0])]))];
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![arr(
+        "w",
+        vec![1],
+        vec![0.0],
+    )]))];
     let server = tokio::spawn(serve(cfg, listener, strategies, async {
         let _ = stop_rx.await;
     }));
@@ -401,7 +443,12 @@ async fn bad_token_is_refused_clearly() {
     let mut cc = client_config(port, "intruder");
     cc.token = "guess".into();
     let err = run_client(cc, work).await.unwrap_err().to_string();
-    assert!(err.contains(&format!("server at http://127.0.0.1:{port} refused registration")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "server at http://127.0.0.1:{port} refused registration"
+        )),
+        "{err}"
+    );
     assert!(err.contains("bad token"), "{err}");
     stop_tx.send(()).unwrap();
     let summary = server.await.unwrap().unwrap();

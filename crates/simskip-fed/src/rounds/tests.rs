@@ -16,7 +16,12 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageSpec
     }
 }
 
-fn config(min_clients: usize, min_fit: usize, fraction: f64, stages: Vec<StageSpec>) -> RoundsConfig {
+fn config(
+    min_clients: usize,
+    min_fit: usize,
+    fraction: f64,
+    stages: Vec<StageSpec>,
+) -> RoundsConfig {
     RoundsConfig {
         run_id: "run1".into(),
         min_clients,
@@ -35,7 +40,12 @@ fn w(v: f32) -> Vec<NamedArray> {
 
 fn fedavg_rounds(min_clients: usize, min_fit: usize, rounds: u32, eval_every: u32) -> Rounds {
     Rounds::new(
-        config(min_clients, min_fit, 1.0, vec![stage("s", StageKind::FedAvg, rounds, eval_every)]),
+        config(
+            min_clients,
+            min_fit,
+            1.0,
+            vec![stage("s", StageKind::FedAvg, rounds, eval_every)],
+        ),
         vec![Box::new(FedAvgStrategy::new(w(0.0)))],
     )
     .unwrap()
@@ -57,7 +67,11 @@ fn report(task: &Task, session: &str, value: f32, n: u64) -> Report {
         kind: task.kind,
         num_examples: n,
         metrics: BTreeMap::from([("loss".to_string(), value as f64)]),
-        arrays: if task.kind == TaskKind::Fit { w(value) } else { vec![] },
+        arrays: if task.kind == TaskKind::Fit {
+            w(value)
+        } else {
+            vec![]
+        },
         error: None,
     }
 }
@@ -88,7 +102,10 @@ fn normal_round() {
         assert_eq!(t.arrays, w(0.0));
         assert_eq!(t.config["lr"], "0.1");
         let n = [1, 1, 2][i];
-        assert_eq!(r.on_result(report(&t, sess, (i + 1) as f32, n), ms(20)), ResultOutcome::Accepted);
+        assert_eq!(
+            r.on_result(report(&t, sess, (i + 1) as f32, n), ms(20)),
+            ResultOutcome::Accepted
+        );
     }
     let ev = r.tick(ms(30));
     let rec = completed(&ev);
@@ -143,8 +160,14 @@ fn late_duplicate_and_foreign_results_are_ignored() {
     let mut r = fedavg_rounds(3, 2, 3, 0);
     let s = register(&mut r, &["a", "b", "c"], ms(0));
     r.tick(ms(0));
-    let tasks: Vec<Task> = s.iter().map(|x| r.task_for(x, ms(1)).unwrap().unwrap()).collect();
-    assert_eq!(r.on_result(report(&tasks[0], &s[0], 1.0, 1), ms(2)), ResultOutcome::Accepted);
+    let tasks: Vec<Task> = s
+        .iter()
+        .map(|x| r.task_for(x, ms(1)).unwrap().unwrap())
+        .collect();
+    assert_eq!(
+        r.on_result(report(&tasks[0], &s[0], 1.0, 1), ms(2)),
+        ResultOutcome::Accepted
+    );
     // Duplicate.
     assert!(matches!(
         r.on_result(report(&tasks[0], &s[0], 100.0, 1), ms(3)),
@@ -167,7 +190,10 @@ fn late_duplicate_and_foreign_results_are_ignored() {
         r.on_result(report(&tasks[1], "nobody", 100.0, 1), ms(3)),
         ResultOutcome::Ignored(IgnoreReason::UnknownSession(_))
     ));
-    assert_eq!(r.on_result(report(&tasks[1], &s[1], 3.0, 1), ms(4)), ResultOutcome::Accepted);
+    assert_eq!(
+        r.on_result(report(&tasks[1], &s[1], 3.0, 1), ms(4)),
+        ResultOutcome::Accepted
+    );
     // Round 1 closes on timeout without c; c's late answer then lands in round 2.
     let rec = completed(&r.tick(ms(1000)));
     assert_eq!(rec[0].num_clients, 2);
@@ -185,10 +211,16 @@ fn late_duplicate_and_foreign_results_are_ignored() {
 fn waits_for_min_clients() {
     let mut r = fedavg_rounds(3, 1, 1, 0);
     let s = register(&mut r, &["a", "b"], ms(0));
-    assert!(!r.tick(ms(10)).iter().any(|e| matches!(e, Event::RoundStarted { .. })));
+    assert!(!r
+        .tick(ms(10))
+        .iter()
+        .any(|e| matches!(e, Event::RoundStarted { .. })));
     assert_eq!(r.task_for(&s[0], ms(20)).unwrap(), None);
     register(&mut r, &["c"], ms(30));
-    assert!(r.tick(ms(40)).iter().any(|e| matches!(e, Event::RoundStarted { .. })));
+    assert!(r
+        .tick(ms(40))
+        .iter()
+        .any(|e| matches!(e, Event::RoundStarted { .. })));
     assert!(r.task_for(&s[0], ms(50)).unwrap().is_some());
 }
 
@@ -206,8 +238,19 @@ fn drive(r: &mut Rounds, sessions: &[String], now: Duration) -> Vec<Event> {
 #[test]
 fn evaluates_every_k_rounds_and_after_the_last() {
     let mut r = Rounds::new(
-        config(2, 1, 1.0, vec![stage("one", StageKind::FedAvg, 5, 2), stage("two", StageKind::FedAvg, 1, 0)]),
-        vec![Box::new(FedAvgStrategy::new(w(0.0))), Box::new(FedAvgStrategy::new(w(0.0)))],
+        config(
+            2,
+            1,
+            1.0,
+            vec![
+                stage("one", StageKind::FedAvg, 5, 2),
+                stage("two", StageKind::FedAvg, 1, 0),
+            ],
+        ),
+        vec![
+            Box::new(FedAvgStrategy::new(w(0.0))),
+            Box::new(FedAvgStrategy::new(w(0.0))),
+        ],
     )
     .unwrap();
     let s = register(&mut r, &["a", "b"], ms(0));
@@ -226,15 +269,27 @@ fn evaluates_every_k_rounds_and_after_the_last() {
     assert_eq!(
         seq,
         [
-            "one:fit1", "one:fit2", "one:evaluate2", "one:fit3", "one:fit4", "one:evaluate4",
-            "one:fit5", "one:evaluate5", "one:finish_stage5", "two:fit1", "two:evaluate1",
+            "one:fit1",
+            "one:fit2",
+            "one:evaluate2",
+            "one:fit3",
+            "one:fit4",
+            "one:evaluate4",
+            "one:fit5",
+            "one:evaluate5",
+            "one:finish_stage5",
+            "two:fit1",
+            "two:evaluate1",
             "two:finish_stage1"
         ]
     );
     assert!(r.is_done());
     assert!(!r.all_alive_told_done());
     for x in &s {
-        assert_eq!(r.task_for(x, ms(100)).unwrap().unwrap().kind, TaskKind::Done);
+        assert_eq!(
+            r.task_for(x, ms(100)).unwrap().unwrap().kind,
+            TaskKind::Done
+        );
     }
     assert!(r.all_alive_told_done());
 }
@@ -250,7 +305,10 @@ fn silent_client_is_marked_dead_and_dropped_from_the_round() {
     let tb = r.task_for(&s[1], ms(4000)).unwrap().unwrap();
     r.on_result(report(&ta, &s[0], 2.0, 1), ms(4000));
     r.on_result(report(&tb, &s[1], 4.0, 1), ms(4000));
-    assert!(completed(&r.tick(ms(4000))).is_empty(), "still waiting for c");
+    assert!(
+        completed(&r.tick(ms(4000))).is_empty(),
+        "still waiting for c"
+    );
     let ev = r.tick(ms(5001));
     assert!(ev.contains(&Event::ClientDead { name: "c".into() }));
     let rec = completed(&ev);
@@ -258,7 +316,10 @@ fn silent_client_is_marked_dead_and_dropped_from_the_round() {
     assert_eq!(rec[0].missing, vec!["c".to_string()]);
     assert_eq!(global(&r), 3.0);
     assert_eq!(r.alive_clients(), vec!["a".to_string(), "b".to_string()]);
-    assert!(matches!(r.task_for(&s[2], ms(5002)), Err(RoundsError::UnknownSession(_))));
+    assert!(matches!(
+        r.task_for(&s[2], ms(5002)),
+        Err(RoundsError::UnknownSession(_))
+    ));
     assert!(!r.on_heartbeat(&s[2], ms(5002)).known);
 }
 
@@ -270,10 +331,17 @@ fn reregistering_client_gets_a_new_session_and_the_current_model() {
     r.tick(ms(0));
     let tc = r.task_for(&s[2], ms(1)).unwrap().unwrap();
     // c crashes mid-round and comes back.
-    let s2 = r.on_register("c", "run1", 1, vec![], ms(2)).unwrap().session;
+    let s2 = r
+        .on_register("c", "run1", 1, vec![], ms(2))
+        .unwrap()
+        .session;
     assert_ne!(s2, s[2]);
     let ev = r.tick(ms(2));
-    assert!(ev.contains(&Event::ClientRegistered { name: "c".into(), session: s2.clone(), rejoined: true }));
+    assert!(ev.contains(&Event::ClientRegistered {
+        name: "c".into(),
+        session: s2.clone(),
+        rejoined: true
+    }));
     // Its old task no longer counts; the new session gets nothing this round.
     assert_eq!(r.task_for(&s2, ms(3)).unwrap(), None);
     assert!(matches!(
@@ -285,10 +353,16 @@ fn reregistering_client_gets_a_new_session_and_the_current_model() {
         r.on_result(report(&t, x, v, 1), ms(4));
     }
     let rec = completed(&r.tick(ms(5)));
-    assert!(rec[0].aggregated && !rec[0].timed_out, "the round did not wait for c's old task");
+    assert!(
+        rec[0].aggregated && !rec[0].timed_out,
+        "the round did not wait for c's old task"
+    );
     let t = r.task_for(&s2, ms(6)).unwrap().unwrap();
     assert_eq!((t.round, t.arrays.clone()), (2, w(2.0)));
-    assert_eq!(r.on_result(report(&t, &s2, 2.0, 1), ms(7)), ResultOutcome::Accepted);
+    assert_eq!(
+        r.on_result(report(&t, &s2, 2.0, 1), ms(7)),
+        ResultOutcome::Accepted
+    );
     assert!(r.on_register("c", "other-run", 1, vec![], ms(8)).is_err());
 }
 
@@ -318,8 +392,14 @@ fn fede_rows_travel_in_key_order_and_average_over_holders() {
     )
     .unwrap();
     let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let sa = r.on_register("a", "", 10, keys(&["x", "y"]), ms(0)).unwrap().session;
-    let sb = r.on_register("b", "", 10, keys(&["z", "y"]), ms(0)).unwrap().session;
+    let sa = r
+        .on_register("a", "", 10, keys(&["x", "y"]), ms(0))
+        .unwrap()
+        .session;
+    let sb = r
+        .on_register("b", "", 10, keys(&["z", "y"]), ms(0))
+        .unwrap()
+        .session;
     r.tick(ms(0));
     let before = r.strategy(0).unwrap().global();
     assert_eq!(before.keys.as_deref().unwrap(), &keys(&["x", "y", "z"])[..]);
