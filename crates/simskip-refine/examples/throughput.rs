@@ -72,7 +72,10 @@ fn main() {
             0
         })
         * epochs;
-    println!("{:<8} {:>14} {:>18}", "backend", "samples/s", "samples/CPU-s");
+    println!(
+        "{:<8} {:>14} {:>18}",
+        "backend", "samples/s", "samples/CPU-s"
+    );
     // Fast first: candle's worker threads keep spinning for a while after its last op and would
     // steal CPU from whatever runs next. Optional fourth argument: `fast` or `candle` only.
     let which = args.get(4).map(String::as_str).unwrap_or("both");
@@ -92,9 +95,16 @@ fn main() {
             (Some(a), Some(b)) => format!("{:.0}", samples as f64 / (b - a)),
             _ => "-".into(),
         };
-        println!("{:<8} {:>14.0} {:>18}", format!("{backend:?}"), sps, per_cpu);
+        println!(
+            "{:<8} {:>14.0} {:>18}",
+            format!("{backend:?}"),
+            sps,
+            per_cpu
+        );
     }
-    println!("(samples/s is wall time; samples/CPU-s uses process CPU time, the machine may be shared)");
+    println!(
+        "(samples/s is wall time; samples/CPU-s uses process CPU time, the machine may be shared)"
+    );
 }
 
 /// User + system CPU time of this process (Linux `/proc/self/stat`, 100 ticks/s assumed).

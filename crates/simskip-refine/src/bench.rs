@@ -8,7 +8,8 @@ use crate::error::Result;
 use crate::train::{SimSkipConfig, SimSkipTrainer};
 
 /// Anchors (input rows; each gives two views) trained per second of wall time over `epochs`
-/// epochs of `x` with `cfg` (augmentation positives). Model construction is not timed.
+/// epochs of `x` with `cfg` (augmentation positives), on the backend `cfg.backend` selects.
+/// Model construction is not timed.
 pub fn training_samples_per_second(x: &Matrix, cfg: &SimSkipConfig, epochs: usize) -> Result<f64> {
     let mut trainer = SimSkipTrainer::new(x.cols, cfg.clone())?;
     let start = Instant::now();

@@ -215,33 +215,33 @@ fn mm(
     let dst = &mut dst[..m * n];
     if par.threads > 1 && par.split_rows && m >= 32 * par.threads {
         let rows = m.div_ceil(par.threads);
-        dst.par_chunks_mut(rows * n)
-            .enumerate()
-            .for_each(|(t, d)| {
-                let r0 = t * rows;
-                let mr = d.len() / n;
-                gemm_1(
-                    Parallelism::None,
-                    mr,
-                    n,
-                    k,
-                    d,
-                    accumulate,
-                    &lhs[r0 * lhs_rs..],
-                    lhs_rs,
-                    lhs_cs,
-                    rhs,
-                    rhs_rs,
-                    rhs_cs,
-                );
-            });
+        dst.par_chunks_mut(rows * n).enumerate().for_each(|(t, d)| {
+            let r0 = t * rows;
+            let mr = d.len() / n;
+            gemm_1(
+                Parallelism::None,
+                mr,
+                n,
+                k,
+                d,
+                accumulate,
+                &lhs[r0 * lhs_rs..],
+                lhs_rs,
+                lhs_cs,
+                rhs,
+                rhs_rs,
+                rhs_cs,
+            );
+        });
     } else {
         let p = if par.threads > 1 {
             Parallelism::Rayon(par.threads)
         } else {
             Parallelism::None
         };
-        gemm_1(p, m, n, k, dst, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs);
+        gemm_1(
+            p, m, n, k, dst, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs,
+        );
     }
 }
 
@@ -435,24 +435,34 @@ fn bn_relu_dropout_bwd(
         .zip(xh.chunks_exact(c).zip(y.chunks_exact(c)))
         .enumerate()
     {
-        if let Some(mask) = mask {
-            for (dv, &mv) in dr.iter_mut().zip(&mask[r * c..(r + 1) * c]) {
-                *dv *= mv;
+        // Dropout, then candle's ReLU gradient (`y >= 0`).
+        match mask {
+            Some(mask) => {
+                for ((dv, &yv), &mv) in dr.iter_mut().zip(yr).zip(&mask[r * c..(r + 1) * c]) {
+                    *dv = if yv >= 0.0 { *dv * mv } else { 0.0 };
+                }
+            }
+            None => {
+                for (dv, &yv) in dr.iter_mut().zip(yr) {
+                    *dv = if yv >= 0.0 { *dv } else { 0.0 };
+                }
             }
         }
-        for j in 0..c {
-            // candle's ReLU gradient is `x >= 0`.
-            let dv = if yr[j] >= 0.0 { dr[j] } else { 0.0 };
-            dr[j] = dv;
-            dbeta[j] += dv;
-            dgamma[j] += dv * xr[j];
+        for (((&dv, &xv), sb), sg) in dr
+            .iter()
+            .zip(xr)
+            .zip(dbeta.iter_mut())
+            .zip(dgamma.iter_mut())
+        {
+            *sb += dv;
+            *sg += dv * xv;
         }
     }
     let nf = n as f32;
     for (dr, xr) in dh.chunks_exact_mut(c).zip(xh.chunks_exact(c)) {
-        for j in 0..c {
-            let k = gamma[j] * inv[j] / nf;
-            dr[j] = k * (nf * dr[j] - dbeta[j] - xr[j] * dgamma[j]);
+        let it = dr.iter_mut().zip(xr).zip(gamma.iter().zip(inv));
+        for (((dv, &xv), (&gm, &iv)), (&sb, &sg)) in it.zip(dbeta.iter().zip(dgamma.iter())) {
+            *dv = gm * iv / nf * (nf * *dv - sb - xv * sg);
         }
     }
 }
@@ -468,22 +478,7 @@ impl FastTrainer {
         threads: usize,
     ) -> Result<Self> {
         let (d, h) = (model.dim(), model.hidden());
-        let sizes = [
-            h * d,
-            h,
-            h,
-            h,
-            d * h,
-            d,
-            d,
-            d,
-            d * d,
-            d,
-            d * d,
-            d,
-            d * d,
-            d,
-        ];
+        let sizes = [h * d, h, h, h, d * h, d, d, d, d * d, d, d * d, d, d * d, d];
         let zeros = || sizes.iter().map(|&s| vec![0f32; s]).collect::<Vec<_>>();
         let mut t = Self {
             dim: d,
@@ -552,7 +547,7 @@ impl FastTrainer {
     fn par(&self) -> Par {
         Par {
             threads: self.threads,
-            split_rows: std::env::var_os("SIMSKIP_GEMM_RAYON").is_none(),
+            split_rows: true,
         }
     }
 
@@ -594,7 +589,10 @@ impl FastTrainer {
     pub fn forward_backward(&mut self, x: &[f32]) -> f32 {
         let (d, h) = (self.dim, self.hidden);
         let n = x.len() / d;
-        assert!(n >= 2 && n % 2 == 0 && x.len() == n * d, "bad views shape");
+        assert!(
+            n >= 2 && n.is_multiple_of(2) && x.len() == n * d,
+            "bad views shape"
+        );
         self.ws.ensure(n, d, h);
         let par = self.par();
         let threads = self.threads;
@@ -792,7 +790,10 @@ impl FastTrainer {
 
     /// Gradients of the last [`Self::forward_backward`], by parameter name.
     pub fn grads(&self) -> impl Iterator<Item = (&'static str, &[f32])> {
-        NAMES.iter().copied().zip(self.grads.iter().map(|g| g.as_slice()))
+        NAMES
+            .iter()
+            .copied()
+            .zip(self.grads.iter().map(|g| g.as_slice()))
     }
 
     /// Mutable parameters, by name (for tests: finite differences).
@@ -829,8 +830,7 @@ mod tests {
             let x: Vec<f32> = (0..n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
             t.draw_masks(n, &mut rng);
             let _ = t.forward_backward(&x);
-            let analytic: Vec<(&str, Vec<f32>)> =
-                t.grads().map(|(n, g)| (n, g.to_vec())).collect();
+            let analytic: Vec<(&str, Vec<f32>)> = t.grads().map(|(n, g)| (n, g.to_vec())).collect();
             let mut checked = 0;
             let mut max_err = 0f32;
             let mut retried = 0;
@@ -869,7 +869,10 @@ mod tests {
                 }
             }
             assert_eq!(checked, 316);
-            assert!(retried * 4 < checked, "{retried} of {checked} needed smaller steps");
+            assert!(
+                retried * 4 < checked,
+                "{retried} of {checked} needed smaller steps"
+            );
             // The gradient is not trivially zero.
             let big = analytic
                 .iter()
