@@ -85,7 +85,23 @@ impl Default for ServerFile {
             round_timeout_secs: 120.0,
             out_dir: PathBuf::from("coordinator"),
             stages: vec![
-                stage("fede", StageKind::FedE, 20, 5, &[("local_epochs", "3")]),
+                // FedE's TransE: self-adversarial loss (gamma 10), 256 negatives; lr 0.01
+                // (FedE's 0.001 learns far too slowly on the sparse WordNet graphs).
+                stage(
+                    "fede",
+                    StageKind::FedE,
+                    20,
+                    5,
+                    &[
+                        ("local_epochs", "3"),
+                        ("loss", "self_adversarial"),
+                        ("gamma", "10"),
+                        ("negatives", "256"),
+                        ("batch_size", "512"),
+                        ("lr", "0.01"),
+                        ("normalize_entities", "false"),
+                    ],
+                ),
                 stage("simskip", StageKind::FedAvg, 10, 5, &[("local_epochs", "2")]),
             ],
             ..ServerConfig::default()
@@ -216,9 +232,15 @@ impl RunFigures {
             }
             let stage = v["stage"].as_str().unwrap_or_default().to_owned();
             let round = v["round"].as_u64().unwrap_or_default() as u32;
-            let aggregate: BTreeMap<String, f64> = serde_json::from_value(v["aggregate"].clone()).unwrap_or_default();
-            let clients: BTreeMap<String, BTreeMap<String, f64>> =
-                serde_json::from_value(v["clients"].clone()).unwrap_or_default();
+            let aggregate: BTreeMap<String, f64> = serde_json::from_value(v["metrics"].clone()).unwrap_or_default();
+            let clients: BTreeMap<String, BTreeMap<String, f64>> = v["clients"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(name, c)| (name.clone(), serde_json::from_value(c["metrics"].clone()).unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
             let entry = figures.stages.entry(stage).or_default();
             entry.history.push((round, aggregate.clone()));
             entry.round = round;
