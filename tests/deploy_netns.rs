@@ -162,8 +162,6 @@ fn compose_services_run_in_network_namespaces() {
             };
             env.insert(key.into(), host.display().to_string());
         }
-        // Keep the test quick; everything else is the compose file's.
-        env.insert("SIMSKIP_SERVER__ROUND_TIMEOUT_SECS".into(), "120".into());
         let log = std::fs::File::create(tmp.path().join(format!("{service}.log"))).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &ns_of(service)])

@@ -15,6 +15,7 @@ use crate::split::LabelSplit;
 
 /// Training settings of the probe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProbeConfig {
     /// Width of both hidden layers (256).
     pub hidden: usize,

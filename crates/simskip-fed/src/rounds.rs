@@ -5,8 +5,9 @@
 //! * Clients register ([`Rounds::on_register`]); they stay alive while they heartbeat or call
 //!   in at least every `heartbeat_timeout` ([`Rounds::tick`] marks silent ones dead and
 //!   forgets their session, so they must register again).
-//! * Each round (FIT, EVALUATE or FINISH_STAGE) starts only when at least
-//!   `max(min_clients, min_fit_clients)` clients are alive.
+//! * The run starts when at least `max(min_clients, min_fit_clients)` clients are alive;
+//!   after that each round (FIT, EVALUATE or FINISH_STAGE) starts when at least
+//!   `min_fit_clients` are, so a dead client stalls the run for one round timeout at most.
 //! * FIT: `max(ceil(fraction_fit * alive), min_fit_clients)` (capped at alive) clients are
 //!   chosen by a seeded shuffle; each gets a task with the current global model when it
 //!   polls ([`Rounds::task_for`]). The round closes when every selected client answered
@@ -753,7 +754,14 @@ impl Rounds {
                 Phase::Idle(next) => {
                     let next = *next;
                     let alive = self.clients.values().filter(|c| c.alive).count();
-                    if alive < self.cfg.min_clients.max(self.cfg.min_fit_clients) {
+                    // `min_clients` gates the start of the run only: once under way, a client
+                    // that dies must not stall it beyond one round timeout (it may rejoin).
+                    let needed = if self.stage_started.iter().any(|&s| s) {
+                        self.cfg.min_fit_clients
+                    } else {
+                        self.cfg.min_clients.max(self.cfg.min_fit_clients)
+                    };
+                    if alive < needed {
                         break;
                     }
                     self.start(next, now);

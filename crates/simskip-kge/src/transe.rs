@@ -37,7 +37,7 @@ pub enum Loss {
 
 /// TransE hyper-parameters. Missing fields in serialised form take the [`Default`] values.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TransEConfig {
     pub dim: usize,
     pub norm: Norm,

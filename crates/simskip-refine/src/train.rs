@@ -37,7 +37,7 @@ pub enum Backend {
 /// [`Augmentation::Mask`]. Dropout, temperature, batch size and epochs are not given in the
 /// paper; the defaults are SimCLR-style choices.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SimSkipConfig {
     /// `f(x) = x + g(x)` (true) or `g(x)` (false, "SimSkip⁻").
     pub skip: bool,

@@ -136,3 +136,57 @@ pub struct Settings {
     pub gate: GateSettings,
     pub eval: EvalSettings,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn file_then_environment_layers() {
+        let f = toml_file("[transe]\nepochs = 5\ndim = 32\n[simskip]\nnoise_var = 0.2\n");
+        let env = [
+            ("SIMSKIP_TRANSE__EPOCHS".to_owned(), "7".to_owned()),
+            ("SIMSKIP_SIMSKIP__MASK_PROB".to_owned(), "0.3".to_owned()),
+            ("OTHER_TRANSE__DIM".to_owned(), "9".to_owned()),
+        ];
+        let s: Settings = load_with_env(Some(f.path()), env).unwrap();
+        assert_eq!(s.transe.epochs, 7, "environment beats the file");
+        assert_eq!(s.transe.dim, 32, "file beats the default");
+        assert!((s.simskip.noise_var - 0.2).abs() < 1e-6);
+        assert!((s.simskip.mask_prob - 0.3).abs() < 1e-6, "keys with underscores are reachable");
+        assert_eq!(s.eval, EvalSettings::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_file() {
+        let f = toml_file("[transe]\nepochz = 5\n");
+        let err = load_with_env::<Settings>(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("epochz") && err.contains(&f.path().display().to_string()), "{err}");
+        let f = toml_file("[simskip]\nlr = \"fast\"\n");
+        let err = load_with_env::<Settings>(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("lr"), "{err}");
+        let err = load_with_env::<Settings>(Some(Path::new("/nonexistent/x.toml")), []).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/x.toml") && err.contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn shipped_config_files_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let sim: crate::simulate::SimulateFile = load_with_env(Some(&root.join("examples/simulate.toml")), []).unwrap();
+        assert_eq!(sim.simulate.clients, 3);
+        assert_eq!(sim.server.server.stages.len(), 2);
+        let server: crate::node::ServerFile = load_with_env(Some(&root.join("deploy/config/server.toml")), []).unwrap();
+        assert_eq!(server.server.out_dir, Path::new("/out"));
+        let env = [("SIMSKIP_CLIENT__NAME".to_owned(), "org-a".to_owned())];
+        let client: crate::node::ClientFile = load_with_env(Some(&root.join("deploy/config/client.toml")), env).unwrap();
+        assert_eq!(client.client.name, "org-a");
+        assert_eq!(client.data.dir, Path::new("/data"));
+    }
+}

@@ -469,3 +469,28 @@ fn fraction_fit_selects_a_seeded_subset() {
     assert_eq!(sel.len(), 2);
     assert_eq!(sel, mk());
 }
+
+#[test]
+fn a_dead_client_does_not_hold_back_later_rounds_below_min_clients() {
+    // min_clients 3 starts the run; once one of the three dies, rounds go on with the two
+    // others (min_fit_clients 2) instead of waiting for a third client forever.
+    let mut r = fedavg_rounds(3, 2, 3, 0);
+    r.cfg.round_timeout = ms(60_000);
+    let s = register(&mut r, &["a", "b", "c"], ms(0));
+    r.tick(ms(0));
+    let ta = r.task_for(&s[0], ms(4000)).unwrap().unwrap();
+    let tb = r.task_for(&s[1], ms(4000)).unwrap().unwrap();
+    r.on_result(report(&ta, &s[0], 2.0, 1), ms(4000));
+    r.on_result(report(&tb, &s[1], 4.0, 1), ms(4000));
+    let ev = r.tick(ms(5001));
+    assert!(ev.contains(&Event::ClientDead { name: "c".into() }));
+    assert_eq!(completed(&ev)[0].round, 1);
+    // Round 2 is under way with a and b only.
+    let ta = r.task_for(&s[0], ms(5002)).unwrap().unwrap();
+    assert_eq!((ta.round, ta.kind), (2, TaskKind::Fit));
+    // Before the run starts, min_clients still holds.
+    let mut fresh = fedavg_rounds(3, 2, 1, 0);
+    let s2 = register(&mut fresh, &["a", "b"], ms(0));
+    fresh.tick(ms(0));
+    assert!(fresh.task_for(&s2[0], ms(1)).unwrap().is_none_or(|t| t.kind == TaskKind::Wait));
+}
