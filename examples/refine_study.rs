@@ -55,11 +55,16 @@ fn main() -> Result<()> {
                 ..GateSettings::default()
             };
             let outcome = refine_table(&ctx, &x, &cfg, &gate_settings, &mut |_, _, _| {})?;
-            let label = format!("{name} gate={} ({})", if gate { "on" } else { "off" }, outcome.report.chosen);
+            let label = format!(
+                "{name} gate={} ({})",
+                if gate { "on" } else { "off" },
+                outcome.report.chosen
+            );
             rows.push((label, evaluate_table(&ctx, &outcome.output)?));
         }
     }
-    let refs: Vec<(String, &simskip_eval::TaskFigures)> = rows.iter().map(|(n, f)| (n.clone(), f)).collect();
+    let refs: Vec<(String, &simskip_eval::TaskFigures)> =
+        rows.iter().map(|(n, f)| (n.clone(), f)).collect();
     print!("{}", render_table(&refs));
     Ok(())
 }

@@ -33,15 +33,25 @@ struct Service {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{}: {e}", args[0]))?;
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -93,17 +103,36 @@ fn compose_services_run_in_network_namespaces() {
         return;
     }
     let root = workspace();
-    let compose: Compose =
-        serde_norway::from_str(&std::fs::read_to_string(root.join("deploy/docker-compose.yml")).unwrap()).unwrap();
-    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_simskip")).parent().unwrap().to_path_buf();
+    let compose: Compose = serde_norway::from_str(
+        &std::fs::read_to_string(root.join("deploy/docker-compose.yml")).unwrap(),
+    )
+    .unwrap();
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_simskip"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let tmp = tempfile::tempdir().unwrap();
-    let orgs: Vec<&String> = compose.services.keys().filter(|s| *s != "coordinator").collect();
-    assert_eq!(orgs.len(), 3, "the compose file describes three organisations");
+    let orgs: Vec<&String> = compose
+        .services
+        .keys()
+        .filter(|s| *s != "coordinator")
+        .collect();
+    assert_eq!(
+        orgs.len(),
+        3,
+        "the compose file describes three organisations"
+    );
 
     // Each organisation's private folder, as the compose volumes expect them.
     let parts = tmp.path().join("parts");
     let status = Command::new(bin_dir.join("simskip"))
-        .args(["partition", root.join("data/wordnet-5k").to_str().unwrap(), "--clients", "3", "--out"])
+        .args([
+            "partition",
+            root.join("data/wordnet-5k").to_str().unwrap(),
+            "--clients",
+            "3",
+            "--out",
+        ])
         .arg(&parts)
         .status()
         .unwrap();
@@ -127,16 +156,44 @@ fn compose_services_run_in_network_namespaces() {
         sh(&["ip", "netns", "add", &ns]).unwrap();
         net.namespaces.push(ns.clone());
         let (a, b) = (format!("ss{tag}c{k}"), format!("ss{tag}o{k}"));
-        sh(&["ip", "link", "add", &a, "netns", &coord_ns, "type", "veth", "peer", "name", &b, "netns", &ns]).unwrap();
+        sh(&[
+            "ip", "link", "add", &a, "netns", &coord_ns, "type", "veth", "peer", "name", &b,
+            "netns", &ns,
+        ])
+        .unwrap();
         let coord_ip = format!("10.203.{k}.1");
-        sh(&["ip", "-n", &coord_ns, "addr", "add", &format!("{coord_ip}/30"), "dev", &a]).unwrap();
-        sh(&["ip", "-n", &ns, "addr", "add", &format!("10.203.{k}.2/30"), "dev", &b]).unwrap();
+        sh(&[
+            "ip",
+            "-n",
+            &coord_ns,
+            "addr",
+            "add",
+            &format!("{coord_ip}/30"),
+            "dev",
+            &a,
+        ])
+        .unwrap();
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.203.{k}.2/30"),
+            "dev",
+            &b,
+        ])
+        .unwrap();
         for (n, dev) in [(&coord_ns, &a), (&ns, &b)] {
             sh(&["ip", "-n", n, "link", "set", dev, "up"]).unwrap();
         }
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]).unwrap();
         std::fs::create_dir_all(format!("/etc/netns/{ns}")).unwrap();
-        std::fs::write(format!("/etc/netns/{ns}/hosts"), format!("127.0.0.1 localhost\n{coord_ip} coordinator\n")).unwrap();
+        std::fs::write(
+            format!("/etc/netns/{ns}/hosts"),
+            format!("127.0.0.1 localhost\n{coord_ip} coordinator\n"),
+        )
+        .unwrap();
     }
 
     let start = |service: &str| -> Proc {
@@ -183,9 +240,13 @@ fn compose_services_run_in_network_namespaces() {
     let dump = |what: &str| {
         let mut s = String::new();
         for svc in compose.services.keys() {
-            let log = std::fs::read_to_string(tmp.path().join(format!("{svc}.log"))).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(tmp.path().join(format!("{svc}.log"))).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            s += &format!("--- {svc} ---\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            s += &format!(
+                "--- {svc} ---\n{}\n",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         panic!("{what}\n{s}");
     };
@@ -211,12 +272,22 @@ fn compose_services_run_in_network_namespaces() {
     }
 
     // The coordinator wrote its history and each organisation its own refined table.
-    let metrics = std::fs::read_to_string(tmp.path().join("coordinator/out/metrics.jsonl")).unwrap();
-    assert!(metrics.lines().count() > 5, "metrics history too short:\n{metrics}");
+    let metrics =
+        std::fs::read_to_string(tmp.path().join("coordinator/out/metrics.jsonl")).unwrap();
+    assert!(
+        metrics.lines().count() > 5,
+        "metrics history too short:\n{metrics}"
+    );
     for org in &orgs {
         let out = tmp.path().join(org.as_str()).join("out");
-        assert!(out.join("simskip/entities.npy").is_file(), "{org} wrote no refined table");
-        assert!(out.join("fede/entities.npy").is_file(), "{org} wrote no stage-1 table");
+        assert!(
+            out.join("simskip/entities.npy").is_file(),
+            "{org} wrote no refined table"
+        );
+        assert!(
+            out.join("fede/entities.npy").is_file(),
+            "{org} wrote no stage-1 table"
+        );
     }
     let log = std::fs::read_to_string(tmp.path().join("coordinator.log")).unwrap();
     assert!(!log.contains("panicked"), "coordinator log:\n{log}");

@@ -11,7 +11,10 @@ use simskip::node::{RunFigures, ServerFile};
 use simskip::simulate::{simulate, SimulateFile};
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// A short run: few rounds, small evaluation budget.
@@ -40,10 +43,19 @@ fn three_clients_run_both_stages_over_loopback() {
     let coordinator = out.join("coordinator");
     let jsonl = std::fs::read_to_string(coordinator.join("metrics.jsonl")).unwrap();
     let csv = std::fs::read_to_string(coordinator.join("metrics.csv")).unwrap();
-    assert!(jsonl.lines().count() >= 6 + 3, "one record per round at least:\n{jsonl}");
-    assert!(csv.lines().next().unwrap().contains("metric"), "CSV header: {csv:.200}");
+    assert!(
+        jsonl.lines().count() >= 6 + 3,
+        "one record per round at least:\n{jsonl}"
+    );
+    assert!(
+        csv.lines().next().unwrap().contains("metric"),
+        "CSV header: {csv:.200}"
+    );
     for stage in ["fede", "simskip"] {
-        assert!(coordinator.join(stage).join("global.safetensors").is_file(), "{stage} global model");
+        assert!(
+            coordinator.join(stage).join("global.safetensors").is_file(),
+            "{stage} global model"
+        );
     }
 
     // FedE: the weighted test MRR is far above random ranking (about 0.002 over these graphs).
@@ -53,13 +65,28 @@ fn three_clients_run_both_stages_over_loopback() {
     assert!(mrr > 0.02, "FedE test MRR {mrr}");
     // The aggregate is a weighted mean of the clients: between their extremes.
     let client_mrr: Vec<f64> = fede.clients.values().map(|m| m["test.mrr"]).collect();
-    let (lo, hi) = client_mrr.iter().fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
-    assert!(lo - 1e-9 <= mrr && mrr <= hi + 1e-9, "{mrr} outside [{lo}, {hi}]");
+    let (lo, hi) = client_mrr
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    assert!(
+        lo - 1e-9 <= mrr && mrr <= hi + 1e-9,
+        "{mrr} outside [{lo}, {hi}]"
+    );
 
     // SimSkip: input and refined figures from every client.
     let simskip = &figures.stages["simskip"];
-    for key in ["input.knn_at_10", "refined.knn_at_10", "input.lp_mrr", "refined.lp_mrr", "input.probe_accuracy"] {
-        assert!(simskip.aggregate.contains_key(key), "missing {key}: {:?}", simskip.aggregate);
+    for key in [
+        "input.knn_at_10",
+        "refined.knn_at_10",
+        "input.lp_mrr",
+        "refined.lp_mrr",
+        "input.probe_accuracy",
+    ] {
+        assert!(
+            simskip.aggregate.contains_key(key),
+            "missing {key}: {:?}",
+            simskip.aggregate
+        );
     }
 
     // Each organisation wrote its own stage-1 and refined tables and the gate decision.
@@ -70,16 +97,30 @@ fn three_clients_run_both_stages_over_loopback() {
         assert_eq!(refined.names, stage1.names);
         assert_eq!(refined.dim(), 128);
         let gate: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(org.join("simskip/gate.json")).unwrap()).unwrap();
-        let (input, refined_score) = (gate["input"].as_f64().unwrap(), gate["refined"].as_f64().unwrap());
-        let expected = if refined_score > input { "refined" } else { "input" };
+            serde_json::from_str(&std::fs::read_to_string(org.join("simskip/gate.json")).unwrap())
+                .unwrap();
+        let (input, refined_score) = (
+            gate["input"].as_f64().unwrap(),
+            gate["refined"].as_f64().unwrap(),
+        );
+        let expected = if refined_score > input {
+            "refined"
+        } else {
+            "input"
+        };
         assert_eq!(gate["output"], expected, "gate decision {gate}");
         if expected == "input" {
-            assert_eq!(refined.matrix, stage1.matrix, "gate kept the input, so the table is the input");
+            assert_eq!(
+                refined.matrix, stage1.matrix,
+                "gate kept the input, so the table is the input"
+            );
         }
     }
     let table = figures.render();
-    assert!(table.contains("aggregate") && table.contains("refined"), "{table}");
+    assert!(
+        table.contains("aggregate") && table.contains("refined"),
+        "{table}"
+    );
 }
 
 struct Proc(Child);
@@ -124,9 +165,17 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     let settings = quick_settings(out);
     // Write the configs with the simulation's own layout, but drive the processes by hand.
     let ds = simskip_data::KgDataset::load(&settings.simulate.dataset).unwrap();
-    let parts = simskip_data::partition::partition(&ds, &simskip_data::partition::PartitionConfig::new(3, Default::default(), 0)).unwrap();
+    let parts = simskip_data::partition::partition(
+        &ds,
+        &simskip_data::partition::PartitionConfig::new(3, Default::default(), 0),
+    )
+    .unwrap();
     let dirs = simskip_data::partition::write_partitions(&parts, &out.join("private")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
 
     let mut server: ServerFile = settings.server.clone();
     server.server.listen = format!("127.0.0.1:{port}");
@@ -151,13 +200,24 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     }
 
     let started = Instant::now();
-    let mut server_proc = spawn("simskip-server", &out.join("server.toml"), &out.join("server.log"));
-    let mut clients: Vec<Proc> =
-        configs.iter().enumerate().map(|(k, c)| spawn("simskip-client", c, &out.join(format!("client-{k}.log")))).collect();
+    let mut server_proc = spawn(
+        "simskip-server",
+        &out.join("server.toml"),
+        &out.join("server.log"),
+    );
+    let mut clients: Vec<Proc> = configs
+        .iter()
+        .enumerate()
+        .map(|(k, c)| spawn("simskip-client", c, &out.join(format!("client-{k}.log"))))
+        .collect();
 
     // Kill org-2 once the run is under way (two FedE rounds recorded).
     let metrics = out.join("coordinator/metrics.jsonl");
-    let rounds_done = || std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0);
+    let rounds_done = || {
+        std::fs::read_to_string(&metrics)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
     let deadline = Instant::now() + Duration::from_secs(300);
     while rounds_done() < 2 {
         assert!(Instant::now() < deadline, "the run did not start");
@@ -170,21 +230,41 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     // The others go on: within a round timeout (plus heartbeat detection) rounds are closing again.
     let resume_deadline = Instant::now() + Duration::from_secs(8 + 3 + 30);
     while rounds_done() < killed_at + 2 {
-        assert!(Instant::now() < resume_deadline, "the run stalled after a client died:\n{}", std::fs::read_to_string(out.join("server.log")).unwrap());
+        assert!(
+            Instant::now() < resume_deadline,
+            "the run stalled after a client died:\n{}",
+            std::fs::read_to_string(out.join("server.log")).unwrap()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
     // Restart it: it registers again, receives the current global model and finishes with the others.
-    clients.push(spawn("simskip-client", &configs[2], &out.join("client-2-restarted.log")));
+    clients.push(spawn(
+        "simskip-client",
+        &configs[2],
+        &out.join("client-2-restarted.log"),
+    ));
     let deadline = Instant::now() + Duration::from_secs(600);
     for (k, c) in clients.iter_mut().enumerate() {
         wait(c, deadline, &format!("client {k}"));
     }
     wait(&mut server_proc, deadline, "server");
     let log = std::fs::read_to_string(out.join("server.log")).unwrap();
-    assert!(log.contains("rejoined=true") || log.contains("rejoined: true"), "no rejoin in the server log:\n{log}");
-    assert!(out.join("org-2-output/simskip/entities.npy").is_file(), "the restarted client finished the run");
+    assert!(
+        log.contains("rejoined=true") || log.contains("rejoined: true"),
+        "no rejoin in the server log:\n{log}"
+    );
+    assert!(
+        out.join("org-2-output/simskip/entities.npy").is_file(),
+        "the restarted client finished the run"
+    );
     let figures = RunFigures::read(&out.join("coordinator")).unwrap();
-    assert!(figures.stages["simskip"].clients.contains_key("org-2"), "restarted client evaluated in stage 2");
-    eprintln!("run with a killed client took {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        figures.stages["simskip"].clients.contains_key("org-2"),
+        "restarted client evaluated in stage 2"
+    );
+    eprintln!(
+        "run with a killed client took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

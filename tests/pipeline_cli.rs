@@ -15,7 +15,11 @@ fn simskip(args: &[&str]) -> Output {
 
 fn ok(out: Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
@@ -33,24 +37,48 @@ fn embed_refine_eval_on_wordnet_5k() {
     let ds = dataset();
     let ds = ds.to_str().unwrap();
     let emb = tmp.path().join("emb");
-    let stdout = ok(simskip(&["embed", ds, "--out", emb.to_str().unwrap(), "--dim", "64"]));
+    let stdout = ok(simskip(&[
+        "embed",
+        ds,
+        "--out",
+        emb.to_str().unwrap(),
+        "--dim",
+        "64",
+    ]));
     assert!(stdout.contains("test"), "{stdout}");
     let report = json(&emb.join("report.json"));
     let mrr = report["test"]["mrr"].as_f64().unwrap();
     // Random ranking over 5,000 entities gives an MRR near 0.002.
     assert!(mrr > 0.02, "TransE test MRR {mrr}");
-    assert_eq!(report["config"]["epochs"], 30, "the environment override reached the run");
+    assert_eq!(
+        report["config"]["epochs"], 30,
+        "the environment override reached the run"
+    );
 
     let refined = tmp.path().join("refined");
     let input = emb.join("entities.npy");
     let stdout = ok(simskip(&[
-        "refine", ds, "--input", input.to_str().unwrap(), "--out", refined.to_str().unwrap(), "--epochs", "4", "--eval",
+        "refine",
+        ds,
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        refined.to_str().unwrap(),
+        "--epochs",
+        "4",
+        "--eval",
     ]));
     assert!(stdout.contains("gate on validation KNN@10"), "{stdout}");
     let report = json(&refined.join("report.json"));
     let selection = &report["refine"]["selection"];
-    let (input_score, best) = (selection["input_score"].as_f64().unwrap(), selection["best_score"].as_f64().unwrap());
-    assert!(best >= input_score, "gate output below the input on validation: {best} < {input_score}");
+    let (input_score, best) = (
+        selection["input_score"].as_f64().unwrap(),
+        selection["best_score"].as_f64().unwrap(),
+    );
+    assert!(
+        best >= input_score,
+        "gate output below the input on validation: {best} < {input_score}"
+    );
     assert_eq!(selection["history"].as_array().unwrap().len(), 4);
     let knn_in = report["eval"]["input"]["knn_at_10"].as_f64().unwrap();
     let knn_out = report["eval"]["refined"]["knn_at_10"].as_f64().unwrap();
@@ -65,12 +93,26 @@ fn embed_refine_eval_on_wordnet_5k() {
 
     let eval_json = tmp.path().join("eval.json");
     let stdout = ok(simskip(&[
-        "eval", ds, "--input", input.to_str().unwrap(), "--refined",
-        refined.join("refined.safetensors").to_str().unwrap(), "--report", eval_json.to_str().unwrap(), "--no-probe",
+        "eval",
+        ds,
+        "--input",
+        input.to_str().unwrap(),
+        "--refined",
+        refined.join("refined.safetensors").to_str().unwrap(),
+        "--report",
+        eval_json.to_str().unwrap(),
+        "--no-probe",
     ]));
-    assert!(stdout.contains("KNN@10") && stdout.contains("refined"), "{stdout}");
+    assert!(
+        stdout.contains("KNN@10") && stdout.contains("refined"),
+        "{stdout}"
+    );
     let figures = json(&eval_json);
-    assert_eq!(figures["input"]["knn_at_10"].as_f64().unwrap(), knn_in, "the same split and figures as refine --eval");
+    assert_eq!(
+        figures["input"]["knn_at_10"].as_f64().unwrap(),
+        knn_in,
+        "the same split and figures as refine --eval"
+    );
     assert!(figures["input"]["lp_mrr"].as_f64().unwrap() > 0.0);
 }
 
@@ -79,19 +121,47 @@ fn bad_input_gets_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.txt");
     std::fs::write(&bad, "00001930n 0.1 0.2\n00002684n 0.3\n").unwrap();
-    let out = simskip(&["eval", dataset().to_str().unwrap(), "--input", bad.to_str().unwrap()]);
+    let out = simskip(&[
+        "eval",
+        dataset().to_str().unwrap(),
+        "--input",
+        bad.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.starts_with("error: ") && stderr.contains("bad.txt") && stderr.contains(":2"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("bad.txt") && stderr.contains(":2"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 
-    let out = simskip(&["embed", "/nonexistent/graph", "--out", tmp.path().to_str().unwrap()]);
+    let out = simskip(&[
+        "embed",
+        "/nonexistent/graph",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("/nonexistent/graph"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("/nonexistent/graph"),
+        "{stderr}"
+    );
 
     let cfg = tmp.path().join("bad.toml");
     std::fs::write(&cfg, "[simskip]\ntemprature = 0.1\n").unwrap();
-    let out = simskip(&["--config", cfg.to_str().unwrap(), "refine", dataset().to_str().unwrap(), "-i", "x", "-o", "y"]);
+    let out = simskip(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "refine",
+        dataset().to_str().unwrap(),
+        "-i",
+        "x",
+        "-o",
+        "y",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("temprature") && stderr.contains("bad.toml"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("temprature") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
 }

@@ -59,11 +59,14 @@ pub fn umls_reference_config() -> TransEConfig {
 }
 
 pub fn run(_settings: &Settings, args: BenchArgs) -> Result<()> {
-    let umls = KgDataset::load(&args.umls).with_context(|| format!("loading {}", args.umls.display()))?;
+    let umls =
+        KgDataset::load(&args.umls).with_context(|| format!("loading {}", args.umls.display()))?;
     let cfg = umls_reference_config();
     let outcome = train_transe(&umls, &cfg, &mut |_, _| {});
     let qps = simskip_kge::bench::linkpred_queries_per_second_on(&outcome.model, &umls);
-    println!("TransE on UMLS, d=128, batch 256, 1 negative, L1, margin 1, Adam lr .01, 100 epochs:");
+    println!(
+        "TransE on UMLS, d=128, batch 256, 1 negative, L1, margin 1, Adam lr .01, 100 epochs:"
+    );
     println!(
         "  training {:.2} s ({:.1} epochs/s); link prediction {:.0} ranking queries/s",
         outcome.report.train_seconds, outcome.report.epochs_per_second, qps
@@ -81,14 +84,18 @@ pub fn run(_settings: &Settings, args: BenchArgs) -> Result<()> {
             batch_size: 256,
             ..SimSkipConfig::default()
         };
-        let sps = simskip_refine::bench::training_samples_per_second(&table, &sk, args.simskip_epochs)?;
+        let sps =
+            simskip_refine::bench::training_samples_per_second(&table, &sk, args.simskip_epochs)?;
         println!(
             "SimSkip d=128, batch 256, on WordNet-40k TransE embeddings ({} x {}): {:.0} training samples/s",
             table.rows, table.cols, sps
         );
         (Some(sps), Some(args.wordnet40k.display().to_string()))
     } else {
-        println!("SimSkip throughput skipped: {} not found", args.wordnet40k.display());
+        println!(
+            "SimSkip throughput skipped: {} not found",
+            args.wordnet40k.display()
+        );
         (None, None)
     };
     let report = BenchReport {

@@ -16,7 +16,11 @@ use crate::report::{print_link_prediction, write_json};
 use crate::settings::{self, Settings, SignalKind};
 
 #[derive(Debug, Parser)]
-#[command(name = "simskip", version, about = "Refine knowledge-graph embeddings with SimSkip, alone or federated")]
+#[command(
+    name = "simskip",
+    version,
+    about = "Refine knowledge-graph embeddings with SimSkip, alone or federated"
+)]
 pub struct Cli {
     /// Settings file (TOML), layered under SIMSKIP_SECTION__KEY environment variables and flags.
     #[arg(long, global = true, value_name = "FILE")]
@@ -184,11 +188,13 @@ fn embed(settings: &Settings, args: EmbedArgs) -> Result<()> {
         pb.inc(1);
     });
     pb.finish_and_clear();
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let entities = Embeddings::new(ds.entities.clone(), outcome.model.entities.clone())?;
     entities.write_npy(&args.out.join("entities.npy"))?;
     entities.write_safetensors(&args.out.join("entities.safetensors"))?;
-    Embeddings::new(ds.relations.clone(), outcome.model.relations.clone())?.write_npy(&args.out.join("relations.npy"))?;
+    Embeddings::new(ds.relations.clone(), outcome.model.relations.clone())?
+        .write_npy(&args.out.join("relations.npy"))?;
     println!(
         "TransE on {} ({} entities, {} relations, {} train triples): {:.2} s, {:.1} epochs/s",
         args.dataset.display(),
@@ -198,7 +204,10 @@ fn embed(settings: &Settings, args: EmbedArgs) -> Result<()> {
         outcome.report.train_seconds,
         outcome.report.epochs_per_second
     );
-    print_link_prediction(&[("valid", &outcome.report.valid), ("test", &outcome.report.test)]);
+    print_link_prediction(&[
+        ("valid", &outcome.report.valid),
+        ("test", &outcome.report.test),
+    ]);
     write_json(&args.out.join("report.json"), &outcome.report)?;
     println!("wrote {}", args.out.display());
     Ok(())
@@ -239,21 +248,35 @@ fn refine(mut settings: Settings, args: RefineArgs) -> Result<()> {
     let x = load_table(&args.input, &ds)?;
     let ctx = EvalContext::new(&ds, settings.eval.clone(), settings.transe.norm);
     let pb = bar(settings.simskip.epochs as u64, "simskip");
-    let outcome = refine_table(&ctx, &x, &settings.simskip, &settings.gate, &mut |_, loss, score| {
-        pb.set_message(match score {
-            Some(s) => format!("loss {loss:.4} val {s:.4}"),
-            None => format!("loss {loss:.4}"),
-        });
-        pb.inc(1);
-    })?;
+    let outcome = refine_table(
+        &ctx,
+        &x,
+        &settings.simskip,
+        &settings.gate,
+        &mut |_, loss, score| {
+            pb.set_message(match score {
+                Some(s) => format!("loss {loss:.4} val {s:.4}"),
+                None => format!("loss {loss:.4}"),
+            });
+            pb.inc(1);
+        },
+    )?;
     pb.finish_and_clear();
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let refined = Embeddings::new(ds.entities.clone(), outcome.output.clone())?;
     refined.write_npy(&args.out.join("refined.npy"))?;
     refined.write_safetensors(&args.out.join("refined.safetensors"))?;
-    simskip_data::tensors::write_named_safetensors(&args.out.join("model.safetensors"), &outcome.weights, &Default::default())?;
+    simskip_data::tensors::write_named_safetensors(
+        &args.out.join("model.safetensors"),
+        &outcome.weights,
+        &Default::default(),
+    )?;
     let r = &outcome.report;
-    println!("SimSkip ({:?} augmentation, {:?} positives, skip {}) for {} epochs in {:.2} s", r.config.augmentation, r.config.positives, r.config.skip, r.config.epochs, r.train_seconds);
+    println!(
+        "SimSkip ({:?} augmentation, {:?} positives, skip {}) for {} epochs in {:.2} s",
+        r.config.augmentation, r.config.positives, r.config.skip, r.config.epochs, r.train_seconds
+    );
     match (&r.signal, &r.selection) {
         (Some(signal), Some(sel)) => println!(
             "gate on {signal}: input {:.4}, best {:.4} -> output is the {}",
@@ -292,7 +315,10 @@ fn eval(settings: &Settings, args: EvalArgs) -> Result<()> {
         rows.push(("refined".to_owned(), r));
     }
     print!("{}", render_table(&rows));
-    write_json(&args.report, &serde_json::json!({ "dataset": args.dataset, "input": input, "refined": refined }))?;
+    write_json(
+        &args.report,
+        &serde_json::json!({ "dataset": args.dataset, "input": input, "refined": refined }),
+    )?;
     println!("wrote {}", args.report.display());
     Ok(())
 }

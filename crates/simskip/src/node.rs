@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use simskip_data::KgDataset;
-use simskip_fed::{ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, StageConfig, StageKind, Strategy};
+use simskip_fed::{
+    ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, StageConfig, StageKind, Strategy,
+};
 use simskip_kge::TransEConfig;
 use simskip_refine::{SimSkipConfig, SimSkipTrainer};
 
@@ -17,7 +19,11 @@ use crate::settings::{self, EvalSettings, GateSettings};
 use crate::work::FederatedWork;
 
 #[derive(Debug, Parser)]
-#[command(name = "simskip-server", version, about = "SimSkip federation coordinator (FedE, then federated SimSkip)")]
+#[command(
+    name = "simskip-server",
+    version,
+    about = "SimSkip federation coordinator (FedE, then federated SimSkip)"
+)]
 pub struct ServerArgs {
     /// Settings file (TOML) with [server], [model] and [simskip]; SIMSKIP_SERVER__KEY etc. override it.
     #[arg(long, value_name = "FILE")]
@@ -28,7 +34,11 @@ pub struct ServerArgs {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "simskip-client", version, about = "SimSkip federation client: trains on private data, shares only weights and metrics")]
+#[command(
+    name = "simskip-client",
+    version,
+    about = "SimSkip federation client: trains on private data, shares only weights and metrics"
+)]
 pub struct ClientArgs {
     /// Settings file (TOML) with [client], [data], [transe], [simskip], [gate], [eval];
     /// SIMSKIP_CLIENT__NAME etc. override it.
@@ -65,13 +75,22 @@ pub struct ServerFile {
     pub simskip: SimSkipConfig,
 }
 
-fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32, config: &[(&str, &str)]) -> StageConfig {
+fn stage(
+    name: &str,
+    kind: StageKind,
+    rounds: u32,
+    eval_every: u32,
+    config: &[(&str, &str)],
+) -> StageConfig {
     StageConfig {
         name: name.into(),
         kind,
         rounds,
         eval_every,
-        config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     }
 }
 
@@ -102,7 +121,13 @@ impl Default for ServerFile {
                         ("normalize_entities", "false"),
                     ],
                 ),
-                stage("simskip", StageKind::FedAvg, 10, 5, &[("local_epochs", "2")]),
+                stage(
+                    "simskip",
+                    StageKind::FedAvg,
+                    10,
+                    5,
+                    &[("local_epochs", "2")],
+                ),
             ],
             ..ServerConfig::default()
         };
@@ -177,9 +202,13 @@ pub fn run_server(args: ServerArgs) -> Result<()> {
     file.server.validate()?;
     let strategies = strategies(&file)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let summary = runtime.block_on(simskip_fed::run_server(file.server.clone(), strategies, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }))?;
+    let summary = runtime.block_on(simskip_fed::run_server(
+        file.server.clone(),
+        strategies,
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    ))?;
     tracing::info!(run_id = %summary.run_id, completed = summary.completed, out = %summary.out_dir.display(), "run finished");
     anyhow::ensure!(summary.completed, "the run was stopped before it finished");
     Ok(())
@@ -190,14 +219,20 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
     if let Some(server) = args.server {
         file.client.server = server;
     }
-    let ds = KgDataset::load(&file.data.dir).with_context(|| format!("loading the private graph {}", file.data.dir.display()))?;
+    let ds = KgDataset::load(&file.data.dir)
+        .with_context(|| format!("loading the private graph {}", file.data.dir.display()))?;
     let settings = crate::settings::Settings {
         transe: file.transe.clone(),
         simskip: file.simskip.clone(),
         gate: file.gate.clone(),
         eval: file.eval.clone(),
     };
-    let work = FederatedWork::new(ds, file.data.out_dir.clone(), settings, file.data.input_embeddings.as_deref())?;
+    let work = FederatedWork::new(
+        ds,
+        file.data.out_dir.clone(),
+        settings,
+        file.data.input_embeddings.as_deref(),
+    )?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(simskip_fed::run_client(file.client.clone(), work))
 }
@@ -222,22 +257,29 @@ pub struct StageFigures {
 impl RunFigures {
     pub fn read(coordinator_dir: &Path) -> Result<Self> {
         let path = coordinator_dir.join("metrics.jsonl");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let mut figures = RunFigures::default();
         for (i, line) in text.lines().enumerate() {
-            let v: serde_json::Value =
-                serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
             if v["kind"] != "evaluate" {
                 continue;
             }
             let stage = v["stage"].as_str().unwrap_or_default().to_owned();
             let round = v["round"].as_u64().unwrap_or_default() as u32;
-            let aggregate: BTreeMap<String, f64> = serde_json::from_value(v["metrics"].clone()).unwrap_or_default();
+            let aggregate: BTreeMap<String, f64> =
+                serde_json::from_value(v["metrics"].clone()).unwrap_or_default();
             let clients: BTreeMap<String, BTreeMap<String, f64>> = v["clients"]
                 .as_object()
                 .map(|m| {
                     m.iter()
-                        .map(|(name, c)| (name.clone(), serde_json::from_value(c["metrics"].clone()).unwrap_or_default()))
+                        .map(|(name, c)| {
+                            (
+                                name.clone(),
+                                serde_json::from_value(c["metrics"].clone()).unwrap_or_default(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -254,10 +296,14 @@ impl RunFigures {
     pub fn render(&self) -> String {
         let mut out = String::new();
         for (stage, f) in &self.stages {
-            let mut rows: Vec<(String, &BTreeMap<String, f64>)> = f.clients.iter().map(|(c, m)| (c.clone(), m)).collect();
+            let mut rows: Vec<(String, &BTreeMap<String, f64>)> =
+                f.clients.iter().map(|(c, m)| (c.clone(), m)).collect();
             rows.push(("aggregate".into(), &f.aggregate));
             let has_refined = f.aggregate.keys().any(|k| k.starts_with("refined."));
-            out.push_str(&format!("\nstage '{stage}', evaluation after round {}:\n", f.round));
+            out.push_str(&format!(
+                "\nstage '{stage}', evaluation after round {}:\n",
+                f.round
+            ));
             if has_refined {
                 out.push_str(&format!(
                     "{:<12} {:<8} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
@@ -265,7 +311,10 @@ impl RunFigures {
                 ));
                 for (name, m) in &rows {
                     for table in ["input", "refined"] {
-                        let g = |k: &str| m.get(&format!("{table}.{k}")).map_or("-".to_owned(), |v| format!("{v:.4}"));
+                        let g = |k: &str| {
+                            m.get(&format!("{table}.{k}"))
+                                .map_or("-".to_owned(), |v| format!("{v:.4}"))
+                        };
                         out.push_str(&format!(
                             "{:<12} {:<8} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
                             name,

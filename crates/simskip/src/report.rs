@@ -8,7 +8,8 @@ use simskip_kge::LinkPredictionMetrics;
 
 pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    simskip_data::fsutil::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    simskip_data::fsutil::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Filtered link-prediction figures, one row per split.
@@ -20,7 +21,14 @@ pub fn print_link_prediction(rows: &[(&str, &LinkPredictionMetrics)]) {
     for (name, m) in rows {
         println!(
             "{:<8} {:>7} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>9.4} {:>9.4}",
-            name, m.count, m.mrr, m.hits_at_1, m.hits_at_3, m.hits_at_10, m.tail.mrr, m.tail.hits_at_10
+            name,
+            m.count,
+            m.mrr,
+            m.hits_at_1,
+            m.hits_at_3,
+            m.hits_at_10,
+            m.tail.mrr,
+            m.tail.hits_at_10
         );
     }
 }

@@ -41,7 +41,10 @@ pub fn load_with_env<T: DeserializeOwned>(
                 });
             }
             builder = builder.add_source(File::from(path).format(FileFormat::Toml));
-            format!("{} (with {ENV_PREFIX}_* environment overrides)", path.display())
+            format!(
+                "{} (with {ENV_PREFIX}_* environment overrides)",
+                path.display()
+            )
         }
         None => format!("settings ({ENV_PREFIX}_* environment overrides)"),
     };
@@ -60,7 +63,11 @@ pub fn load_with_env<T: DeserializeOwned>(
         origin: origin.clone(),
         message: e.to_string(),
     };
-    builder.build().map_err(invalid)?.try_deserialize().map_err(invalid)
+    builder
+        .build()
+        .map_err(invalid)?
+        .try_deserialize()
+        .map_err(invalid)
 }
 
 use serde::{Deserialize, Serialize};
@@ -160,32 +167,50 @@ mod tests {
         assert_eq!(s.transe.epochs, 7, "environment beats the file");
         assert_eq!(s.transe.dim, 32, "file beats the default");
         assert!((s.simskip.noise_var - 0.2).abs() < 1e-6);
-        assert!((s.simskip.mask_prob - 0.3).abs() < 1e-6, "keys with underscores are reachable");
+        assert!(
+            (s.simskip.mask_prob - 0.3).abs() < 1e-6,
+            "keys with underscores are reachable"
+        );
         assert_eq!(s.eval, EvalSettings::default());
     }
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_file() {
         let f = toml_file("[transe]\nepochz = 5\n");
-        let err = load_with_env::<Settings>(Some(f.path()), []).unwrap_err().to_string();
-        assert!(err.contains("epochz") && err.contains(&f.path().display().to_string()), "{err}");
+        let err = load_with_env::<Settings>(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("epochz") && err.contains(&f.path().display().to_string()),
+            "{err}"
+        );
         let f = toml_file("[simskip]\nlr = \"fast\"\n");
-        let err = load_with_env::<Settings>(Some(f.path()), []).unwrap_err().to_string();
+        let err = load_with_env::<Settings>(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lr"), "{err}");
-        let err = load_with_env::<Settings>(Some(Path::new("/nonexistent/x.toml")), []).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/x.toml") && err.contains("not found"), "{err}");
+        let err = load_with_env::<Settings>(Some(Path::new("/nonexistent/x.toml")), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/x.toml") && err.contains("not found"),
+            "{err}"
+        );
     }
 
     #[test]
     fn shipped_config_files_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let sim: crate::simulate::SimulateFile = load_with_env(Some(&root.join("examples/simulate.toml")), []).unwrap();
+        let sim: crate::simulate::SimulateFile =
+            load_with_env(Some(&root.join("examples/simulate.toml")), []).unwrap();
         assert_eq!(sim.simulate.clients, 3);
         assert_eq!(sim.server.server.stages.len(), 2);
-        let server: crate::node::ServerFile = load_with_env(Some(&root.join("deploy/config/server.toml")), []).unwrap();
+        let server: crate::node::ServerFile =
+            load_with_env(Some(&root.join("deploy/config/server.toml")), []).unwrap();
         assert_eq!(server.server.out_dir, Path::new("/out"));
         let env = [("SIMSKIP_CLIENT__NAME".to_owned(), "org-a".to_owned())];
-        let client: crate::node::ClientFile = load_with_env(Some(&root.join("deploy/config/client.toml")), env).unwrap();
+        let client: crate::node::ClientFile =
+            load_with_env(Some(&root.join("deploy/config/client.toml")), env).unwrap();
         assert_eq!(client.client.name, "org-a");
         assert_eq!(client.data.dir, Path::new("/data"));
     }

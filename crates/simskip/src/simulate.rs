@@ -81,7 +81,10 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     }
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !path.is_file() {
-        bail!("{} not found: build it with `cargo build --release -p simskip --bins`", path.display());
+        bail!(
+            "{} not found: build it with `cargo build --release -p simskip --bins`",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -142,7 +145,8 @@ fn spawn(bin: &Path, config: &Path, log: &Path, name: &str) -> Result<Guard> {
 
 fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = toml::to_string_pretty(value).context("serialising settings")?;
-    simskip_data::fsutil::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    simskip_data::fsutil::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn run(args: SimulateArgs) -> Result<()> {
@@ -167,7 +171,8 @@ pub fn simulate(file: &SimulateFile) -> Result<crate::node::RunFigures> {
         std::fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let ds = KgDataset::load(&sim.dataset).with_context(|| format!("loading {}", sim.dataset.display()))?;
+    let ds = KgDataset::load(&sim.dataset)
+        .with_context(|| format!("loading {}", sim.dataset.display()))?;
     let by = match sim.split {
         SplitKind::Relation => PartitionBy::Relation,
         SplitKind::Triples => PartitionBy::Triples,
@@ -202,20 +207,35 @@ pub fn simulate(file: &SimulateFile) -> Result<crate::node::RunFigures> {
         client.data.out_dir = out.join(format!("org-{k}-output"));
         let path = out.join(format!("client-{k}.toml"));
         write_toml(&path, &client)?;
-        clients.push(spawn(&client_bin, &path, &out.join(format!("client-{k}.log")), &format!("org-{k}"))?);
+        clients.push(spawn(
+            &client_bin,
+            &path,
+            &out.join(format!("client-{k}.log")),
+            &format!("org-{k}"),
+        )?);
     }
 
     let deadline = Instant::now() + Duration::from_secs(sim.timeout_secs);
     for c in &mut clients {
         match c.wait_until(deadline)? {
             Some(s) if s.success() => {}
-            Some(s) => bail!("client {} exited with {s}; see {}", c.1, out.join(format!("client-{}.log", &c.1[4..])).display()),
-            None => bail!("the simulation did not finish within {} s", sim.timeout_secs),
+            Some(s) => bail!(
+                "client {} exited with {s}; see {}",
+                c.1,
+                out.join(format!("client-{}.log", &c.1[4..])).display()
+            ),
+            None => bail!(
+                "the simulation did not finish within {} s",
+                sim.timeout_secs
+            ),
         }
     }
     match server_proc.wait_until(deadline + Duration::from_secs(30))? {
         Some(s) if s.success() => {}
-        Some(s) => bail!("the server exited with {s}; see {}", out.join("server.log").display()),
+        Some(s) => bail!(
+            "the server exited with {s}; see {}",
+            out.join("server.log").display()
+        ),
         None => bail!("the server did not stop after the clients finished"),
     }
     crate::node::RunFigures::read(&out.join("coordinator"))

@@ -40,14 +40,23 @@ pub struct FederatedWork {
 
 impl FederatedWork {
     /// `input_embeddings`: a table for stage 2 when there is no stage 1 (rows matched by name).
-    pub fn new(ds: KgDataset, out_dir: PathBuf, settings: Settings, input_embeddings: Option<&std::path::Path>) -> Result<Self> {
+    pub fn new(
+        ds: KgDataset,
+        out_dir: PathBuf,
+        settings: Settings,
+        input_embeddings: Option<&std::path::Path>,
+    ) -> Result<Self> {
         // A restarted client picks its stage-1 table back up from its own output folder.
         let recorded = out_dir.join(STAGE2_INPUT_RECORD);
         let input = match input_embeddings {
             Some(path) => Some(crate::cli::load_table(path, &ds)?),
             None if recorded.is_file() => {
-                let path = std::fs::read_to_string(&recorded).with_context(|| format!("reading {}", recorded.display()))?;
-                Some(crate::cli::load_table(std::path::Path::new(path.trim()), &ds)?)
+                let path = std::fs::read_to_string(&recorded)
+                    .with_context(|| format!("reading {}", recorded.display()))?;
+                Some(crate::cli::load_table(
+                    std::path::Path::new(path.trim()),
+                    &ds,
+                )?)
             }
             None => None,
         };
@@ -64,19 +73,33 @@ impl FederatedWork {
     }
 
     fn eval_context(&self) -> EvalContext<'_> {
-        EvalContext::new(&self.ds, self.settings.eval.clone(), self.settings.transe.norm)
+        EvalContext::new(
+            &self.ds,
+            self.settings.eval.clone(),
+            self.settings.transe.norm,
+        )
     }
 
     /// Install the coordinator's rows of our entities into the local TransE, creating it on
     /// the first round (relations start random and stay local).
-    fn install_entity_rows(&mut self, global: Vec<NamedArray>, config: &BTreeMap<String, String>) -> Result<()> {
+    fn install_entity_rows(
+        &mut self,
+        global: Vec<NamedArray>,
+        config: &BTreeMap<String, String>,
+    ) -> Result<()> {
         let rows = take_array(global, ENTITIES)?;
         let (n, d) = match rows.shape[..] {
             [n, d] => (n, d),
-            _ => bail!("coordinator sent 'entities' of shape {:?}, expected [rows, dim]", rows.shape),
+            _ => bail!(
+                "coordinator sent 'entities' of shape {:?}, expected [rows, dim]",
+                rows.shape
+            ),
         };
         if n != self.ds.num_entities() {
-            bail!("coordinator sent {n} entity rows, this client holds {}", self.ds.num_entities());
+            bail!(
+                "coordinator sent {n} entity rows, this client holds {}",
+                self.ds.num_entities()
+            );
         }
         let rows = Matrix::from_vec(n, d, rows.data);
         match &mut self.transe {
@@ -100,7 +123,11 @@ impl FederatedWork {
             .ok_or_else(|| anyhow!("stage 2 needs input embeddings: run a FedE stage first or give the client an embeddings file"))
     }
 
-    fn install_model(&mut self, global: &[NamedArray], config: &BTreeMap<String, String>) -> Result<()> {
+    fn install_model(
+        &mut self,
+        global: &[NamedArray],
+        config: &BTreeMap<String, String>,
+    ) -> Result<()> {
         let dim = self.stage2_input()?.cols;
         if self.simskip.is_none() {
             let mut cfg = self.settings.simskip.clone();
@@ -137,7 +164,13 @@ impl ClientWork for FederatedWork {
         self.ds.train.len() as u64
     }
 
-    fn fit(&mut self, stage: &StageInfo, _round: u32, global: Vec<NamedArray>, config: &BTreeMap<String, String>) -> Result<FitOutput> {
+    fn fit(
+        &mut self,
+        stage: &StageInfo,
+        _round: u32,
+        global: Vec<NamedArray>,
+        config: &BTreeMap<String, String>,
+    ) -> Result<FitOutput> {
         match stage.kind {
             StageKind::FedE => {
                 self.install_entity_rows(global, config)?;
@@ -149,7 +182,11 @@ impl ClientWork for FederatedWork {
                 }
                 let e = &trainer.model().entities;
                 Ok(FitOutput {
-                    arrays: vec![NamedArray::new(ENTITIES, vec![e.rows, e.cols], e.data.clone())],
+                    arrays: vec![NamedArray::new(
+                        ENTITIES,
+                        vec![e.rows, e.cols],
+                        e.data.clone(),
+                    )],
                     num_examples: self.ds.train.len() as u64,
                     metrics: BTreeMap::from([("loss".to_owned(), loss as f64)]),
                 })
@@ -175,14 +212,26 @@ impl ClientWork for FederatedWork {
         }
     }
 
-    fn evaluate(&mut self, stage: &StageInfo, _round: u32, global: Vec<NamedArray>, config: &BTreeMap<String, String>) -> Result<EvalOutput> {
+    fn evaluate(
+        &mut self,
+        stage: &StageInfo,
+        _round: u32,
+        global: Vec<NamedArray>,
+        config: &BTreeMap<String, String>,
+    ) -> Result<EvalOutput> {
         match stage.kind {
             StageKind::FedE => {
                 self.install_entity_rows(global, config)?;
                 let model = self.transe.as_ref().expect("installed").model();
                 let mut metrics = BTreeMap::new();
                 for (split, triples) in [("valid", &self.ds.valid), ("test", &self.ds.test)] {
-                    let m = simskip_kge::evaluate(&model.entities, &model.relations, model.norm, triples, &self.filter);
+                    let m = simskip_kge::evaluate(
+                        &model.entities,
+                        &model.relations,
+                        model.norm,
+                        triples,
+                        &self.filter,
+                    );
                     metrics.insert(format!("{split}.mrr"), m.mrr);
                     metrics.insert(format!("{split}.hits_at_1"), m.hits_at_1);
                     metrics.insert(format!("{split}.hits_at_10"), m.hits_at_10);
@@ -196,7 +245,12 @@ impl ClientWork for FederatedWork {
             StageKind::FedAvg => {
                 self.install_model(&global, config)?;
                 let x = self.stage2_input()?;
-                let refined = self.simskip.as_ref().expect("installed").model().refine(x)?;
+                let refined = self
+                    .simskip
+                    .as_ref()
+                    .expect("installed")
+                    .model()
+                    .refine(x)?;
                 let ctx = self.eval_context();
                 let mut metrics = BTreeMap::new();
                 flatten("input", &evaluate_table(&ctx, x)?, &mut metrics);
@@ -209,20 +263,39 @@ impl ClientWork for FederatedWork {
         }
     }
 
-    fn finish_stage(&mut self, stage: &StageInfo, global: Vec<NamedArray>, config: &BTreeMap<String, String>) -> Result<()> {
+    fn finish_stage(
+        &mut self,
+        stage: &StageInfo,
+        global: Vec<NamedArray>,
+        config: &BTreeMap<String, String>,
+    ) -> Result<()> {
         match stage.kind {
             StageKind::FedE => {
                 self.install_entity_rows(global, config)?;
-                let entities = self.transe.as_ref().expect("installed").model().entities.clone();
+                let entities = self
+                    .transe
+                    .as_ref()
+                    .expect("installed")
+                    .model()
+                    .entities
+                    .clone();
                 let path = self.write_table(&stage.name, &entities)?;
-                simskip_data::fsutil::write_atomic(&self.out_dir.join(STAGE2_INPUT_RECORD), path.display().to_string().as_bytes())?;
+                simskip_data::fsutil::write_atomic(
+                    &self.out_dir.join(STAGE2_INPUT_RECORD),
+                    path.display().to_string().as_bytes(),
+                )?;
                 tracing::info!(path = %path.display(), "wrote stage-1 entity embeddings");
                 self.input = Some(entities);
             }
             StageKind::FedAvg => {
                 self.install_model(&global, config)?;
                 let x = self.stage2_input()?.clone();
-                let refined = self.simskip.as_ref().expect("installed").model().refine(&x)?;
+                let refined = self
+                    .simskip
+                    .as_ref()
+                    .expect("installed")
+                    .model()
+                    .refine(&x)?;
                 // The federated model is shared; whether it helps this organisation's table is
                 // decided here, on this client's own held-out data.
                 let ctx = self.eval_context();
@@ -238,7 +311,10 @@ impl ClientWork for FederatedWork {
                     "gate": self.settings.gate.enabled,
                     "output": if keep_refined { "refined" } else { "input" },
                 });
-                crate::report::write_json(&self.out_dir.join(&stage.name).join("gate.json"), &decision)?;
+                crate::report::write_json(
+                    &self.out_dir.join(&stage.name).join("gate.json"),
+                    &decision,
+                )?;
                 tracing::info!(path = %path.display(), %decision, "wrote refined entity embeddings");
             }
         }
@@ -271,7 +347,10 @@ fn take_array(arrays: Vec<NamedArray>, name: &str) -> Result<NamedArray> {
 fn parse<T: std::str::FromStr>(config: &BTreeMap<String, String>, key: &str) -> Result<Option<T>> {
     config
         .get(key)
-        .map(|v| v.parse::<T>().map_err(|_| anyhow!("task config '{key}': cannot parse '{v}'")))
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|_| anyhow!("task config '{key}': cannot parse '{v}'"))
+        })
         .transpose()
 }
 
@@ -281,7 +360,10 @@ fn local_epochs(config: &BTreeMap<String, String>, default: usize) -> Result<usi
 
 /// The coordinator's task config overrides the client's own training settings, so one run
 /// trains alike everywhere.
-fn apply_transe_overrides(cfg: &mut simskip_kge::TransEConfig, config: &BTreeMap<String, String>) -> Result<()> {
+fn apply_transe_overrides(
+    cfg: &mut simskip_kge::TransEConfig,
+    config: &BTreeMap<String, String>,
+) -> Result<()> {
     if let Some(v) = parse(config, "lr")? {
         cfg.lr = v;
     }
@@ -306,13 +388,18 @@ fn apply_transe_overrides(cfg: &mut simskip_kge::TransEConfig, config: &BTreeMap
                 gamma: parse(config, "gamma")?.unwrap_or(10.0),
                 temperature: parse(config, "adversarial_temperature")?.unwrap_or(1.0),
             },
-            other => bail!("task config 'loss': unknown loss '{other}' (margin_ranking, self_adversarial)"),
+            other => bail!(
+                "task config 'loss': unknown loss '{other}' (margin_ranking, self_adversarial)"
+            ),
         };
     }
     Ok(())
 }
 
-fn apply_simskip_overrides(cfg: &mut simskip_refine::SimSkipConfig, config: &BTreeMap<String, String>) -> Result<()> {
+fn apply_simskip_overrides(
+    cfg: &mut simskip_refine::SimSkipConfig,
+    config: &BTreeMap<String, String>,
+) -> Result<()> {
     if let Some(v) = parse(config, "lr")? {
         cfg.lr = v;
     }
@@ -329,8 +416,10 @@ fn apply_simskip_overrides(cfg: &mut simskip_refine::SimSkipConfig, config: &BTr
         cfg.skip = v;
     }
     if let Some(v) = config.get("augmentation") {
-        cfg.augmentation = serde_json::from_value(serde_json::Value::String(v.clone()))
-            .map_err(|_| anyhow!("task config 'augmentation': unknown '{v}' (mask, noise, both)"))?;
+        cfg.augmentation =
+            serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                anyhow!("task config 'augmentation': unknown '{v}' (mask, noise, both)")
+            })?;
     }
     if let Some(v) = config.get("positives") {
         cfg.positives = serde_json::from_value(serde_json::Value::String(v.clone()))

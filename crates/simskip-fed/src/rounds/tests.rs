@@ -492,5 +492,8 @@ fn a_dead_client_does_not_hold_back_later_rounds_below_min_clients() {
     let mut fresh = fedavg_rounds(3, 2, 1, 0);
     let s2 = register(&mut fresh, &["a", "b"], ms(0));
     fresh.tick(ms(0));
-    assert!(fresh.task_for(&s2[0], ms(1)).unwrap().is_none_or(|t| t.kind == TaskKind::Wait));
+    assert!(fresh
+        .task_for(&s2[0], ms(1))
+        .unwrap()
+        .is_none_or(|t| t.kind == TaskKind::Wait));
 }

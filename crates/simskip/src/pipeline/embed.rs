@@ -41,8 +41,20 @@ pub fn train_transe(
     let train_seconds = start.elapsed().as_secs_f64();
     let model = trainer.into_model();
     let filter = FilterIndex::from_dataset(ds);
-    let valid = simskip_kge::evaluate(&model.entities, &model.relations, model.norm, &ds.valid, &filter);
-    let test = simskip_kge::evaluate(&model.entities, &model.relations, model.norm, &ds.test, &filter);
+    let valid = simskip_kge::evaluate(
+        &model.entities,
+        &model.relations,
+        model.norm,
+        &ds.valid,
+        &filter,
+    );
+    let test = simskip_kge::evaluate(
+        &model.entities,
+        &model.relations,
+        model.norm,
+        &ds.test,
+        &filter,
+    );
     EmbedOutcome {
         report: EmbedReport {
             dataset: ds.dir.display().to_string(),

@@ -48,9 +48,20 @@ impl<'a> EvalContext<'a> {
 pub fn evaluate_table(ctx: &EvalContext<'_>, x: &Matrix) -> Result<TaskFigures> {
     let mut figures = TaskFigures::default();
     if let (Some(labels), Some(split)) = (ctx.ds.labels.as_ref(), ctx.split.as_ref()) {
-        figures.knn_at_10 = Some(knn_precision_at_k(x, &labels.of, &split.test, ctx.settings.knn_k));
+        figures.knn_at_10 = Some(knn_precision_at_k(
+            x,
+            &labels.of,
+            &split.test,
+            ctx.settings.knn_k,
+        ));
         if ctx.settings.run_probe {
-            let result = probe(x, &labels.of, labels.classes.len(), split, &ctx.settings.probe)?;
+            let result = probe(
+                x,
+                &labels.of,
+                labels.classes.len(),
+                split,
+                &ctx.settings.probe,
+            )?;
             figures.probe_accuracy = Some(result.accuracy);
             figures.probe_macro_f1 = Some(result.macro_f1);
         }

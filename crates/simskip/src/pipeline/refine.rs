@@ -8,7 +8,9 @@ use rand::SeedableRng;
 use serde::Serialize;
 use simskip_data::{KgDataset, Matrix, NamedArray};
 use simskip_eval::{knn_precision_at_k, neighbour_retrieval_mrr, pairs_of, probe};
-use simskip_refine::{apply, train_with_selection, Neighbours, Positives, Selection, SimSkipConfig, SimSkipTrainer};
+use simskip_refine::{
+    apply, train_with_selection, Neighbours, Positives, Selection, SimSkipConfig, SimSkipTrainer,
+};
 
 use super::evaluate::EvalContext;
 use crate::settings::{GateSettings, SignalKind};
@@ -43,7 +45,10 @@ pub fn training_neighbours(ds: &KgDataset) -> Result<Neighbours> {
 }
 
 /// A held-out score of a table, higher is better, named for the report.
-pub fn validation_signal<'a>(ctx: &'a EvalContext<'_>, kind: SignalKind) -> Result<(String, Box<dyn Fn(&Matrix) -> f64 + 'a>)> {
+pub fn validation_signal<'a>(
+    ctx: &'a EvalContext<'_>,
+    kind: SignalKind,
+) -> Result<(String, Box<dyn Fn(&Matrix) -> f64 + 'a>)> {
     let kind = match kind {
         SignalKind::Auto if ctx.split.is_some() => SignalKind::Knn,
         SignalKind::Auto => SignalKind::Graph,
@@ -51,8 +56,11 @@ pub fn validation_signal<'a>(ctx: &'a EvalContext<'_>, kind: SignalKind) -> Resu
     };
     match kind {
         SignalKind::Knn | SignalKind::Probe => {
-            let (Some(masked), Some(split)) = (ctx.labels_without_test(), ctx.split.as_ref()) else {
-                anyhow::bail!("gate signal '{kind:?}' needs entity labels, and the dataset has none");
+            let (Some(masked), Some(split)) = (ctx.labels_without_test(), ctx.split.as_ref())
+            else {
+                anyhow::bail!(
+                    "gate signal '{kind:?}' needs entity labels, and the dataset has none"
+                );
             };
             let k = ctx.settings.knn_k;
             if kind == SignalKind::Knn {
@@ -68,7 +76,8 @@ pub fn validation_signal<'a>(ctx: &'a EvalContext<'_>, kind: SignalKind) -> Resu
                 Ok((
                     "validation probe accuracy".into(),
                     Box::new(move |x: &Matrix| {
-                        probe(x, &masked, classes, split, &cfg).map_or(f64::NAN, |r| r.valid_accuracy)
+                        probe(x, &masked, classes, split, &cfg)
+                            .map_or(f64::NAN, |r| r.valid_accuracy)
                     }),
                 ))
             }
@@ -79,7 +88,10 @@ pub fn validation_signal<'a>(ctx: &'a EvalContext<'_>, kind: SignalKind) -> Resu
                 pairs.shuffle(&mut StdRng::seed_from_u64(ctx.settings.split_seed));
                 pairs.truncate(MAX_SIGNAL_PAIRS);
             }
-            anyhow::ensure!(!pairs.is_empty(), "the label-free gate signal needs validation triples");
+            anyhow::ensure!(
+                !pairs.is_empty(),
+                "the label-free gate signal needs validation triples"
+            );
             Ok((
                 "validation-triple neighbour retrieval MRR".into(),
                 Box::new(move |x: &Matrix| neighbour_retrieval_mrr(x, &pairs, None)),
@@ -125,7 +137,12 @@ pub fn refine_table(
             let stats = trainer.train_epoch(x, neighbours.as_ref())?;
             on_epoch(epoch, stats.loss, None);
         }
-        (trainer.model().refine(x)?, None, "last epoch".to_owned(), None)
+        (
+            trainer.model().refine(x)?,
+            None,
+            "last epoch".to_owned(),
+            None,
+        )
     };
     Ok(RefineOutcome {
         output,
