@@ -154,7 +154,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Epochs at which the baselines are evaluated along the way (every 10 and the last).
 fn checkpoint(epoch: usize, total: usize) -> bool {
-    epoch % 10 == 0 || epoch == total
+    epoch.is_multiple_of(10) || epoch == total
 }
 
 fn main() -> Result<()> {
