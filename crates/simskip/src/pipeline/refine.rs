@@ -44,11 +44,14 @@ pub fn training_neighbours(ds: &KgDataset) -> Result<Neighbours> {
     Neighbours::from_edges(ds.num_entities(), &edges).context("building the training graph")
 }
 
-/// A held-out score of a table, higher is better, named for the report.
+/// A score of a table on held-out data; higher is better.
+pub type Signal<'a> = Box<dyn Fn(&Matrix) -> f64 + 'a>;
+
+/// The validation signal of `kind`, with its name for the report.
 pub fn validation_signal<'a>(
     ctx: &'a EvalContext<'_>,
     kind: SignalKind,
-) -> Result<(String, Box<dyn Fn(&Matrix) -> f64 + 'a>)> {
+) -> Result<(String, Signal<'a>)> {
     let kind = match kind {
         SignalKind::Auto if ctx.split.is_some() => SignalKind::Knn,
         SignalKind::Auto => SignalKind::Graph,
