@@ -354,6 +354,18 @@ fn parse<T: std::str::FromStr>(config: &BTreeMap<String, String>, key: &str) -> 
         .transpose()
 }
 
+/// Replace `field` with the task config's value of `key`, when the coordinator sent one.
+fn override_from<T: std::str::FromStr>(
+    config: &BTreeMap<String, String>,
+    key: &str,
+    field: &mut T,
+) -> Result<()> {
+    if let Some(v) = parse(config, key)? {
+        *field = v;
+    }
+    Ok(())
+}
+
 fn local_epochs(config: &BTreeMap<String, String>, default: usize) -> Result<usize> {
     Ok(parse(config, "local_epochs")?.unwrap_or(default))
 }
@@ -364,21 +376,11 @@ fn apply_transe_overrides(
     cfg: &mut simskip_kge::TransEConfig,
     config: &BTreeMap<String, String>,
 ) -> Result<()> {
-    if let Some(v) = parse(config, "lr")? {
-        cfg.lr = v;
-    }
-    if let Some(v) = parse(config, "batch_size")? {
-        cfg.batch_size = v;
-    }
-    if let Some(v) = parse(config, "negatives")? {
-        cfg.negatives = v;
-    }
-    if let Some(v) = parse(config, "seed")? {
-        cfg.seed = v;
-    }
-    if let Some(v) = parse(config, "normalize_entities")? {
-        cfg.normalize_entities = v;
-    }
+    override_from(config, "lr", &mut cfg.lr)?;
+    override_from(config, "batch_size", &mut cfg.batch_size)?;
+    override_from(config, "negatives", &mut cfg.negatives)?;
+    override_from(config, "seed", &mut cfg.seed)?;
+    override_from(config, "normalize_entities", &mut cfg.normalize_entities)?;
     if let Some(v) = config.get("loss") {
         cfg.loss = match v.as_str() {
             "margin_ranking" => simskip_kge::Loss::MarginRanking {
@@ -400,21 +402,11 @@ fn apply_simskip_overrides(
     cfg: &mut simskip_refine::SimSkipConfig,
     config: &BTreeMap<String, String>,
 ) -> Result<()> {
-    if let Some(v) = parse(config, "lr")? {
-        cfg.lr = v;
-    }
-    if let Some(v) = parse(config, "batch_size")? {
-        cfg.batch_size = v;
-    }
-    if let Some(v) = parse(config, "temperature")? {
-        cfg.temperature = v;
-    }
-    if let Some(v) = parse(config, "seed")? {
-        cfg.seed = v;
-    }
-    if let Some(v) = parse(config, "skip")? {
-        cfg.skip = v;
-    }
+    override_from(config, "lr", &mut cfg.lr)?;
+    override_from(config, "batch_size", &mut cfg.batch_size)?;
+    override_from(config, "temperature", &mut cfg.temperature)?;
+    override_from(config, "seed", &mut cfg.seed)?;
+    override_from(config, "skip", &mut cfg.skip)?;
     if let Some(v) = config.get("augmentation") {
         cfg.augmentation =
             serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
