@@ -25,11 +25,11 @@ use serde_json::{json, Value};
 use simskip_data::{
     partition, ClientPartition, KgDataset, Matrix, NamedArray, PartitionBy, PartitionConfig, Triple,
 };
-use simskip_fed::aggregate::{fede_aggregate, EntityTable, ENTITIES};
-use simskip_fed::chunk::{encode_arrays, Assembler, DEFAULT_CHUNK_BYTES};
-use simskip_fed::rounds::{ClientInfo, ClientResult};
-use simskip_fed::{FedAvgStrategy, Strategy};
-use simskip_kge::{evaluate, FilterIndex, Loss, Norm, TransE, TransEConfig, TransETrainer};
+use simskip_fed::aggregate::{fede_aggregate, EntityTable};
+use simskip_fed::chunk::{encode_arrays, Assembler, PayloadChunks, DEFAULT_CHUNK_BYTES};
+use simskip_fed::types::{ClientInfo, ClientResult};
+use simskip_fed::{FedAvgStrategy, StageParams, Strategy, ENTITIES};
+use simskip_kge::{evaluate, FilterIndex, Norm, TransE, TransEConfig, TransETrainer};
 use simskip_refine::{SimSkipConfig, SimSkipTrainer};
 
 const DIM: usize = 128;
@@ -89,22 +89,24 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-/// The FedE settings of the deployment (deploy/config/server.toml, stage "fede").
-fn fede_cfg() -> TransEConfig {
-    TransEConfig {
+/// The FedE settings of the default run (the coordinator's default FedE stage), one epoch at
+/// a time (the example counts local epochs itself).
+fn fede_cfg() -> Result<TransEConfig> {
+    let server = simskip::node::ServerFile::default().server;
+    let Some(StageParams::FedE(cfg)) = server
+        .stages
+        .iter()
+        .map(|s| &s.params)
+        .find(|p| matches!(p, StageParams::FedE(_)))
+    else {
+        bail!("the default run has no FedE stage");
+    };
+    Ok(TransEConfig {
         dim: DIM,
-        norm: Norm::L1,
-        loss: Loss::SelfAdversarial {
-            gamma: 10.0,
-            temperature: 1.0,
-        },
-        negatives: 256,
-        batch_size: 512,
-        lr: 0.01,
         epochs: 1,
         seed: SEED,
-        normalize_entities: false,
-    }
+        ..cfg.clone()
+    })
 }
 
 /// One client's private graph, its filter and the keys its rows travel under.
@@ -188,7 +190,7 @@ fn figure_1(args: &Args) -> Result<Value> {
         &PartitionConfig::new(args.clients, PartitionBy::Relation, SEED),
     )?;
     let clients: Vec<Client> = parts.into_iter().map(Client::new).collect();
-    let cfg = fede_cfg();
+    let cfg = fede_cfg()?;
     println!(
         "== Figure 1: FedE vs Collection and Isolation ({}, {} clients by relation, seed {SEED})",
         args.dataset.display(),
@@ -281,7 +283,7 @@ fn figure_1(args: &Args) -> Result<Value> {
     // does, keys registered client by client); each client builds its local TransE on the
     // first round (relations random, local) and keeps its Adam state across rounds.
     let t0 = Instant::now();
-    let bound = 6.0 / (DIM as f32).sqrt();
+    let bound = simskip::node::fede_init_bound(&fede_cfg()?);
     let mut rng = StdRng::seed_from_u64(SEED);
     let mut table = EntityTable::new(DIM);
     for c in &clients {
@@ -510,8 +512,8 @@ fn figure_2(args: &Args) -> Result<Value> {
             let t0 = Instant::now();
             // Down: one task per client, the global model cut into chunks.
             for info in &infos {
-                let payload = strategy.fit_payload(info)?;
-                black_box(encode_arrays(&payload, DEFAULT_CHUNK_BYTES, "run", 1));
+                let payload = strategy.payload(info)?;
+                black_box(PayloadChunks::new(payload, DEFAULT_CHUNK_BYTES, "run", 1).count());
             }
             let t1 = Instant::now();
             // Up: reassemble and validate every client's result.
@@ -533,7 +535,7 @@ fn figure_2(args: &Args) -> Result<Value> {
             let t2 = Instant::now();
             // FedAvg (through the strategy the coordinator runs). Reset the global so every
             // repetition aggregates the same inputs.
-            strategy.aggregate_fit(&decoded)?;
+            strategy.aggregate_fit(decoded)?;
             let t3 = Instant::now();
             black_box(strategy.arrays());
             strategy = FedAvgStrategy::new(global.clone());

@@ -5,8 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use simskip_data::NamedArray;
 
-/// Name of the array in which FedE entity rows travel.
-pub const ENTITIES: &str = "entities";
+use crate::types::ENTITIES;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AggregateError {
@@ -38,6 +37,8 @@ pub enum AggregateError {
     },
     #[error("unknown entity {0:?}")]
     UnknownEntity(String),
+    #[error("array {name:?} holds a non-finite value at index {index}")]
+    NonFinite { name: String, index: usize },
 }
 
 /// Checks that FedAvg inputs exist and all hold the same array names with the same shapes.

@@ -5,9 +5,12 @@
 //! offset by offset, each at most `chunk_bytes` long. [`Assembler`] checks every chunk
 //! against the announced headers and reports problems as [`ChunkError`]s.
 
+use std::sync::Arc;
+
 use simskip_data::NamedArray;
 
 use crate::proto::{ArrayHeader, TensorChunk};
+use crate::types::{Payload, ENTITIES};
 
 /// The only dtype on the wire for now.
 pub const DTYPE_F32: &str = "f32";
@@ -76,33 +79,121 @@ fn effective_chunk_bytes(chunk_bytes: usize) -> usize {
     (chunk_bytes / 4).max(1) * 4
 }
 
-/// Headers and chunks for `arrays`: every chunk's `data` is at most `chunk_bytes` long
-/// (rounded down to whole f32s) and carries `run_id` and `round`. Empty arrays get no chunk.
+/// The headers announcing a payload's arrays.
+pub fn payload_headers(payload: &Payload) -> Vec<ArrayHeader> {
+    match payload {
+        Payload::Arrays(arrays) => arrays.iter().map(array_header).collect(),
+        Payload::Rows { table, keys } => {
+            let shape = [keys.len() as u64, table.dim() as u64];
+            vec![ArrayHeader {
+                name: ENTITIES.to_string(),
+                shape: shape.to_vec(),
+                dtype: DTYPE_F32.to_string(),
+                num_bytes: shape[0] * shape[1] * 4,
+            }]
+        }
+    }
+}
+
+/// A payload's tensor chunks, each built only when asked for: the encoder holds the shared
+/// payload, never a second copy of it, so a task or result streams in the memory of one chunk.
+/// Every chunk's `data` is at most `chunk_bytes` (rounded down to whole f32s) and carries
+/// `run_id` and `round`. Empty arrays get no chunk.
+pub struct PayloadChunks {
+    payload: Payload,
+    run_id: String,
+    round: u32,
+    floats_per_chunk: usize,
+    array: usize,
+    /// Next float of the current array.
+    at: usize,
+}
+
+impl PayloadChunks {
+    pub fn new(payload: Payload, chunk_bytes: usize, run_id: &str, round: u32) -> Self {
+        Self {
+            payload,
+            run_id: run_id.to_string(),
+            round,
+            floats_per_chunk: effective_chunk_bytes(chunk_bytes) / 4,
+            array: 0,
+            at: 0,
+        }
+    }
+
+    fn array_len(&self, index: usize) -> Option<usize> {
+        match &self.payload {
+            Payload::Arrays(a) => a.get(index).map(|a| a.data.len()),
+            Payload::Rows { table, keys } => (index == 0).then(|| keys.len() * table.dim()),
+        }
+    }
+
+    /// Appends floats `[start, end)` of array `index` to `out` as little-endian bytes.
+    fn write_range(&self, index: usize, start: usize, end: usize, out: &mut Vec<u8>) {
+        let mut put = |floats: &[f32]| {
+            for f in floats {
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+        };
+        match &self.payload {
+            Payload::Arrays(a) => put(&a[index].data[start..end]),
+            Payload::Rows { table, keys } => {
+                let dim = table.dim();
+                let mut i = start;
+                while i < end {
+                    let (row, col) = (i / dim, i % dim);
+                    let take = (dim - col).min(end - i);
+                    // Keys were checked against the table when the payload was made.
+                    let values = table.row(&keys[row]).unwrap_or(&[]);
+                    put(&values[col..col + take]);
+                    i += take;
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for PayloadChunks {
+    type Item = TensorChunk;
+
+    fn next(&mut self) -> Option<TensorChunk> {
+        loop {
+            let len = self.array_len(self.array)?;
+            if self.at >= len {
+                self.array += 1;
+                self.at = 0;
+                continue;
+            }
+            let end = (self.at + self.floats_per_chunk).min(len);
+            let mut data = Vec::with_capacity((end - self.at) * 4);
+            self.write_range(self.array, self.at, end, &mut data);
+            let chunk = TensorChunk {
+                run_id: self.run_id.clone(),
+                round: self.round,
+                array_index: self.array as u32,
+                offset: (self.at * 4) as u64,
+                data,
+            };
+            self.at = end;
+            return Some(chunk);
+        }
+    }
+}
+
+/// Headers and all chunks for `arrays` at once (tests and small payloads; the services
+/// stream [`PayloadChunks`] instead).
 pub fn encode_arrays(
     arrays: &[NamedArray],
     chunk_bytes: usize,
     run_id: &str,
     round: u32,
 ) -> (Vec<ArrayHeader>, Vec<TensorChunk>) {
-    let headers = arrays.iter().map(array_header).collect();
-    let per_chunk = effective_chunk_bytes(chunk_bytes) / 4;
-    let mut chunks = Vec::new();
-    for (index, array) in arrays.iter().enumerate() {
-        for (i, floats) in array.data.chunks(per_chunk).enumerate() {
-            let mut data = Vec::with_capacity(floats.len() * 4);
-            for f in floats {
-                data.extend_from_slice(&f.to_le_bytes());
-            }
-            chunks.push(TensorChunk {
-                run_id: run_id.to_string(),
-                round,
-                array_index: index as u32,
-                offset: (i * per_chunk * 4) as u64,
-                data,
-            });
-        }
-    }
-    (headers, chunks)
+    let payload = Payload::Arrays(Arc::from(arrays.to_vec()));
+    let headers = payload_headers(&payload);
+    (
+        headers,
+        PayloadChunks::new(payload, chunk_bytes, run_id, round).collect(),
+    )
 }
 
 struct Slot {
@@ -313,6 +404,27 @@ mod tests {
         }
         assert!(a.is_complete());
         assert_eq!(a.finish().unwrap(), arrays);
+    }
+
+    #[test]
+    fn table_rows_stream_lazily_and_equal_the_materialised_rows() {
+        use crate::aggregate::EntityTable;
+        let dim = 5;
+        let keys: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+        let data: Vec<f32> = (0..keys.len() * dim).map(|i| i as f32 * 0.5).collect();
+        let table = Arc::new(EntityTable::from_rows(keys.clone(), dim, data).unwrap());
+        // A client holding every third entity, in its own order.
+        let mine: Arc<Vec<String>> = Arc::new(keys.iter().rev().step_by(3).cloned().collect());
+        let payload = Payload::Rows {
+            table: table.clone(),
+            keys: mine.clone(),
+        };
+        let headers = payload_headers(&payload);
+        // 12 bytes = 3 floats: chunks cut rows in the middle.
+        let chunks: Vec<TensorChunk> = PayloadChunks::new(payload, 12, "run", 3).collect();
+        assert!(chunks.iter().all(|c| c.data.len() <= 12));
+        let decoded = decode_arrays(&headers, chunks).unwrap();
+        assert_eq!(decoded, vec![table.rows_for(&mine).unwrap()]);
     }
 
     #[test]

@@ -5,27 +5,21 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
 use serde::{Deserialize, Serialize};
 use simskip_data::NamedArray;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::chunk::{chunk_keys, Assembler, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::chunk::{
+    chunk_keys, payload_headers, Assembler, PayloadChunks, DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+};
+use crate::coordinator::config::MAX_DURATION_SECS;
+use crate::error::{FedError, WorkError};
 use crate::proto::coordinator_client::CoordinatorClient;
-use crate::proto::{self, register_request, task_chunk};
-use crate::rounds::{StageKind, TaskKind};
-use crate::wire;
-
-/// The stage a task belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StageInfo {
-    pub index: usize,
-    pub name: String,
-    pub kind: StageKind,
-    /// FIT rounds in the stage.
-    pub rounds: u32,
-}
+use crate::proto::{self, register_request, result_chunk, task_chunk};
+use crate::types::{Payload, StageInfo, TaskKind};
+use crate::wire::{self, PolledHeader, TaskHeader};
 
 /// What a FIT returns: the updated arrays (for FedE: "entities" `[n_keys, d]` in the order
 /// of [`ClientWork::entity_keys`]), the example weight and any metrics.
@@ -44,8 +38,9 @@ pub struct EvalOutput {
 }
 
 /// The local work of one organisation. Methods run on a blocking thread (training is
-/// CPU-bound); an `Err` from `fit`/`evaluate` is reported to the coordinator as a failed
-/// answer and the client carries on, an `Err` from `finish_stage` ends [`run_client`].
+/// CPU-bound). The stage's typed parameters arrive validated in [`StageInfo::params`]. An
+/// `Err` from `fit`/`evaluate` is reported to the coordinator as a failed answer and the
+/// client carries on; an `Err` from `finish_stage` ends [`run_client`].
 pub trait ClientWork: Send + 'static {
     /// Entity keys this client holds (FedE); the rows travel in this order. May be empty.
     fn entity_keys(&self) -> Vec<String>;
@@ -56,23 +51,17 @@ pub trait ClientWork: Send + 'static {
         stage: &StageInfo,
         round: u32,
         global: Vec<NamedArray>,
-        config: &BTreeMap<String, String>,
-    ) -> anyhow::Result<FitOutput>;
+    ) -> Result<FitOutput, WorkError>;
     fn evaluate(
         &mut self,
         stage: &StageInfo,
         round: u32,
         global: Vec<NamedArray>,
-        config: &BTreeMap<String, String>,
-    ) -> anyhow::Result<EvalOutput>;
+    ) -> Result<EvalOutput, WorkError>;
     /// The stage is over: `global` holds the final global weights (FedE: this client's
     /// entity rows). Write the stage's outputs here.
-    fn finish_stage(
-        &mut self,
-        stage: &StageInfo,
-        global: Vec<NamedArray>,
-        config: &BTreeMap<String, String>,
-    ) -> anyhow::Result<()>;
+    fn finish_stage(&mut self, stage: &StageInfo, global: Vec<NamedArray>)
+        -> Result<(), WorkError>;
 }
 
 /// Client settings; every field has a default.
@@ -119,11 +108,61 @@ impl Default for ClientConfig {
     }
 }
 
+impl ClientConfig {
+    /// Checks every value; the error names the key (as `client.KEY`) and the value.
+    pub fn validate(&self) -> Result<(), FedError> {
+        let bad = |key: &str, value: &dyn std::fmt::Display, why: &str| {
+            Err(FedError::Config(format!("client.{key} = {value}: {why}")))
+        };
+        if self.name.is_empty() {
+            return bad("name", &"\"\"", "every organisation needs a name");
+        }
+        if Endpoint::from_shared(self.server.clone()).is_err() {
+            return bad("server", &self.server, "not a URL like http://host:port");
+        }
+        if self.chunk_bytes < 4
+            || self.chunk_bytes.saturating_add(64 << 10) > self.max_message_bytes
+        {
+            return bad(
+                "chunk_bytes",
+                &self.chunk_bytes,
+                &format!(
+                    "must be at least 4 and, with 64 KiB of framing, fit max_message_bytes ({})",
+                    self.max_message_bytes
+                ),
+            );
+        }
+        if self.backoff_initial_ms == 0 || self.backoff_initial_ms > self.backoff_max_ms {
+            return bad(
+                "backoff_initial_ms",
+                &self.backoff_initial_ms,
+                &format!("must be in 1..=backoff_max_ms ({})", self.backoff_max_ms),
+            );
+        }
+        let durations = [
+            ("connect_timeout_secs", Some(self.connect_timeout_secs)),
+            ("heartbeat_interval_secs", self.heartbeat_interval_secs),
+        ];
+        for (key, v) in durations {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0 && v <= MAX_DURATION_SECS) {
+                    return bad(
+                        key,
+                        &format!("{v:?}"),
+                        &format!("must be seconds in (0, {MAX_DURATION_SECS}]"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a session ended.
 enum SessionEnd {
     /// Connection trouble or unknown session: reconnect and register again.
-    Reconnect(anyhow::Error),
-    Fatal(anyhow::Error),
+    Reconnect(String),
+    Fatal(FedError),
 }
 
 struct Session {
@@ -154,29 +193,41 @@ fn is_fatal(s: &Status) -> bool {
     )
 }
 
-fn classify(server: &str, what: &str, s: Status) -> SessionEnd {
-    let err = anyhow!("{what} at {server}: {} ({:?})", s.message(), s.code());
+fn classify(server: &str, what: &'static str, s: Status) -> SessionEnd {
     if is_fatal(&s) {
-        SessionEnd::Fatal(err)
+        SessionEnd::Fatal(FedError::Refused {
+            server: server.to_string(),
+            what,
+            message: format!("{} ({:?})", s.message(), s.code()),
+        })
     } else {
-        SessionEnd::Reconnect(err)
+        SessionEnd::Reconnect(format!(
+            "{what} at {server}: {} ({:?})",
+            s.message(),
+            s.code()
+        ))
     }
+}
+
+fn protocol(server: &str, message: impl std::fmt::Display) -> SessionEnd {
+    SessionEnd::Fatal(FedError::Protocol {
+        server: server.to_string(),
+        message: message.to_string(),
+    })
 }
 
 /// Runs the client until the coordinator says DONE. Retries (with backoff) while the
 /// coordinator is unreachable, up to `connect_retries` consecutive failures; after a broken
 /// connection or a forgotten session it registers again and carries on with the current
 /// global model.
-pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> anyhow::Result<()> {
-    if cfg.name.is_empty() {
-        bail!("client name must not be empty");
-    }
+pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> Result<(), FedError> {
+    cfg.validate()?;
     let keys = Arc::new(work.entity_keys());
     let num_examples = work.num_examples();
     let mut work = Some(work);
     let mut failures = 0u32;
-    let mut backoff = Duration::from_millis(cfg.backoff_initial_ms.max(1));
-    let max_backoff = Duration::from_millis(cfg.backoff_max_ms.max(cfg.backoff_initial_ms));
+    let mut backoff = Duration::from_millis(cfg.backoff_initial_ms);
+    let max_backoff = Duration::from_millis(cfg.backoff_max_ms);
     loop {
         let session = match connect_and_register(&cfg, &keys, num_examples).await {
             Ok(s) => s,
@@ -184,28 +235,26 @@ pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> anyhow::Re
             Err(SessionEnd::Reconnect(e)) => {
                 failures += 1;
                 if failures > cfg.connect_retries {
-                    return Err(e.context(format!(
-                        "could not reach the coordinator at {} after {} attempts",
-                        cfg.server, failures
-                    )));
+                    return Err(FedError::Unreachable {
+                        server: cfg.server.clone(),
+                        attempts: failures,
+                        last: e,
+                    });
                 }
-                tracing::warn!(client = %cfg.name, "{e:#}; retrying in {backoff:?}");
+                tracing::warn!(client = %cfg.name, "{e}; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(max_backoff);
                 continue;
             }
         };
         failures = 0;
-        backoff = Duration::from_millis(cfg.backoff_initial_ms.max(1));
-        tracing::info!(client = %cfg.name, session = %session.session, run_id = %session.run_id, "registered");
+        backoff = Duration::from_millis(cfg.backoff_initial_ms);
+        tracing::info!(client = %cfg.name, run_id = %session.run_id, "registered");
         match run_session(&cfg, &session, &mut work).await {
             Ok(()) => return Ok(()),
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Reconnect(e)) => {
-                tracing::warn!(client = %cfg.name, "{e:#}; registering again");
-                if work.is_none() {
-                    bail!("the local work was lost (task panicked)");
-                }
+                tracing::warn!(client = %cfg.name, "{e}; registering again");
             }
         }
     }
@@ -217,8 +266,13 @@ async fn connect_and_register(
     num_examples: u64,
 ) -> Result<Session, SessionEnd> {
     let endpoint = Endpoint::from_shared(cfg.server.clone())
-        .map_err(|e| SessionEnd::Fatal(anyhow!("bad server URL {:?}: {e}", cfg.server)))?
-        .connect_timeout(Duration::from_secs_f64(cfg.connect_timeout_secs.max(0.001)))
+        .map_err(|e| {
+            SessionEnd::Fatal(FedError::Config(format!(
+                "client.server = {}: {e}",
+                cfg.server
+            )))
+        })?
+        .connect_timeout(Duration::from_secs_f64(cfg.connect_timeout_secs))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
@@ -226,7 +280,7 @@ async fn connect_and_register(
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| SessionEnd::Reconnect(anyhow!("cannot connect to {}: {e}", cfg.server)))?;
+        .map_err(|e| SessionEnd::Reconnect(format!("cannot connect to {}: {e}", cfg.server)))?;
     let m = cfg.max_message_bytes;
     let mut client = CoordinatorClient::new(channel)
         .max_decoding_message_size(m)
@@ -250,35 +304,37 @@ async fn connect_and_register(
                 })),
             }),
     );
-    let reply = match client.register(tokio_stream::iter(msgs)).await {
-        Ok(r) => r.into_inner(),
-        Err(s) if s.code() == Code::Unauthenticated => {
-            return Err(SessionEnd::Fatal(anyhow!(
-                "server at {} refused registration of {:?}: {}",
-                cfg.server,
-                cfg.name,
-                s.message()
-            )))
-        }
-        Err(s) => return Err(classify(&cfg.server, "registration", s)),
-    };
-    let chunk_bytes = match reply.chunk_bytes as usize {
+    let mut request = tonic::Request::new(tokio_stream::iter(msgs));
+    // An address that accepts but never answers must not hang the client.
+    request.set_timeout(CALL_DEADLINE);
+    let reply = client
+        .register(request)
+        .await
+        .map_err(|s| classify(&cfg.server, "registration", s))?
+        .into_inner();
+    let reply = wire::register_reply_from_proto(reply).map_err(|e| protocol(&cfg.server, e))?;
+    let chunk_bytes = match reply.chunk_bytes {
         0 => cfg.chunk_bytes,
-        n => n.min(cfg.chunk_bytes),
+        n => n.clamp(4, cfg.chunk_bytes),
     };
-    let hb = cfg
+    let heartbeat = cfg
         .heartbeat_interval_secs
-        .map(|s| Duration::from_secs_f64(s.max(0.01)))
-        .unwrap_or(Duration::from_millis(reply.heartbeat_interval_ms.max(10)));
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_millis(
+            reply.heartbeat_interval_ms.clamp(10, 3_600_000),
+        ));
     Ok(Session {
         client,
         run_id: reply.run_id,
-        session: reply.session_id,
+        session: reply.session,
         chunk_bytes,
-        poll_timeout: Duration::from_millis(reply.poll_timeout_ms),
-        heartbeat: hb,
+        poll_timeout: Duration::from_millis(reply.poll_timeout_ms.min(3_600_000)),
+        heartbeat,
     })
 }
+
+/// Deadline of a call that carries no large payload (register, push acknowledgement).
+const CALL_DEADLINE: Duration = Duration::from_secs(120);
 
 fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
     let period = session.heartbeat;
@@ -291,7 +347,9 @@ fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         loop {
             tokio::time::sleep(period).await;
-            match client.heartbeat(req.clone()).await {
+            let mut call = tonic::Request::new(req.clone());
+            call.set_timeout(period.max(Duration::from_secs(5)));
+            match client.heartbeat(call).await {
                 Ok(r) if !r.get_ref().known => {
                     tracing::warn!(client = %name, "coordinator forgot our session");
                     break;
@@ -303,13 +361,13 @@ fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
     }))
 }
 
-struct ReceivedTask {
-    header: proto::TaskHeader,
-    kind: TaskKind,
-    arrays: Vec<NamedArray>,
+enum Polled {
+    Wait,
+    Done,
+    Task(TaskHeader, Vec<NamedArray>),
 }
 
-async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<ReceivedTask, SessionEnd> {
+async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<Polled, SessionEnd> {
     let mut req = tonic::Request::new(proto::PollRequest {
         run_id: s.run_id.clone(),
         round,
@@ -327,51 +385,47 @@ async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<ReceivedTas
             part: Some(task_chunk::Part::Header(h)),
         })) => h,
         Ok(_) => {
-            return Err(SessionEnd::Reconnect(anyhow!(
-                "task stream from {} did not start with a header",
-                cfg.server
-            )))
+            return Err(protocol(
+                &cfg.server,
+                "a task stream did not start with a header",
+            ))
         }
         Err(e) => return Err(classify(&cfg.server, "receiving a task", e)),
     };
-    let kind = wire::task_kind_from_proto(header.kind)
-        .ok_or_else(|| SessionEnd::Fatal(anyhow!("task without a kind from {}", cfg.server)))?;
+    let task = match wire::task_header_from_proto(&header) {
+        Ok(PolledHeader::Wait) => return Ok(Polled::Wait),
+        Ok(PolledHeader::Done) => return Ok(Polled::Done),
+        Ok(PolledHeader::Task(t)) => t,
+        // A task this client cannot read is refused, not trained on.
+        Err(e) => return Err(protocol(&cfg.server, format!("task refused: {e}"))),
+    };
     let mut asm = Assembler::new(&header.arrays)
-        .map_err(|e| SessionEnd::Fatal(anyhow!("bad task from {}: {e}", cfg.server)))?
-        .expect_run(header.run_id.clone(), header.round);
+        .map_err(|e| protocol(&cfg.server, format!("bad task: {e}")))?
+        .expect_run(task.run_id.clone(), task.round);
     loop {
         match stream.message().await {
             Ok(Some(proto::TaskChunk {
                 part: Some(task_chunk::Part::Tensor(c)),
             })) => asm
                 .push(c)
-                .map_err(|e| SessionEnd::Fatal(anyhow!("bad task from {}: {e}", cfg.server)))?,
-            Ok(Some(_)) => {
-                return Err(SessionEnd::Fatal(anyhow!(
-                    "unexpected second task header from {}",
-                    cfg.server
-                )))
-            }
+                .map_err(|e| protocol(&cfg.server, format!("bad task: {e}")))?,
+            Ok(Some(_)) => return Err(protocol(&cfg.server, "unexpected second task header")),
             Ok(None) => break,
             Err(e) => return Err(classify(&cfg.server, "receiving a task", e)),
         }
     }
     let arrays = asm
         .finish()
-        .map_err(|e| SessionEnd::Reconnect(anyhow!("incomplete task from {}: {e}", cfg.server)))?;
-    Ok(ReceivedTask {
-        header,
-        kind,
-        arrays,
-    })
+        .map_err(|e| SessionEnd::Reconnect(format!("incomplete task from {}: {e}", cfg.server)))?;
+    Ok(Polled::Task(task, arrays))
 }
 
-/// Output of one task, ready to push.
-struct Done {
+/// A task's outcome, ready to push.
+struct Answer {
     num_examples: u64,
     metrics: BTreeMap<String, f64>,
+    arrays: Vec<NamedArray>,
     error: Option<String>,
-    messages_arrays: Vec<NamedArray>,
 }
 
 async fn run_session<W: ClientWork>(
@@ -382,121 +436,120 @@ async fn run_session<W: ClientWork>(
     let _heartbeat = spawn_heartbeat(s, cfg.name.clone());
     let mut round = 0u32;
     loop {
-        let task = poll(cfg, s, round).await?;
-        let h = &task.header;
-        match task.kind {
-            TaskKind::Wait => continue,
-            TaskKind::Done => {
+        let (task, arrays) = match poll(cfg, s, round).await? {
+            Polled::Wait => continue,
+            Polled::Done => {
                 tracing::info!(client = %cfg.name, "run done");
                 return Ok(());
             }
-            _ => {}
-        }
-        round = h.round;
-        let stage = StageInfo {
-            index: h.stage_index as usize,
-            name: h.stage_name.clone(),
-            kind: wire::stage_kind_from_proto(h.stage_kind).ok_or_else(|| {
-                SessionEnd::Fatal(anyhow!("task without a stage kind from {}", cfg.server))
-            })?,
-            rounds: h.stage_rounds,
+            Polled::Task(t, a) => (t, a),
         };
-        tracing::debug!(client = %cfg.name, stage = %stage.name, round, kind = task.kind.as_str(), "task");
-        let mut w = work.take().expect("work is present between tasks");
-        let config = h.config.clone();
-        let kind = task.kind;
-        let arrays = task.arrays;
+        round = task.round;
+        tracing::debug!(client = %cfg.name, stage = %task.stage.name, round, kind = task.kind.as_str(), "task");
+        let Some(mut w) = work.take() else {
+            return Err(SessionEnd::Fatal(FedError::Work {
+                context: "the local work".into(),
+                source: "was lost when an earlier task panicked".into(),
+            }));
+        };
+        let (kind, stage) = (task.kind, task.stage.clone());
         let default_examples = w.num_examples();
         let joined = tokio::task::spawn_blocking(move || {
             let out = match kind {
-                TaskKind::Fit => w.fit(&stage, round, arrays, &config).map(|o| Done {
+                TaskKind::Fit => w.fit(&stage, round, arrays).map(|o| Answer {
                     num_examples: o.num_examples,
                     metrics: o.metrics,
+                    arrays: o.arrays,
                     error: None,
-                    messages_arrays: o.arrays,
                 }),
-                TaskKind::Evaluate => w.evaluate(&stage, round, arrays, &config).map(|o| Done {
+                TaskKind::Evaluate => w.evaluate(&stage, round, arrays).map(|o| Answer {
                     num_examples: o.num_examples,
                     metrics: o.metrics,
+                    arrays: Vec::new(),
                     error: None,
-                    messages_arrays: Vec::new(),
                 }),
-                _ => w.finish_stage(&stage, arrays, &config).map(|()| Done {
+                TaskKind::FinishStage => w.finish_stage(&stage, arrays).map(|()| Answer {
                     num_examples: default_examples,
                     metrics: BTreeMap::new(),
+                    arrays: Vec::new(),
                     error: None,
-                    messages_arrays: Vec::new(),
                 }),
             };
             (w, out)
         })
         .await;
-        let (w, out) = match joined {
-            Ok(x) => x,
-            Err(e) => {
-                return Err(SessionEnd::Fatal(anyhow!(
-                    "local {} task panicked: {e}",
-                    kind.as_str()
-                )))
-            }
-        };
+        let (w, out) = joined.map_err(|e| {
+            SessionEnd::Fatal(FedError::Work {
+                context: format!("local {} task", kind.as_str()),
+                source: format!("panicked: {e}").into(),
+            })
+        })?;
         *work = Some(w);
         let mut fatal = None;
-        let done = match out {
-            Ok(d) => d,
+        let answer = match out {
+            Ok(a) => a,
             Err(e) => {
-                tracing::error!(client = %cfg.name, "local {} failed: {e:#}", kind.as_str());
-                let message = format!("{e:#}");
+                tracing::error!(client = %cfg.name, "local {} failed: {e}", kind.as_str());
+                let message = e.to_string();
                 if kind == TaskKind::FinishStage {
-                    fatal = Some(e.context(format!("finishing stage {:?}", h.stage_name)));
+                    fatal = Some(FedError::Work {
+                        context: format!("finishing stage {:?}", task.stage.name),
+                        source: e,
+                    });
                 }
-                Done {
+                Answer {
                     num_examples: 0,
                     metrics: BTreeMap::new(),
+                    arrays: Vec::new(),
                     error: Some(message),
-                    messages_arrays: Vec::new(),
                 }
             }
         };
-        let header = proto::ResultHeader {
-            run_id: h.run_id.clone(),
-            round: h.round,
-            task_id: h.task_id.clone(),
-            session_id: s.session.clone(),
-            kind: wire::task_kind_to_proto(kind) as i32,
-            num_examples: done.num_examples,
-            metrics: done.metrics,
-            arrays: Vec::new(),
-            error: done.error.unwrap_or_default(),
-        };
-        let chunk_bytes = s.chunk_bytes;
-        let arrays = done.messages_arrays;
-        let messages = tokio::task::spawn_blocking(move || {
-            wire::result_messages(header, &arrays, chunk_bytes)
-        })
-        .await
-        .map_err(|e| SessionEnd::Fatal(anyhow!("encoding result: {e}")))?;
-        let mut client = s.client.clone();
-        match client.push_result(tokio_stream::iter(messages)).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                if r.status != proto::ResultStatus::Accepted as i32 {
-                    tracing::warn!(client = %cfg.name, round, "result not accepted: {}", r.message);
-                }
-            }
-            Err(e) => match classify(&cfg.server, "pushing a result", e) {
-                SessionEnd::Fatal(e) => return Err(SessionEnd::Fatal(e)),
-                SessionEnd::Reconnect(e) => {
-                    if let Some(f) = fatal {
-                        return Err(SessionEnd::Fatal(f));
-                    }
-                    return Err(SessionEnd::Reconnect(e));
-                }
-            },
-        }
+        let pushed = push(cfg, s, &task, answer).await;
         if let Some(f) = fatal {
             return Err(SessionEnd::Fatal(f));
         }
+        pushed?;
+    }
+}
+
+/// Streams an answer: header, then its chunks, built one by one as they are sent.
+async fn push(
+    cfg: &ClientConfig,
+    s: &Session,
+    task: &TaskHeader,
+    answer: Answer,
+) -> Result<(), SessionEnd> {
+    let payload = Payload::Arrays(Arc::from(answer.arrays));
+    let mut header = wire::result_header(
+        task,
+        &s.session,
+        answer.num_examples,
+        answer.metrics,
+        answer.error,
+    );
+    header.arrays = payload_headers(&payload);
+    let first = proto::ResultChunk {
+        part: Some(result_chunk::Part::Header(header)),
+    };
+    let chunks = PayloadChunks::new(payload, s.chunk_bytes, &task.run_id, task.round).map(|c| {
+        proto::ResultChunk {
+            part: Some(result_chunk::Part::Tensor(c)),
+        }
+    });
+    let mut client = s.client.clone();
+    match client
+        .push_result(tokio_stream::iter(std::iter::once(first).chain(chunks)))
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            if r.status != proto::ResultStatus::Accepted as i32 {
+                tracing::warn!(client = %cfg.name, round = task.round, "result not accepted: {}", r.message);
+            }
+            Ok(())
+        }
+        Err(e) => Err(classify(&cfg.server, "pushing a result", e)),
     }
 }
 
@@ -504,7 +557,6 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("run_id", &self.run_id)
-            .field("session", &self.session)
             .finish()
     }
 }

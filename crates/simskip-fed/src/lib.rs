@@ -1,19 +1,27 @@
 //! SimSkip Federation: a Flower-like coordinator/client library over gRPC.
 //!
-//! * [`chunk`]: named arrays cut into ≤ 1 MiB chunks and reassembled with validation.
-//! * [`aggregate`]: FedAvg, FedE over a keyed [`aggregate::EntityTable`], weighted metrics.
-//! * [`rounds`]: the pure round state machine; [`strategy`]: FedAvg / FedE strategies.
-//! * [`server`]: the tonic coordinator ([`server::run_server`]); [`client`]: the
-//!   organisation side ([`client::run_client`] driving a [`client::ClientWork`]).
+//! Laid out by job:
+//! * [`types`]: the common vocabulary (stage and task kinds, clients, results, payloads);
+//! * [`params`]: the typed parameters of each stage kind, sent with every task;
+//! * [`aggregate`]: pure FedAvg, FedE over a keyed [`aggregate::EntityTable`], metrics;
+//! * [`strategy`]: what each client receives and how results combine (FedAvg, FedE);
+//! * [`coordinator`]: configuration, the pure round state machine, the gRPC service, the
+//!   run's outputs, and the run loop ([`coordinator::run_server`]);
+//! * [`client`]: the organisation side ([`client::run_client`] driving a [`ClientWork`]);
+//! * [`chunk`]: named arrays cut into chunks, streamed lazily, reassembled with validation;
+//! * `wire`: every protobuf <-> domain conversion, both directions;
+//! * [`error`]: [`FedError`].
 //!
 //! Clients only connect out to the coordinator; organisations accept no connections.
 
 pub mod aggregate;
 pub mod chunk;
 pub mod client;
-pub mod rounds;
-pub mod server;
+pub mod coordinator;
+pub mod error;
+pub mod params;
 pub mod strategy;
+pub mod types;
 mod wire;
 
 /// Generated protobuf / gRPC code for `proto/simskip/v1/federation.proto`.
@@ -23,7 +31,11 @@ pub mod proto {
 }
 
 pub use aggregate::{fedavg, fede_aggregate, weighted_metrics, AggregateError, EntityTable};
-pub use client::{run_client, ClientConfig, ClientWork, EvalOutput, FitOutput, StageInfo};
-pub use rounds::{StageKind, TaskKind};
-pub use server::{run_server, serve, RunSummary, ServerConfig, StageConfig};
-pub use strategy::{FedAvgStrategy, FedEStrategy, GlobalSnapshot, Strategy};
+pub use client::{run_client, ClientConfig, ClientWork, EvalOutput, FitOutput};
+pub use coordinator::config::{ServerConfig, StageConfig};
+pub use coordinator::rounds;
+pub use coordinator::{run_server, serve, RunSummary};
+pub use error::{FedError, WorkError};
+pub use params::{SimSkipParams, StageParams};
+pub use strategy::{FedAvgStrategy, FedEStrategy, Strategy};
+pub use types::{GlobalSnapshot, Payload, StageInfo, StageKind, TaskKind, ENTITIES};

@@ -1,24 +1,18 @@
-//! Aggregation strategies: what each client receives and how results are combined.
+//! Aggregation strategies: what each client receives and how results are combined. They
+//! depend only on the common types and the pure aggregation functions.
+
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use simskip_data::NamedArray;
 
-use crate::aggregate::{
-    check_fede_update, fedavg, fede_aggregate, AggregateError, EntityTable, ENTITIES,
-};
-use crate::rounds::{ClientInfo, ClientResult, StageKind};
-
-/// The global state of a stage, for saving: the arrays and, for a keyed table, the key of
-/// each row of the "entities" array.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GlobalSnapshot {
-    pub arrays: Vec<NamedArray>,
-    pub keys: Option<Vec<String>>,
-}
+use crate::aggregate::{check_fede_update, fedavg, fede_aggregate, AggregateError, EntityTable};
+use crate::types::{ClientInfo, ClientResult, GlobalSnapshot, Payload, StageKind, ENTITIES};
 
 /// One stage's aggregation strategy. The round state machine calls these; none of them
-/// touches the network or the clock.
+/// touches the network or the clock. `aggregate_fit` runs off the async runtime and outside
+/// the coordinator's lock, so a strategy must be `Send`.
 pub trait Strategy: Send {
     fn kind(&self) -> StageKind;
 
@@ -33,18 +27,9 @@ pub trait Strategy: Send {
         Ok(())
     }
 
-    /// What a FIT task for `client` carries (the current global model or its part of it).
-    fn fit_payload(&self, client: &ClientInfo) -> Result<Vec<NamedArray>, AggregateError>;
-
-    /// What an EVALUATE task carries; the FIT payload by default.
-    fn evaluate_payload(&self, client: &ClientInfo) -> Result<Vec<NamedArray>, AggregateError> {
-        self.fit_payload(client)
-    }
-
-    /// What a FINISH_STAGE task carries (the final global weights); the FIT payload by default.
-    fn finish_payload(&self, client: &ClientInfo) -> Result<Vec<NamedArray>, AggregateError> {
-        self.fit_payload(client)
-    }
+    /// What a task for `client` carries (the current global model or its part of it), for
+    /// FIT, EVALUATE and FINISH_STAGE alike. Cheap: it shares the global state, never copies it.
+    fn payload(&self, client: &ClientInfo) -> Result<Payload, AggregateError>;
 
     /// Validates a FIT result when it arrives; an error records the result as a failure.
     fn check_fit_result(
@@ -56,7 +41,7 @@ pub trait Strategy: Send {
     }
 
     /// Folds a round's successful FIT results into the global state.
-    fn aggregate_fit(&mut self, results: &[ClientResult]) -> Result<(), AggregateError>;
+    fn aggregate_fit(&mut self, results: Vec<ClientResult>) -> Result<(), AggregateError>;
 
     /// The current global state.
     fn global(&self) -> GlobalSnapshot;
@@ -66,13 +51,16 @@ pub trait Strategy: Send {
 /// is the example-weighted average of the results.
 #[derive(Debug, Clone)]
 pub struct FedAvgStrategy {
-    global: Vec<NamedArray>,
+    /// Shared with every task that carries it; replaced, never mutated, by aggregation.
+    global: Arc<[NamedArray]>,
 }
 
 impl FedAvgStrategy {
     /// `initial`: the global model's arrays before the first round.
     pub fn new(initial: Vec<NamedArray>) -> Self {
-        Self { global: initial }
+        Self {
+            global: Arc::from(initial),
+        }
     }
 
     pub fn arrays(&self) -> &[NamedArray] {
@@ -85,8 +73,8 @@ impl Strategy for FedAvgStrategy {
         StageKind::FedAvg
     }
 
-    fn fit_payload(&self, _client: &ClientInfo) -> Result<Vec<NamedArray>, AggregateError> {
-        Ok(self.global.clone())
+    fn payload(&self, _client: &ClientInfo) -> Result<Payload, AggregateError> {
+        Ok(Payload::Arrays(self.global.clone()))
     }
 
     fn check_fit_result(
@@ -102,7 +90,7 @@ impl Strategy for FedAvgStrategy {
                 got: arrays.iter().map(|a| a.name.clone()).collect(),
             });
         }
-        for g in &self.global {
+        for g in self.global.iter() {
             let Some(a) = arrays.iter().find(|a| a.name == g.name) else {
                 return Err(AggregateError::Names {
                     input: 0,
@@ -118,14 +106,15 @@ impl Strategy for FedAvgStrategy {
                     got: a.shape.clone(),
                 });
             }
+            check_finite(a)?;
         }
         Ok(())
     }
 
-    fn aggregate_fit(&mut self, results: &[ClientResult]) -> Result<(), AggregateError> {
+    fn aggregate_fit(&mut self, results: Vec<ClientResult>) -> Result<(), AggregateError> {
         let inputs: Vec<(Vec<NamedArray>, u64)> = results
-            .iter()
-            .map(|r| (r.arrays.clone(), r.num_examples))
+            .into_iter()
+            .map(|r| (r.arrays, r.num_examples))
             .collect();
         let mut out = fedavg(&inputs)?;
         // Keep the global order stable whatever order clients send.
@@ -135,15 +124,26 @@ impl Strategy for FedAvgStrategy {
                 .position(|g| g.name == a.name)
                 .unwrap_or(usize::MAX)
         });
-        self.global = out;
+        self.global = Arc::from(out);
         Ok(())
     }
 
     fn global(&self) -> GlobalSnapshot {
         GlobalSnapshot {
-            arrays: self.global.clone(),
+            arrays: self.global.to_vec(),
             keys: None,
         }
+    }
+}
+
+/// A non-finite value would poison the global model for every organisation.
+fn check_finite(a: &NamedArray) -> Result<(), AggregateError> {
+    match a.data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(AggregateError::NonFinite {
+            name: a.name.clone(),
+            index: i,
+        }),
     }
 }
 
@@ -152,26 +152,27 @@ impl Strategy for FedAvgStrategy {
 /// registered keys; each entity becomes the mean of the rows sent for it.
 #[derive(Debug, Clone)]
 pub struct FedEStrategy {
-    table: EntityTable,
+    /// Shared with the tasks streaming its rows; aggregation copies it only if one still is.
+    table: Arc<EntityTable>,
     rng: StdRng,
-    bound: f32,
+    init_bound: f32,
 }
 
 impl FedEStrategy {
-    /// Rows of new keys start uniform in `±6/sqrt(dim)` (TransE's initialisation), drawn
-    /// from a `StdRng` seeded with `seed` in the order clients register their keys.
-    pub fn new(dim: usize, seed: u64) -> Self {
-        Self::with_table(EntityTable::new(dim), seed)
+    /// Rows of new keys start uniform in `±init_bound` (the TransE configuration's
+    /// initialisation), drawn from a `StdRng` seeded with `seed` in the order clients
+    /// register their keys.
+    pub fn new(dim: usize, init_bound: f32, seed: u64) -> Self {
+        Self::with_table(EntityTable::new(dim), init_bound, seed)
     }
 
     /// Starts from an existing table (e.g. a checkpoint); unknown keys are initialised as in
     /// [`FedEStrategy::new`].
-    pub fn with_table(table: EntityTable, seed: u64) -> Self {
-        let bound = 6.0 / (table.dim().max(1) as f32).sqrt();
+    pub fn with_table(table: EntityTable, init_bound: f32, seed: u64) -> Self {
         Self {
-            table,
+            table: Arc::new(table),
             rng: StdRng::seed_from_u64(seed),
-            bound,
+            init_bound,
         }
     }
 
@@ -186,10 +187,11 @@ impl Strategy for FedEStrategy {
     }
 
     fn on_client_registered(&mut self, client: &ClientInfo) -> Result<(), AggregateError> {
-        let b = self.bound;
+        let b = self.init_bound;
+        let table = Arc::make_mut(&mut self.table);
         for k in client.entity_keys.iter() {
             let rng = &mut self.rng;
-            self.table.insert_with(k, |row| {
+            table.insert_with(k, |row| {
                 for v in row {
                     *v = rng.random_range(-b..b);
                 }
@@ -198,8 +200,14 @@ impl Strategy for FedEStrategy {
         Ok(())
     }
 
-    fn fit_payload(&self, client: &ClientInfo) -> Result<Vec<NamedArray>, AggregateError> {
-        Ok(vec![self.table.rows_for(&client.entity_keys)?])
+    fn payload(&self, client: &ClientInfo) -> Result<Payload, AggregateError> {
+        if let Some(k) = client.entity_keys.iter().find(|k| !self.table.contains(k)) {
+            return Err(AggregateError::UnknownEntity(k.clone()));
+        }
+        Ok(Payload::Rows {
+            table: self.table.clone(),
+            keys: client.entity_keys.clone(),
+        })
     }
 
     fn check_fit_result(
@@ -209,7 +217,8 @@ impl Strategy for FedEStrategy {
     ) -> Result<(), AggregateError> {
         match arrays {
             [rows] if rows.name == ENTITIES => {
-                check_fede_update(&self.table, 0, &client.entity_keys, rows)
+                check_fede_update(&self.table, 0, &client.entity_keys, rows)?;
+                check_finite(rows)
             }
             _ => Err(AggregateError::Names {
                 input: 0,
@@ -219,18 +228,18 @@ impl Strategy for FedEStrategy {
         }
     }
 
-    fn aggregate_fit(&mut self, results: &[ClientResult]) -> Result<(), AggregateError> {
+    fn aggregate_fit(&mut self, results: Vec<ClientResult>) -> Result<(), AggregateError> {
         let updates: Vec<(Vec<String>, NamedArray)> = results
-            .iter()
+            .into_iter()
             .filter_map(|r| {
-                let rows = r.arrays.iter().find(|a| a.name == ENTITIES)?;
-                Some((r.client.entity_keys.to_vec(), rows.clone()))
+                let rows = r.arrays.into_iter().find(|a| a.name == ENTITIES)?;
+                Some((Arc::unwrap_or_clone(r.client.entity_keys), rows))
             })
             .collect();
         if updates.is_empty() {
             return Err(AggregateError::Empty);
         }
-        fede_aggregate(&mut self.table, &updates)?;
+        fede_aggregate(Arc::make_mut(&mut self.table), &updates)?;
         Ok(())
     }
 

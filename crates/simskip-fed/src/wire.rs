@@ -1,28 +1,68 @@
-//! Conversions between the state machine's types and the protobuf messages.
+//! Every conversion between the protobuf messages and the domain types, in both directions,
+//! for both ends. What arrives is validated here, once: a value the domain cannot hold is an
+//! error naming the field, never a default.
 
-use crate::chunk::encode_arrays;
-use crate::proto;
-use crate::rounds::{StageKind, TaskKind};
+use std::collections::BTreeMap;
+
 use simskip_data::NamedArray;
+use simskip_kge::{Loss, Norm, TransEConfig};
+use simskip_refine::{Augmentation, Positives, SimSkipConfig};
+
+use crate::coordinator::rounds::{Poll, Report, ResultOutcome, Task};
+use crate::params::{ParamsError, SimSkipParams, StageParams, PARAMS_SCHEMA_VERSION};
+use crate::proto;
+use crate::types::{StageInfo, StageKind, TaskKind};
+
+/// A field of a received message that the domain cannot use.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WireError {
+    #[error("{message} has no {field}")]
+    Missing {
+        message: &'static str,
+        field: &'static str,
+    },
+    #[error("{message}.{field} = {value}: unknown value")]
+    Unknown {
+        message: &'static str,
+        field: &'static str,
+        value: i32,
+    },
+    #[error("{field} = {value}: does not fit this machine")]
+    TooLarge { field: &'static str, value: u64 },
+    #[error("stage parameters: {0}")]
+    Params(#[from] ParamsError),
+    #[error("task of stage {stage:?} carries {got} parameters but the stage is {expected}")]
+    KindMismatch {
+        stage: String,
+        expected: &'static str,
+        got: &'static str,
+    },
+}
+
+fn usize_field(field: &'static str, value: u64) -> Result<usize, WireError> {
+    usize::try_from(value).map_err(|_| WireError::TooLarge { field, value })
+}
+
+// --- kinds -----------------------------------------------------------------------------
 
 pub(crate) fn task_kind_to_proto(k: TaskKind) -> proto::TaskKind {
     match k {
         TaskKind::Fit => proto::TaskKind::Fit,
         TaskKind::Evaluate => proto::TaskKind::Evaluate,
         TaskKind::FinishStage => proto::TaskKind::FinishStage,
-        TaskKind::Wait => proto::TaskKind::Wait,
-        TaskKind::Done => proto::TaskKind::Done,
     }
 }
 
-pub(crate) fn task_kind_from_proto(k: i32) -> Option<TaskKind> {
-    match proto::TaskKind::try_from(k).ok()? {
-        proto::TaskKind::Fit => Some(TaskKind::Fit),
-        proto::TaskKind::Evaluate => Some(TaskKind::Evaluate),
-        proto::TaskKind::FinishStage => Some(TaskKind::FinishStage),
-        proto::TaskKind::Wait => Some(TaskKind::Wait),
-        proto::TaskKind::Done => Some(TaskKind::Done),
-        proto::TaskKind::Unspecified => None,
+pub(crate) fn task_kind_from_proto(message: &'static str, k: i32) -> Result<TaskKind, WireError> {
+    match proto::TaskKind::try_from(k) {
+        Ok(proto::TaskKind::Fit) => Ok(TaskKind::Fit),
+        Ok(proto::TaskKind::Evaluate) => Ok(TaskKind::Evaluate),
+        Ok(proto::TaskKind::FinishStage) => Ok(TaskKind::FinishStage),
+        _ => Err(WireError::Unknown {
+            message,
+            field: "kind",
+            value: k,
+        }),
     }
 }
 
@@ -33,48 +73,360 @@ pub(crate) fn stage_kind_to_proto(k: StageKind) -> proto::StageKind {
     }
 }
 
-pub(crate) fn stage_kind_from_proto(k: i32) -> Option<StageKind> {
-    match proto::StageKind::try_from(k).ok()? {
-        proto::StageKind::Fede => Some(StageKind::FedE),
-        proto::StageKind::Fedavg => Some(StageKind::FedAvg),
-        proto::StageKind::Unspecified => None,
+pub(crate) fn stage_kind_from_proto(k: i32) -> Result<StageKind, WireError> {
+    match proto::StageKind::try_from(k) {
+        Ok(proto::StageKind::Fede) => Ok(StageKind::FedE),
+        Ok(proto::StageKind::Fedavg) => Ok(StageKind::FedAvg),
+        _ => Err(WireError::Unknown {
+            message: "TaskHeader",
+            field: "stage_kind",
+            value: k,
+        }),
     }
 }
 
-/// The messages of a result: header, then tensor chunks.
-pub(crate) fn result_messages(
-    mut header: proto::ResultHeader,
-    arrays: &[NamedArray],
-    chunk_bytes: usize,
-) -> Vec<proto::ResultChunk> {
-    use proto::result_chunk::Part;
-    let (headers, chunks) = encode_arrays(arrays, chunk_bytes, &header.run_id, header.round);
-    header.arrays = headers;
-    let mut out = Vec::with_capacity(chunks.len() + 1);
-    out.push(proto::ResultChunk {
-        part: Some(Part::Header(header)),
-    });
-    out.extend(chunks.into_iter().map(|c| proto::ResultChunk {
-        part: Some(Part::Tensor(c)),
-    }));
-    out
+// --- stage parameters -------------------------------------------------------------------
+
+pub(crate) fn params_to_proto(p: &StageParams) -> proto::StageParams {
+    use proto::stage_params::Kind;
+    let kind = match p {
+        StageParams::FedE(c) => Kind::Fede(proto::FedEParams {
+            dim: c.dim as u32,
+            norm: match c.norm {
+                Norm::L1 => proto::Norm::L1,
+                Norm::L2 => proto::Norm::L2,
+            } as i32,
+            loss: Some(match c.loss {
+                Loss::MarginRanking { margin } => {
+                    proto::fed_e_params::Loss::MarginRanking(proto::MarginRankingLoss { margin })
+                }
+                Loss::SelfAdversarial { gamma, temperature } => {
+                    proto::fed_e_params::Loss::SelfAdversarial(proto::SelfAdversarialLoss {
+                        gamma,
+                        temperature,
+                    })
+                }
+            }),
+            negatives: c.negatives as u32,
+            batch_size: c.batch_size as u32,
+            lr: c.lr,
+            local_epochs: c.epochs as u32,
+            seed: c.seed,
+            normalize_entities: c.normalize_entities,
+        }),
+        StageParams::SimSkip(s) => {
+            let c = &s.config;
+            Kind::Simskip(proto::SimSkipParams {
+                dim: s.dim as u32,
+                skip: c.skip,
+                zero_init_residual: c.zero_init_residual,
+                dropout: c.dropout,
+                augmentation: match c.augmentation {
+                    Augmentation::Mask => proto::Augmentation::Mask,
+                    Augmentation::Noise => proto::Augmentation::Noise,
+                    Augmentation::Both => proto::Augmentation::Both,
+                } as i32,
+                mask_prob: c.mask_prob,
+                noise_var: c.noise_var,
+                positives: match c.positives {
+                    Positives::Augment => proto::Positives::Augment,
+                    Positives::Neighbour => proto::Positives::Neighbour,
+                } as i32,
+                temperature: c.temperature,
+                lr: c.lr,
+                weight_decay: c.weight_decay,
+                local_epochs: c.epochs as u32,
+                batch_size: c.batch_size as u32,
+                seed: c.seed,
+            })
+        }
+    };
+    proto::StageParams {
+        schema_version: PARAMS_SCHEMA_VERSION,
+        kind: Some(kind),
+    }
 }
 
-/// The messages of a task: header, then tensor chunks.
-pub(crate) fn task_messages(
-    mut header: proto::TaskHeader,
-    arrays: &[NamedArray],
-    chunk_bytes: usize,
-) -> Vec<proto::TaskChunk> {
-    use proto::task_chunk::Part;
-    let (headers, chunks) = encode_arrays(arrays, chunk_bytes, &header.run_id, header.round);
-    header.arrays = headers;
-    let mut out = Vec::with_capacity(chunks.len() + 1);
-    out.push(proto::TaskChunk {
-        part: Some(Part::Header(header)),
-    });
-    out.extend(chunks.into_iter().map(|c| proto::TaskChunk {
-        part: Some(Part::Tensor(c)),
-    }));
-    out
+/// Parses and validates received stage parameters. The fields that say how an organisation
+/// computes (SimSkip's backend and threads) are not on the wire: they hold their defaults,
+/// and the organisation's work applies its own.
+pub(crate) fn params_from_proto(p: Option<&proto::StageParams>) -> Result<StageParams, WireError> {
+    use proto::stage_params::Kind;
+    let p = p.ok_or(WireError::Params(ParamsError::Missing))?;
+    if p.schema_version != PARAMS_SCHEMA_VERSION {
+        return Err(ParamsError::Version {
+            got: p.schema_version,
+            supported: PARAMS_SCHEMA_VERSION,
+        }
+        .into());
+    }
+    let unknown = |field: &'static str, value: i32| WireError::Unknown {
+        message: "StageParams",
+        field,
+        value,
+    };
+    let params = match p.kind.as_ref().ok_or(ParamsError::Missing)? {
+        Kind::Fede(f) => StageParams::FedE(TransEConfig {
+            dim: f.dim as usize,
+            norm: match proto::Norm::try_from(f.norm) {
+                Ok(proto::Norm::L1) => Norm::L1,
+                Ok(proto::Norm::L2) => Norm::L2,
+                _ => return Err(unknown("norm", f.norm)),
+            },
+            loss: match f.loss.as_ref() {
+                Some(proto::fed_e_params::Loss::MarginRanking(m)) => {
+                    Loss::MarginRanking { margin: m.margin }
+                }
+                Some(proto::fed_e_params::Loss::SelfAdversarial(a)) => Loss::SelfAdversarial {
+                    gamma: a.gamma,
+                    temperature: a.temperature,
+                },
+                None => {
+                    return Err(WireError::Missing {
+                        message: "FedEParams",
+                        field: "loss",
+                    })
+                }
+            },
+            negatives: f.negatives as usize,
+            batch_size: f.batch_size as usize,
+            lr: f.lr,
+            epochs: f.local_epochs as usize,
+            seed: f.seed,
+            normalize_entities: f.normalize_entities,
+        }),
+        Kind::Simskip(s) => StageParams::SimSkip(SimSkipParams {
+            dim: s.dim as usize,
+            config: SimSkipConfig {
+                skip: s.skip,
+                zero_init_residual: s.zero_init_residual,
+                dropout: s.dropout,
+                augmentation: match proto::Augmentation::try_from(s.augmentation) {
+                    Ok(proto::Augmentation::Mask) => Augmentation::Mask,
+                    Ok(proto::Augmentation::Noise) => Augmentation::Noise,
+                    Ok(proto::Augmentation::Both) => Augmentation::Both,
+                    _ => return Err(unknown("augmentation", s.augmentation)),
+                },
+                mask_prob: s.mask_prob,
+                noise_var: s.noise_var,
+                positives: match proto::Positives::try_from(s.positives) {
+                    Ok(proto::Positives::Augment) => Positives::Augment,
+                    Ok(proto::Positives::Neighbour) => Positives::Neighbour,
+                    _ => return Err(unknown("positives", s.positives)),
+                },
+                temperature: s.temperature,
+                lr: s.lr,
+                weight_decay: s.weight_decay,
+                epochs: s.local_epochs as usize,
+                batch_size: s.batch_size as usize,
+                seed: s.seed,
+                ..SimSkipConfig::default()
+            },
+        }),
+    };
+    params.validate()?;
+    Ok(params)
+}
+
+// --- tasks ------------------------------------------------------------------------------
+
+/// The header of a task (its arrays' headers are added by the encoder).
+pub(crate) fn task_header(task: &Task) -> proto::TaskHeader {
+    proto::TaskHeader {
+        run_id: task.run_id.clone(),
+        round: task.round,
+        stage_index: task.stage.index as u32,
+        stage_name: task.stage.name.clone(),
+        stage_kind: stage_kind_to_proto(task.stage.kind()) as i32,
+        kind: task_kind_to_proto(task.kind) as i32,
+        task_id: task.task_id.clone(),
+        arrays: Vec::new(),
+        stage_rounds: task.stage.rounds,
+        params: Some(params_to_proto(&task.stage.params)),
+    }
+}
+
+/// The header of a WAIT or DONE answer to a poll.
+pub(crate) fn idle_header(poll: &Poll, run_id: &str) -> proto::TaskHeader {
+    let kind = match poll {
+        Poll::Done => proto::TaskKind::Done,
+        _ => proto::TaskKind::Wait,
+    };
+    proto::TaskHeader {
+        run_id: run_id.to_string(),
+        kind: kind as i32,
+        ..Default::default()
+    }
+}
+
+/// What a client makes of a task header.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum PolledHeader {
+    Wait,
+    Done,
+    Task(TaskHeader),
+}
+
+/// A received task's header, in domain types.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TaskHeader {
+    pub run_id: String,
+    pub task_id: String,
+    pub round: u32,
+    pub kind: TaskKind,
+    pub stage: StageInfo,
+}
+
+pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHeader, WireError> {
+    match proto::TaskKind::try_from(h.kind) {
+        Ok(proto::TaskKind::Wait) => return Ok(PolledHeader::Wait),
+        Ok(proto::TaskKind::Done) => return Ok(PolledHeader::Done),
+        _ => {}
+    }
+    let kind = task_kind_from_proto("TaskHeader", h.kind)?;
+    let stage_kind = stage_kind_from_proto(h.stage_kind)?;
+    let params = params_from_proto(h.params.as_ref())?;
+    if params.kind() != stage_kind {
+        return Err(WireError::KindMismatch {
+            stage: h.stage_name.clone(),
+            expected: stage_kind.as_str(),
+            got: params.kind().as_str(),
+        });
+    }
+    Ok(PolledHeader::Task(TaskHeader {
+        run_id: h.run_id.clone(),
+        task_id: h.task_id.clone(),
+        round: h.round,
+        kind,
+        stage: StageInfo {
+            index: h.stage_index as usize,
+            name: h.stage_name.clone(),
+            rounds: h.stage_rounds,
+            params,
+        },
+    }))
+}
+
+// --- results ----------------------------------------------------------------------------
+
+/// The header of a client's answer to `task` (its arrays' headers are added by the encoder).
+pub(crate) fn result_header(
+    task: &TaskHeader,
+    session: &str,
+    num_examples: u64,
+    metrics: BTreeMap<String, f64>,
+    error: Option<String>,
+) -> proto::ResultHeader {
+    proto::ResultHeader {
+        run_id: task.run_id.clone(),
+        round: task.round,
+        task_id: task.task_id.clone(),
+        session_id: session.to_string(),
+        kind: task_kind_to_proto(task.kind) as i32,
+        num_examples,
+        metrics,
+        arrays: Vec::new(),
+        error: error.unwrap_or_default(),
+    }
+}
+
+/// A received result in domain types.
+pub(crate) fn report_from_proto(
+    h: proto::ResultHeader,
+    arrays: Vec<NamedArray>,
+) -> Result<Report, WireError> {
+    Ok(Report {
+        kind: task_kind_from_proto("ResultHeader", h.kind)?,
+        run_id: h.run_id,
+        session: h.session_id,
+        round: h.round,
+        task_id: h.task_id,
+        num_examples: h.num_examples,
+        metrics: h.metrics,
+        arrays,
+        error: (!h.error.is_empty()).then_some(h.error),
+    })
+}
+
+pub(crate) fn push_reply(run_id: &str, round: u32, outcome: &ResultOutcome) -> proto::PushReply {
+    let (status, message) = match outcome {
+        ResultOutcome::Accepted => (proto::ResultStatus::Accepted, String::new()),
+        ResultOutcome::Failure(m) => (proto::ResultStatus::FailureRecorded, m.clone()),
+        ResultOutcome::Ignored(reason) => (proto::ResultStatus::Ignored, reason.to_string()),
+    };
+    proto::PushReply {
+        run_id: run_id.to_string(),
+        round,
+        status: status as i32,
+        message,
+    }
+}
+
+/// The coordinator's answer to a registration, in domain types.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RegisterReply {
+    pub run_id: String,
+    pub session: String,
+    pub heartbeat_interval_ms: u64,
+    pub poll_timeout_ms: u64,
+    pub chunk_bytes: usize,
+}
+
+pub(crate) fn register_reply_from_proto(
+    r: proto::RegisterReply,
+) -> Result<RegisterReply, WireError> {
+    if r.session_id.is_empty() {
+        return Err(WireError::Missing {
+            message: "RegisterReply",
+            field: "session_id",
+        });
+    }
+    Ok(RegisterReply {
+        run_id: r.run_id,
+        session: r.session_id,
+        heartbeat_interval_ms: r.heartbeat_interval_ms,
+        poll_timeout_ms: r.poll_timeout_ms,
+        chunk_bytes: usize_field("RegisterReply.chunk_bytes", r.chunk_bytes)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::StageKind;
+
+    #[test]
+    fn params_round_trip_and_local_settings_stay_local() {
+        for kind in [StageKind::FedE, StageKind::FedAvg] {
+            let mut p = StageParams::defaults(kind, 24);
+            if let StageParams::SimSkip(s) = &mut p {
+                s.config.skip = false;
+            }
+            let back = params_from_proto(Some(&params_to_proto(&p))).unwrap();
+            assert_eq!(back, p);
+            // How an organisation computes never travels.
+            if let StageParams::SimSkip(s) = &mut p {
+                s.config.fast_threads = 3;
+                let back = params_from_proto(Some(&params_to_proto(&p))).unwrap();
+                assert_ne!(back, p);
+            }
+        }
+    }
+
+    #[test]
+    fn received_params_are_validated_and_versioned() {
+        let mut p = params_to_proto(&StageParams::defaults(StageKind::FedAvg, 8));
+        if let Some(proto::stage_params::Kind::Simskip(s)) = &mut p.kind {
+            s.batch_size = 0;
+        }
+        let e = params_from_proto(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("batch_size"), "{e}");
+        let mut p = params_to_proto(&StageParams::defaults(StageKind::FedE, 8));
+        p.schema_version = PARAMS_SCHEMA_VERSION + 1;
+        assert!(matches!(
+            params_from_proto(Some(&p)),
+            Err(WireError::Params(ParamsError::Version { .. }))
+        ));
+        assert!(params_from_proto(None).is_err());
+    }
 }

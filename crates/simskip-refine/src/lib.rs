@@ -32,5 +32,5 @@ pub use error::{RefineError, Result};
 pub use loss::{nt_xent, NtXentLoss};
 pub use model::SimSkipModel;
 pub use positives::{Neighbours, Positives};
-pub use select::{apply, train_with_selection, Choice, Selection};
+pub use select::{apply, beats, train_with_selection, Choice, Selection};
 pub use train::{Backend, EpochStats, SimSkipConfig, SimSkipTrainer};

@@ -33,6 +33,13 @@ pub struct Selection {
     pub history: Vec<(usize, f32, f64)>,
 }
 
+/// The one rule by which a candidate table replaces the incumbent: it scores strictly higher.
+/// A NaN score never wins, and any real score beats a NaN bar (an incumbent that could not be
+/// scored). Every gate of the project decides with this function.
+pub fn beats(candidate: f64, bar: f64) -> bool {
+    candidate > bar || (bar.is_nan() && !candidate.is_nan())
+}
+
 /// Train `epochs` epochs, scoring the input and each epoch's refined table with `score`
 /// (higher is better; a NaN score never wins) and calling `on_epoch(epoch, stats, score)`.
 ///
@@ -59,8 +66,7 @@ pub fn train_with_selection(
         on_epoch(epoch, &stats, s);
         history.push((epoch, stats.loss, s));
         let bar = best.as_ref().map_or(input_score, |b| b.1);
-        // NaN bars (a NaN input score) are beaten by any real score.
-        if s > bar || (bar.is_nan() && !s.is_nan()) {
+        if beats(s, bar) {
             best = Some((epoch, s, trainer.model().export()?));
         }
     }

@@ -10,13 +10,14 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use simskip_data::KgDataset;
 use simskip_fed::{
-    ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, StageConfig, StageKind, Strategy,
+    ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, StageConfig, StageKind, StageParams,
+    Strategy,
 };
 use simskip_kge::TransEConfig;
-use simskip_refine::{SimSkipConfig, SimSkipTrainer};
+use simskip_refine::SimSkipTrainer;
 
 use crate::settings::{self, EvalSettings, GateSettings};
-use crate::work::FederatedWork;
+use crate::work::{ComputeSettings, FederatedWork, WorkSettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,7 +26,7 @@ use crate::work::FederatedWork;
     about = "SimSkip federation coordinator (FedE, then federated SimSkip)"
 )]
 pub struct ServerArgs {
-    /// Settings file (TOML) with [server], [model] and [simskip]; SIMSKIP_SERVER__KEY etc. override it.
+    /// Settings file (TOML) with [server] and its [[server.stages]]; SIMSKIP_SERVER__KEY etc. override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address to listen on (overrides server.listen).
@@ -40,7 +41,7 @@ pub struct ServerArgs {
     about = "SimSkip federation client: trains on private data, shares only weights and metrics"
 )]
 pub struct ClientArgs {
-    /// Settings file (TOML) with [client], [data], [transe], [simskip], [gate], [eval];
+    /// Settings file (TOML) with [client], [data], [compute], [gate], [eval];
     /// SIMSKIP_CLIENT__NAME etc. override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -49,94 +50,47 @@ pub struct ClientArgs {
     pub server: Option<String>,
 }
 
-/// The shared model shape the coordinator initialises.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModelSettings {
-    /// Embedding dimension of the FedE entity table and the SimSkip model.
-    pub dim: usize,
-    /// Seeds the FedE table and the SimSkip initial weights.
-    pub seed: u64,
-}
-
-impl Default for ModelSettings {
-    fn default() -> Self {
-        Self { dim: 128, seed: 0 }
-    }
-}
-
-/// `simskip-server`'s settings file.
+/// `simskip-server`'s settings file: the `[server]` section, stages included. What every
+/// organisation trains is in the stages' typed parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerFile {
     pub server: ServerConfig,
-    pub model: ModelSettings,
-    /// Architecture of the shared SimSkip model (skip, zero-init, dropout).
-    pub simskip: SimSkipConfig,
-}
-
-fn stage(
-    name: &str,
-    kind: StageKind,
-    rounds: u32,
-    eval_every: u32,
-    config: &[(&str, &str)],
-) -> StageConfig {
-    StageConfig {
-        name: name.into(),
-        kind,
-        rounds,
-        eval_every,
-        config: config
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
 }
 
 impl Default for ServerFile {
-    /// FedE for 20 rounds of 3 local epochs, then 10 rounds of federated SimSkip; figures
-    /// every 5 rounds and after each stage.
+    /// FedE for 20 rounds, then 10 rounds of federated SimSkip; figures every 5 rounds and
+    /// after each stage. Each stage trains with its learning crate's defaults, except that
+    /// the SimSkip stage takes neighbour positives, the best refinement of the WordNet-5k
+    /// study (README).
     fn default() -> Self {
+        let dim = TransEConfig::fede_defaults().dim;
+        let mut simskip = StageParams::defaults(StageKind::FedAvg, dim);
+        if let StageParams::SimSkip(p) = &mut simskip {
+            p.config.positives = simskip_refine::Positives::Neighbour;
+        }
         let server = ServerConfig {
             min_clients: 3,
             min_fit_clients: 2,
             round_timeout_secs: 120.0,
             out_dir: PathBuf::from("coordinator"),
             stages: vec![
-                // FedE's TransE: self-adversarial loss (gamma 10), 256 negatives; lr 0.01
-                // (FedE's 0.001 learns far too slowly on the sparse WordNet graphs).
-                stage(
-                    "fede",
-                    StageKind::FedE,
-                    20,
-                    5,
-                    &[
-                        ("local_epochs", "3"),
-                        ("loss", "self_adversarial"),
-                        ("gamma", "10"),
-                        ("negatives", "256"),
-                        ("batch_size", "512"),
-                        ("lr", "0.01"),
-                        ("normalize_entities", "false"),
-                    ],
-                ),
-                // Neighbour positives: the best refinement of the WordNet-5k study (README).
-                stage(
-                    "simskip",
-                    StageKind::FedAvg,
-                    10,
-                    5,
-                    &[("local_epochs", "2"), ("positives", "neighbour")],
-                ),
+                StageConfig {
+                    name: "fede".into(),
+                    rounds: 20,
+                    eval_every: 5,
+                    params: StageParams::defaults(StageKind::FedE, dim),
+                },
+                StageConfig {
+                    name: "simskip".into(),
+                    rounds: 10,
+                    eval_every: 5,
+                    params: simskip,
+                },
             ],
             ..ServerConfig::default()
         };
-        Self {
-            server,
-            model: ModelSettings::default(),
-            simskip: SimSkipConfig::default(),
-        }
+        Self { server }
     }
 }
 
@@ -162,32 +116,45 @@ impl Default for DataSettings {
     }
 }
 
-/// `simskip-client`'s settings file.
+/// `simskip-client`'s settings file. What to train comes from the coordinator with each
+/// task; these are the organisation's own: where its data is, how it computes, how it judges.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientFile {
     pub client: ClientConfig,
     pub data: DataSettings,
-    pub transe: TransEConfig,
-    pub simskip: SimSkipConfig,
+    pub compute: ComputeSettings,
     pub gate: GateSettings,
     pub eval: EvalSettings,
 }
 
-/// The strategies of the configured stages, in order.
-pub fn strategies(file: &ServerFile) -> Result<Vec<Box<dyn Strategy>>> {
-    file.server
+/// FedE's initial entity rows: uniform in `±6/sqrt(dim)`, as the clients' local TransE.
+pub fn fede_init_bound(cfg: &TransEConfig) -> f32 {
+    6.0 / (cfg.dim as f32).sqrt()
+}
+
+/// The strategies of the configured stages, in order, their initial global models drawn
+/// from `server.seed`.
+pub fn strategies(server: &ServerConfig) -> Result<Vec<Box<dyn Strategy>>> {
+    server
         .stages
         .iter()
         .map(|stage| -> Result<Box<dyn Strategy>> {
-            Ok(match stage.kind {
-                StageKind::FedE => Box::new(FedEStrategy::new(file.model.dim, file.model.seed)),
-                StageKind::FedAvg => {
-                    let cfg = SimSkipConfig {
-                        seed: file.model.seed,
-                        ..file.simskip.clone()
+            Ok(match &stage.params {
+                StageParams::FedE(cfg) => Box::new(FedEStrategy::new(
+                    cfg.dim,
+                    fede_init_bound(cfg),
+                    server.seed,
+                )),
+                StageParams::SimSkip(p) => {
+                    let cfg = simskip_refine::SimSkipConfig {
+                        seed: server.seed,
+                        ..p.config.clone()
                     };
-                    let initial = SimSkipTrainer::new(file.model.dim, cfg)?.model().export()?;
+                    let initial = SimSkipTrainer::new(p.dim, cfg)
+                        .with_context(|| format!("the initial model of stage {:?}", stage.name))?
+                        .model()
+                        .export()?;
                     Box::new(FedAvgStrategy::new(initial))
                 }
             })
@@ -201,7 +168,7 @@ pub fn run_server(args: ServerArgs) -> Result<()> {
         file.server.listen = listen;
     }
     file.server.validate()?;
-    let strategies = strategies(&file)?;
+    let strategies = strategies(&file.server)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let summary = runtime.block_on(simskip_fed::run_server(
         file.server.clone(),
@@ -220,11 +187,11 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
     if let Some(server) = args.server {
         file.client.server = server;
     }
+    file.client.validate()?;
     let ds = KgDataset::load(&file.data.dir)
         .with_context(|| format!("loading the private graph {}", file.data.dir.display()))?;
-    let settings = crate::settings::Settings {
-        transe: file.transe.clone(),
-        simskip: file.simskip.clone(),
+    let settings = WorkSettings {
+        compute: file.compute.clone(),
         gate: file.gate.clone(),
         eval: file.eval.clone(),
     };
@@ -235,7 +202,8 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
         file.data.input_embeddings.as_deref(),
     )?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(simskip_fed::run_client(file.client.clone(), work))
+    runtime.block_on(simskip_fed::run_client(file.client.clone(), work))?;
+    Ok(())
 }
 
 /// The aggregated and per-client figures of a finished run, read from the coordinator's

@@ -2,146 +2,225 @@
 //! TransE (relations never leave), then local SimSkip copies of the federated model, and the
 //! evaluation tasks on input and refined tables. Only entity rows (stage 1), model weights
 //! (stage 2) and figures are returned; triples, labels and embeddings stay here.
+//!
+//! Every task carries its stage's typed parameters ([`StageParams`]): the organisation trains
+//! exactly what the coordinator configured, with its own compute settings
+//! ([`ComputeSettings`]), and judges the result on its own held-out data ([`GateSettings`]).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use simskip_data::{Embeddings, KgDataset, Matrix, NamedArray};
 use simskip_eval::TaskFigures;
-use simskip_fed::client::{ClientWork, EvalOutput, FitOutput, StageInfo};
-use simskip_fed::rounds::StageKind;
-use simskip_kge::{FilterIndex, TransE, TransETrainer};
-use simskip_refine::{Neighbours, Positives, SimSkipTrainer};
+use simskip_fed::client::{ClientWork, EvalOutput, FitOutput};
+use simskip_fed::{SimSkipParams, StageInfo, StageParams, WorkError, ENTITIES};
+use simskip_kge::{FilterIndex, Norm, TransE, TransEConfig, TransETrainer};
+use simskip_refine::{beats, Backend, Neighbours, Positives, SimSkipConfig, SimSkipTrainer};
 
 use crate::pipeline::refine::{training_neighbours, validation_signal};
 use crate::pipeline::{evaluate_table, EvalContext};
-use crate::settings::Settings;
-
-/// The array name of an entity table slice in FedE tasks.
-pub const ENTITIES: &str = "entities";
+use crate::settings::{EvalSettings, GateSettings};
 
 /// A file in the output folder naming the stage-1 table, so a restarted client resumes stage 2.
-const STAGE2_INPUT_RECORD: &str = "stage2-input.txt";
+const STAGE2_INPUT_RECORD: &str = "stage2-input.json";
+
+/// How this organisation computes: its own choice, never sent to or by the coordinator.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComputeSettings {
+    /// Implementation of the SimSkip training step.
+    pub simskip_backend: Backend,
+    /// Threads of the fast SimSkip backend (0: all cores, 1: the calling thread).
+    pub threads: usize,
+}
+
+/// The organisation's own settings for the federated work.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkSettings {
+    pub compute: ComputeSettings,
+    pub gate: GateSettings,
+    pub eval: EvalSettings,
+}
+
+/// The table stage 2 refines, and the distance its link-prediction figures use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Stage2Record {
+    path: PathBuf,
+    norm: Norm,
+}
+
+/// A stage-1 table in memory.
+struct Stage2Input {
+    table: Matrix,
+    norm: Norm,
+}
+
+/// A FedE stage under way: the local TransE (relation rows and optimiser state stay here).
+struct Embedding {
+    stage: usize,
+    transe: TransETrainer,
+}
+
+/// A SimSkip stage under way: the local copy of the shared model, built from the stage's
+/// parameters, and the table it refines.
+struct Refining {
+    stage: usize,
+    params: SimSkipParams,
+    input: Stage2Input,
+    trainer: SimSkipTrainer,
+    neighbours: Option<Neighbours>,
+}
+
+/// Where this organisation is in the run.
+enum Progress {
+    /// No stage-1 table yet.
+    Start,
+    Embedding(Embedding),
+    /// A stage-1 table exists (from a FedE stage, a given file, or a restart).
+    Embedded(Stage2Input),
+    Refining(Box<Refining>),
+}
 
 /// A client's private state across the run.
 pub struct FederatedWork {
     ds: KgDataset,
     out_dir: PathBuf,
-    settings: Settings,
+    settings: WorkSettings,
     filter: FilterIndex,
-    /// Stage 1 state: the local TransE (relation rows and optimiser state stay here).
-    transe: Option<TransETrainer>,
-    /// The stage-2 input: stage-1 entity rows, or a table the client was given.
-    input: Option<Matrix>,
-    simskip: Option<SimSkipTrainer>,
-    neighbours: Option<Neighbours>,
+    progress: Progress,
 }
 
 impl FederatedWork {
     /// `input_embeddings`: a table for stage 2 when there is no stage 1 (rows matched by name).
+    /// A restarted client picks its stage-1 table back up from its own output folder.
     pub fn new(
         ds: KgDataset,
         out_dir: PathBuf,
-        settings: Settings,
-        input_embeddings: Option<&std::path::Path>,
+        settings: WorkSettings,
+        input_embeddings: Option<&Path>,
     ) -> Result<Self> {
-        // A restarted client picks its stage-1 table back up from its own output folder.
         let recorded = out_dir.join(STAGE2_INPUT_RECORD);
-        let input = match input_embeddings {
-            Some(path) => Some(crate::cli::load_table(path, &ds)?),
+        let progress = match input_embeddings {
+            Some(path) => Progress::Embedded(Stage2Input {
+                table: crate::cli::load_table(path, &ds)?,
+                norm: TransEConfig::default().norm,
+            }),
             None if recorded.is_file() => {
-                let path = std::fs::read_to_string(&recorded)
+                let text = std::fs::read_to_string(&recorded)
                     .with_context(|| format!("reading {}", recorded.display()))?;
-                Some(crate::cli::load_table(
-                    std::path::Path::new(path.trim()),
-                    &ds,
-                )?)
+                let record: Stage2Record = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not a stage-2 record", recorded.display()))?;
+                Progress::Embedded(Stage2Input {
+                    table: crate::cli::load_table(&record.path, &ds)?,
+                    norm: record.norm,
+                })
             }
-            None => None,
+            None => Progress::Start,
         };
         Ok(Self {
             filter: FilterIndex::from_dataset(&ds),
             ds,
             out_dir,
             settings,
-            transe: None,
-            input,
-            simskip: None,
-            neighbours: None,
+            progress,
         })
     }
 
-    fn eval_context(&self) -> EvalContext<'_> {
-        EvalContext::new(
-            &self.ds,
-            self.settings.eval.clone(),
-            self.settings.transe.norm,
-        )
-    }
-
-    /// Install the coordinator's rows of our entities into the local TransE, creating it on
-    /// the first round (relations start random and stay local).
-    fn install_entity_rows(
+    /// The local TransE of this FedE stage with the coordinator's rows of our entities
+    /// installed; created on the stage's first task (relations start random and stay local).
+    fn embedding(
         &mut self,
+        stage: &StageInfo,
+        cfg: &TransEConfig,
         global: Vec<NamedArray>,
-        config: &BTreeMap<String, String>,
-    ) -> Result<()> {
-        let rows = take_array(global, ENTITIES)?;
-        let (n, d) = match rows.shape[..] {
-            [n, d] => (n, d),
-            _ => bail!(
-                "coordinator sent 'entities' of shape {:?}, expected [rows, dim]",
-                rows.shape
-            ),
-        };
-        if n != self.ds.num_entities() {
-            bail!(
-                "coordinator sent {n} entity rows, this client holds {}",
-                self.ds.num_entities()
-            );
-        }
-        let rows = Matrix::from_vec(n, d, rows.data);
-        match &mut self.transe {
-            Some(trainer) => trainer.set_entities(rows),
-            None => {
-                let mut cfg = self.settings.transe.clone();
-                apply_transe_overrides(&mut cfg, config)?;
-                cfg.dim = d;
+    ) -> Result<&mut TransETrainer> {
+        let rows = entity_rows(global, self.ds.num_entities(), cfg.dim)?;
+        match &mut self.progress {
+            Progress::Embedding(e) if e.stage == stage.index => e.transe.set_entities(rows),
+            _ => {
                 let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
-                let mut model = TransE::random(n, self.ds.num_relations(), d, cfg.norm, &mut rng);
+                let mut model = TransE::random(
+                    self.ds.num_entities(),
+                    self.ds.num_relations(),
+                    cfg.dim,
+                    cfg.norm,
+                    &mut rng,
+                );
                 model.entities = rows;
-                self.transe = Some(TransETrainer::from_model(model, cfg));
+                self.progress = Progress::Embedding(Embedding {
+                    stage: stage.index,
+                    transe: TransETrainer::from_model(model, cfg.clone()),
+                });
             }
         }
-        Ok(())
+        match &mut self.progress {
+            Progress::Embedding(e) => Ok(&mut e.transe),
+            _ => unreachable!("set just above"),
+        }
     }
 
-    fn stage2_input(&self) -> Result<&Matrix> {
-        self.input
-            .as_ref()
-            .ok_or_else(|| anyhow!("stage 2 needs input embeddings: run a FedE stage first or give the client an embeddings file"))
-    }
-
-    fn install_model(
+    /// The local copy of this SimSkip stage's model with the global weights installed; built
+    /// from the stage's parameters on its first task. Refuses a model whose width is not this
+    /// organisation's table's, and weights that do not fit the model.
+    fn refining(
         &mut self,
+        stage: &StageInfo,
+        params: &SimSkipParams,
         global: &[NamedArray],
-        config: &BTreeMap<String, String>,
-    ) -> Result<()> {
-        let dim = self.stage2_input()?.cols;
-        if self.simskip.is_none() {
-            let mut cfg = self.settings.simskip.clone();
-            apply_simskip_overrides(&mut cfg, config)?;
-            if cfg.positives == Positives::Neighbour {
-                self.neighbours = Some(training_neighbours(&self.ds)?);
+    ) -> Result<&mut Refining> {
+        let current = matches!(&self.progress,
+            Progress::Refining(r) if r.stage == stage.index && r.params == *params);
+        if !current {
+            let table_dim = match &self.progress {
+                Progress::Embedded(i) => i.table.cols,
+                Progress::Refining(r) => r.input.table.cols,
+                Progress::Start | Progress::Embedding(_) => bail!(
+                    "stage {:?} refines a stage-1 table, and this organisation has none: run a FedE stage first or give the client an embeddings file",
+                    stage.name
+                ),
+            };
+            if table_dim != params.dim {
+                bail!(
+                    "stage {:?} trains a {}-wide model, but this organisation's table is {table_dim}-wide",
+                    stage.name,
+                    params.dim
+                );
             }
-            self.simskip = Some(SimSkipTrainer::new(dim, cfg)?);
+            let cfg = SimSkipConfig {
+                backend: self.settings.compute.simskip_backend,
+                fast_threads: self.settings.compute.threads,
+                ..params.config.clone()
+            };
+            let neighbours = match cfg.positives {
+                Positives::Neighbour => Some(training_neighbours(&self.ds)?),
+                Positives::Augment => None,
+            };
+            let trainer = SimSkipTrainer::new(params.dim, cfg)?;
+            let input = match std::mem::replace(&mut self.progress, Progress::Start) {
+                Progress::Embedded(i) => i,
+                Progress::Refining(r) => r.input,
+                _ => unreachable!("checked above"),
+            };
+            self.progress = Progress::Refining(Box::new(Refining {
+                stage: stage.index,
+                params: params.clone(),
+                input,
+                trainer,
+                neighbours,
+            }));
         }
-        let trainer = self.simskip.as_mut().expect("created above");
+        let Progress::Refining(r) = &mut self.progress else {
+            unreachable!("set just above")
+        };
         if !global.is_empty() {
-            trainer.model_mut().import(global)?;
+            r.trainer
+                .model_mut()
+                .import(global)
+                .with_context(|| format!("the global model of stage {:?}", stage.name))?;
         }
-        Ok(())
+        Ok(r)
     }
 
     fn write_table(&self, sub: &str, x: &Matrix) -> Result<PathBuf> {
@@ -153,58 +232,43 @@ impl FederatedWork {
         emb.write_safetensors(&dir.join("entities.safetensors"))?;
         Ok(path)
     }
-}
 
-impl ClientWork for FederatedWork {
-    fn entity_keys(&self) -> Vec<String> {
-        self.ds.entities.names().to_vec()
-    }
-
-    fn num_examples(&self) -> u64 {
-        self.ds.train.len() as u64
-    }
-
-    fn fit(
-        &mut self,
-        stage: &StageInfo,
-        _round: u32,
-        global: Vec<NamedArray>,
-        config: &BTreeMap<String, String>,
-    ) -> Result<FitOutput> {
-        match stage.kind {
-            StageKind::FedE => {
-                self.install_entity_rows(global, config)?;
-                let epochs = local_epochs(config, self.settings.transe.epochs)?;
-                let trainer = self.transe.as_mut().expect("installed");
+    fn fit(&mut self, stage: &StageInfo, global: Vec<NamedArray>) -> Result<FitOutput> {
+        let num_triples = self.ds.train.len() as u64;
+        match &stage.params {
+            StageParams::FedE(cfg) => {
+                self.embedding(stage, cfg, global)?;
+                let Progress::Embedding(embedding) = &mut self.progress else {
+                    unreachable!("embedding() left this state")
+                };
                 let mut loss = f32::NAN;
-                for _ in 0..epochs {
-                    loss = trainer.train_epoch(&self.ds.train);
+                for _ in 0..cfg.epochs {
+                    loss = embedding.transe.train_epoch(&self.ds.train);
                 }
-                let e = &trainer.model().entities;
+                let e = &embedding.transe.model().entities;
                 Ok(FitOutput {
                     arrays: vec![NamedArray::new(
                         ENTITIES,
                         vec![e.rows, e.cols],
                         e.data.clone(),
                     )],
-                    num_examples: self.ds.train.len() as u64,
+                    num_examples: num_triples,
                     metrics: BTreeMap::from([("loss".to_owned(), loss as f64)]),
                 })
             }
-            StageKind::FedAvg => {
-                self.install_model(&global, config)?;
-                let epochs = local_epochs(config, 1)?;
-                let x = self.input.as_ref().expect("checked by install_model");
-                let trainer = self.simskip.as_mut().expect("installed");
+            StageParams::SimSkip(p) => {
+                let r = self.refining(stage, p, &global)?;
                 let mut loss = f32::NAN;
                 let mut samples = 0;
-                for _ in 0..epochs {
-                    let stats = trainer.train_epoch(x, self.neighbours.as_ref())?;
+                for _ in 0..p.config.epochs {
+                    let stats = r
+                        .trainer
+                        .train_epoch(&r.input.table, r.neighbours.as_ref())?;
                     loss = stats.loss;
                     samples = stats.samples;
                 }
                 Ok(FitOutput {
-                    arrays: trainer.model().export()?,
+                    arrays: r.trainer.model().export()?,
                     num_examples: samples.max(1) as u64,
                     metrics: BTreeMap::from([("loss".to_owned(), loss as f64)]),
                 })
@@ -212,17 +276,14 @@ impl ClientWork for FederatedWork {
         }
     }
 
-    fn evaluate(
-        &mut self,
-        stage: &StageInfo,
-        _round: u32,
-        global: Vec<NamedArray>,
-        config: &BTreeMap<String, String>,
-    ) -> Result<EvalOutput> {
-        match stage.kind {
-            StageKind::FedE => {
-                self.install_entity_rows(global, config)?;
-                let model = self.transe.as_ref().expect("installed").model();
+    fn evaluate(&mut self, stage: &StageInfo, global: Vec<NamedArray>) -> Result<EvalOutput> {
+        match &stage.params {
+            StageParams::FedE(cfg) => {
+                self.embedding(stage, cfg, global)?;
+                let Progress::Embedding(e) = &self.progress else {
+                    unreachable!("embedding() left this state")
+                };
+                let model = e.transe.model();
                 let mut metrics = BTreeMap::new();
                 for (split, triples) in [("valid", &self.ds.valid), ("test", &self.ds.test)] {
                     let m = simskip_kge::evaluate(
@@ -232,28 +293,35 @@ impl ClientWork for FederatedWork {
                         triples,
                         &self.filter,
                     );
-                    metrics.insert(format!("{split}.mrr"), m.mrr);
-                    metrics.insert(format!("{split}.hits_at_1"), m.hits_at_1);
-                    metrics.insert(format!("{split}.hits_at_10"), m.hits_at_10);
-                    metrics.insert(format!("{split}.tail_mrr"), m.tail.mrr);
+                    for (name, v) in [
+                        ("mrr", m.mrr),
+                        ("hits_at_1", m.hits_at_1),
+                        ("hits_at_3", m.hits_at_3),
+                        ("hits_at_10", m.hits_at_10),
+                        ("tail_mrr", m.tail.mrr),
+                    ] {
+                        metrics.insert(format!("{split}.{name}"), v);
+                    }
                 }
                 Ok(EvalOutput {
                     num_examples: self.ds.test.len() as u64,
                     metrics,
                 })
             }
-            StageKind::FedAvg => {
-                self.install_model(&global, config)?;
-                let x = self.stage2_input()?;
-                let refined = self
-                    .simskip
-                    .as_ref()
-                    .expect("installed")
-                    .model()
-                    .refine(x)?;
-                let ctx = self.eval_context();
+            StageParams::SimSkip(p) => {
+                let r = self.refining(stage, p, &global)?;
+                let refined = r.trainer.model().refine(&r.input.table)?;
+                let norm = r.input.norm;
+                let Progress::Refining(r) = &self.progress else {
+                    unreachable!("refining() left this state")
+                };
+                let ctx = EvalContext::new(&self.ds, self.settings.eval.clone(), norm);
                 let mut metrics = BTreeMap::new();
-                flatten("input", &evaluate_table(&ctx, x)?, &mut metrics);
+                flatten(
+                    "input",
+                    &evaluate_table(&ctx, &r.input.table)?,
+                    &mut metrics,
+                );
                 flatten("refined", &evaluate_table(&ctx, &refined)?, &mut metrics);
                 Ok(EvalOutput {
                     num_examples: self.ds.num_entities() as u64,
@@ -263,47 +331,39 @@ impl ClientWork for FederatedWork {
         }
     }
 
-    fn finish_stage(
-        &mut self,
-        stage: &StageInfo,
-        global: Vec<NamedArray>,
-        config: &BTreeMap<String, String>,
-    ) -> Result<()> {
-        match stage.kind {
-            StageKind::FedE => {
-                self.install_entity_rows(global, config)?;
-                let entities = self
-                    .transe
-                    .as_ref()
-                    .expect("installed")
-                    .model()
-                    .entities
-                    .clone();
-                let path = self.write_table(&stage.name, &entities)?;
+    fn finish_stage(&mut self, stage: &StageInfo, global: Vec<NamedArray>) -> Result<()> {
+        match &stage.params {
+            StageParams::FedE(cfg) => {
+                let transe = self.embedding(stage, cfg, global)?;
+                let (table, norm) = (transe.model().entities.clone(), transe.model().norm);
+                let path = self.write_table(&stage.name, &table)?;
+                let record = Stage2Record {
+                    path: path.clone(),
+                    norm,
+                };
                 simskip_data::fsutil::write_atomic(
                     &self.out_dir.join(STAGE2_INPUT_RECORD),
-                    path.display().to_string().as_bytes(),
+                    serde_json::to_string(&record)?.as_bytes(),
                 )?;
                 tracing::info!(path = %path.display(), "wrote stage-1 entity embeddings");
-                self.input = Some(entities);
+                self.progress = Progress::Embedded(Stage2Input { table, norm });
             }
-            StageKind::FedAvg => {
-                self.install_model(&global, config)?;
-                let x = self.stage2_input()?.clone();
-                let refined = self
-                    .simskip
-                    .as_ref()
-                    .expect("installed")
-                    .model()
-                    .refine(&x)?;
+            StageParams::SimSkip(p) => {
+                let r = self.refining(stage, p, &global)?;
+                let refined = r.trainer.model().refine(&r.input.table)?;
+                let norm = r.input.norm;
+                let Progress::Refining(r) = &self.progress else {
+                    unreachable!("refining() left this state")
+                };
+                let input = &r.input.table;
                 // The federated model is shared; whether it helps this organisation's table is
                 // decided here, on this client's own held-out data.
-                let ctx = self.eval_context();
+                let ctx = EvalContext::new(&self.ds, self.settings.eval.clone(), norm);
                 let (signal, score) = validation_signal(&ctx, self.settings.gate.signal)?;
-                let (input_score, refined_score) = (score(&x), score(&refined));
-                let keep_refined = !self.settings.gate.enabled || refined_score > input_score;
-                let output = if keep_refined { refined } else { x };
-                let path = self.write_table(&stage.name, &output)?;
+                let (input_score, refined_score) = (score(input), score(&refined));
+                let keep_refined = !self.settings.gate.enabled || beats(refined_score, input_score);
+                let output = if keep_refined { &refined } else { input };
+                let path = self.write_table(&stage.name, output)?;
                 let decision = serde_json::json!({
                     "signal": signal,
                     "input": input_score,
@@ -322,6 +382,69 @@ impl ClientWork for FederatedWork {
     }
 }
 
+/// The federation library carries the organisation's errors as messages; keep the chain.
+fn work_error(e: anyhow::Error) -> WorkError {
+    format!("{e:#}").into()
+}
+
+impl ClientWork for FederatedWork {
+    fn entity_keys(&self) -> Vec<String> {
+        self.ds.entities.names().to_vec()
+    }
+
+    fn num_examples(&self) -> u64 {
+        self.ds.train.len() as u64
+    }
+
+    fn fit(
+        &mut self,
+        stage: &StageInfo,
+        _round: u32,
+        global: Vec<NamedArray>,
+    ) -> Result<FitOutput, WorkError> {
+        FederatedWork::fit(self, stage, global).map_err(work_error)
+    }
+
+    fn evaluate(
+        &mut self,
+        stage: &StageInfo,
+        _round: u32,
+        global: Vec<NamedArray>,
+    ) -> Result<EvalOutput, WorkError> {
+        FederatedWork::evaluate(self, stage, global).map_err(work_error)
+    }
+
+    fn finish_stage(
+        &mut self,
+        stage: &StageInfo,
+        global: Vec<NamedArray>,
+    ) -> Result<(), WorkError> {
+        FederatedWork::finish_stage(self, stage, global).map_err(work_error)
+    }
+}
+
+/// The coordinator's rows of this organisation's entities, checked before they are used:
+/// one `[entities, dim]` array of finite values.
+fn entity_rows(global: Vec<NamedArray>, entities: usize, dim: usize) -> Result<Matrix> {
+    let rows = global
+        .into_iter()
+        .find(|a| a.name == ENTITIES)
+        .ok_or_else(|| anyhow!("the coordinator sent no '{ENTITIES}' array"))?;
+    if rows.shape != [entities, dim] || rows.data.len() != entities * dim {
+        bail!(
+            "the coordinator sent '{ENTITIES}' of shape {:?}; this organisation holds {entities} entities of dim {dim}",
+            rows.shape
+        );
+    }
+    if let Some(i) = rows.data.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "the coordinator sent a non-finite value in '{ENTITIES}' (row {}): refused",
+            i / dim
+        );
+    }
+    Ok(Matrix::from_vec(entities, dim, rows.data))
+}
+
 fn flatten(prefix: &str, f: &TaskFigures, out: &mut BTreeMap<String, f64>) {
     let pairs = [
         ("knn_at_10", f.knn_at_10),
@@ -337,86 +460,20 @@ fn flatten(prefix: &str, f: &TaskFigures, out: &mut BTreeMap<String, f64>) {
     }
 }
 
-fn take_array(arrays: Vec<NamedArray>, name: &str) -> Result<NamedArray> {
-    arrays
-        .into_iter()
-        .find(|a| a.name == name)
-        .ok_or_else(|| anyhow!("coordinator sent no '{name}' array"))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn parse<T: std::str::FromStr>(config: &BTreeMap<String, String>, key: &str) -> Result<Option<T>> {
-    config
-        .get(key)
-        .map(|v| {
-            v.parse::<T>()
-                .map_err(|_| anyhow!("task config '{key}': cannot parse '{v}'"))
-        })
-        .transpose()
-}
-
-/// Replace `field` with the task config's value of `key`, when the coordinator sent one.
-fn override_from<T: std::str::FromStr>(
-    config: &BTreeMap<String, String>,
-    key: &str,
-    field: &mut T,
-) -> Result<()> {
-    if let Some(v) = parse(config, key)? {
-        *field = v;
+    #[test]
+    fn received_rows_are_checked_before_use() {
+        let ok = || vec![NamedArray::new(ENTITIES, vec![2, 3], vec![0.5; 6])];
+        assert_eq!(entity_rows(ok(), 2, 3).unwrap().data, vec![0.5; 6]);
+        let e = entity_rows(ok(), 3, 3).unwrap_err().to_string();
+        assert!(e.contains("shape [2, 3]"), "{e}");
+        let mut bad = ok();
+        bad[0].data[4] = f32::NAN;
+        let e = entity_rows(bad, 2, 3).unwrap_err().to_string();
+        assert!(e.contains("non-finite") && e.contains("row 1"), "{e}");
+        assert!(entity_rows(vec![], 2, 3).is_err());
     }
-    Ok(())
-}
-
-fn local_epochs(config: &BTreeMap<String, String>, default: usize) -> Result<usize> {
-    Ok(parse(config, "local_epochs")?.unwrap_or(default))
-}
-
-/// The coordinator's task config overrides the client's own training settings, so one run
-/// trains alike everywhere.
-fn apply_transe_overrides(
-    cfg: &mut simskip_kge::TransEConfig,
-    config: &BTreeMap<String, String>,
-) -> Result<()> {
-    override_from(config, "lr", &mut cfg.lr)?;
-    override_from(config, "batch_size", &mut cfg.batch_size)?;
-    override_from(config, "negatives", &mut cfg.negatives)?;
-    override_from(config, "seed", &mut cfg.seed)?;
-    override_from(config, "normalize_entities", &mut cfg.normalize_entities)?;
-    if let Some(v) = config.get("loss") {
-        cfg.loss = match v.as_str() {
-            "margin_ranking" => simskip_kge::Loss::MarginRanking {
-                margin: parse(config, "margin")?.unwrap_or(1.0),
-            },
-            "self_adversarial" => simskip_kge::Loss::SelfAdversarial {
-                gamma: parse(config, "gamma")?.unwrap_or(10.0),
-                temperature: parse(config, "adversarial_temperature")?.unwrap_or(1.0),
-            },
-            other => bail!(
-                "task config 'loss': unknown loss '{other}' (margin_ranking, self_adversarial)"
-            ),
-        };
-    }
-    Ok(())
-}
-
-fn apply_simskip_overrides(
-    cfg: &mut simskip_refine::SimSkipConfig,
-    config: &BTreeMap<String, String>,
-) -> Result<()> {
-    override_from(config, "lr", &mut cfg.lr)?;
-    override_from(config, "batch_size", &mut cfg.batch_size)?;
-    override_from(config, "temperature", &mut cfg.temperature)?;
-    override_from(config, "seed", &mut cfg.seed)?;
-    override_from(config, "skip", &mut cfg.skip)?;
-    if let Some(v) = config.get("augmentation") {
-        cfg.augmentation =
-            serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
-                anyhow!("task config 'augmentation': unknown '{v}' (mask, noise, both)")
-            })?;
-    }
-    if let Some(v) = config.get("positives") {
-        cfg.positives = serde_json::from_value(serde_json::Value::String(v.clone()))
-            .map_err(|_| anyhow!("task config 'positives': unknown '{v}' (augment, neighbour)"))?;
-    }
-    cfg.validate()?;
-    Ok(())
 }

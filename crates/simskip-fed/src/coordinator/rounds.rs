@@ -12,7 +12,9 @@
 //!   chosen by a seeded shuffle; each gets a task with the current global model when it
 //!   polls ([`Rounds::task_for`]). The round closes when every selected client answered
 //!   (or died, failed or re-registered) or `round_timeout` passed. With at least
-//!   `min_fit_clients` successful results the strategy aggregates; otherwise the round is
+//!   `min_fit_clients` successful results the round hands out an [`AggregationJob`]
+//!   ([`Rounds::take_aggregation`]) that the caller runs where it likes (off its event loop,
+//!   outside its lock) and returns ([`Rounds::on_aggregated`]); otherwise the round is
 //!   recorded as failed (`aggregated: false`) and the run MOVES ON to the next round, as
 //!   Flower does: rounds are never retried, so a run always terminates.
 //! * EVALUATE: after every `eval_every`-th FIT round and always after a stage's last round,
@@ -29,73 +31,37 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
+use rand::SeedableRng;
+use serde::Serialize;
 use simskip_data::NamedArray;
 
 use crate::aggregate::{weighted_metrics, AggregateError};
-use crate::strategy::{GlobalSnapshot, Strategy};
-
-/// How a stage aggregates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum StageKind {
-    /// Keyed entity table, each entity averaged over the clients that hold it.
-    #[serde(rename = "fede")]
-    FedE,
-    /// Example-weighted average of all arrays.
-    #[serde(rename = "fedavg")]
-    FedAvg,
-}
-
-impl StageKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StageKind::FedE => "fede",
-            StageKind::FedAvg => "fedavg",
-        }
-    }
-}
-
-/// What a task asks of a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    Fit,
-    Evaluate,
-    FinishStage,
-    /// Nothing to do yet: poll again.
-    Wait,
-    /// The run is over.
-    Done,
-}
-
-impl TaskKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskKind::Fit => "fit",
-            TaskKind::Evaluate => "evaluate",
-            TaskKind::FinishStage => "finish_stage",
-            TaskKind::Wait => "wait",
-            TaskKind::Done => "done",
-        }
-    }
-}
+use crate::params::StageParams;
+use crate::strategy::Strategy;
+use crate::types::{
+    ClientInfo, ClientResult, GlobalSnapshot, Payload, StageInfo, StageKind, TaskKind,
+};
 
 /// One stage of the run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageSpec {
     pub name: String,
-    pub kind: StageKind,
     /// FIT rounds in the stage.
     pub rounds: u32,
     /// EVALUATE after every k-th FIT round (0: only after the last one).
     pub eval_every: u32,
-    /// Handed to the clients with every task of the stage.
-    pub config: BTreeMap<String, String>,
+    /// Sent to the clients with every task of the stage; its kind is the stage's kind.
+    pub params: StageParams,
+}
+
+impl StageSpec {
+    pub fn kind(&self) -> StageKind {
+        self.params.kind()
+    }
 }
 
 /// Round rules.
@@ -111,38 +77,82 @@ pub struct RoundsConfig {
     pub stages: Vec<StageSpec>,
 }
 
-/// A registered client as the strategies see it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClientInfo {
-    pub name: String,
-    pub session: String,
-    pub num_examples: u64,
-    /// FedE entity keys the client holds, in the order its rows travel.
-    pub entity_keys: Arc<Vec<String>>,
-}
-
-/// A successful result handed to [`Strategy::aggregate_fit`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClientResult {
-    pub client: ClientInfo,
-    pub num_examples: u64,
-    pub arrays: Vec<NamedArray>,
-    pub metrics: BTreeMap<String, f64>,
-}
-
 /// A task for one client.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Task {
     pub run_id: String,
     pub task_id: String,
     pub kind: TaskKind,
-    pub stage_index: usize,
-    pub stage_name: String,
-    pub stage_kind: StageKind,
-    pub stage_rounds: u32,
+    pub stage: StageInfo,
     pub round: u32,
-    pub config: BTreeMap<String, String>,
-    pub arrays: Vec<NamedArray>,
+    pub payload: Payload,
+}
+
+/// What a poll gets.
+#[derive(Debug, Clone)]
+pub enum Poll {
+    Task(Task),
+    /// Nothing to do yet: poll again.
+    Wait,
+    /// The run is over.
+    Done,
+}
+
+impl Poll {
+    /// The task, if this poll got one.
+    pub fn into_task(self) -> Option<Task> {
+        match self {
+            Poll::Task(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// A round's FIT results, with the strategy that folds them in, taken out of the state
+/// machine so that the caller can aggregate off its event loop and outside its lock; give the
+/// outcome back with [`Rounds::on_aggregated`].
+pub struct AggregationJob {
+    stage: usize,
+    round: u32,
+    strategy: Box<dyn Strategy>,
+    results: Vec<ClientResult>,
+}
+
+/// An [`AggregationJob`] that ran.
+pub struct Aggregated {
+    stage: usize,
+    round: u32,
+    strategy: Box<dyn Strategy>,
+    outcome: Result<(), AggregateError>,
+}
+
+impl AggregationJob {
+    /// Folds the results into the strategy's global state. CPU-bound.
+    pub fn run(self) -> Aggregated {
+        let AggregationJob {
+            stage,
+            round,
+            mut strategy,
+            results,
+        } = self;
+        let outcome = strategy.aggregate_fit(results);
+        Aggregated {
+            stage,
+            round,
+            strategy,
+            outcome,
+        }
+    }
+}
+
+impl std::fmt::Debug for AggregationJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AggregationJob")
+            .field("stage", &self.stage)
+            .field("round", &self.round)
+            .field("results", &self.results.len())
+            .finish()
+    }
 }
 
 /// What a client sends back for a task.
@@ -334,19 +344,26 @@ enum Next {
 enum Phase {
     Idle(Next),
     Collect(RoundState),
-    Done { at: Duration },
+    /// A FIT round closed with enough results; its record waits for the aggregation job.
+    Aggregating(Box<RoundRecord>),
+    Done {
+        at: Duration,
+    },
 }
 
 /// The round state machine. See the module docs for the rules.
 pub struct Rounds {
     cfg: RoundsConfig,
-    strategies: Vec<Box<dyn Strategy>>,
+    /// One per stage; `None` only while that stage's [`AggregationJob`] is out.
+    strategies: Vec<Option<Box<dyn Strategy>>>,
+    /// Registrations that arrived while their stage's strategy was out aggregating.
+    pending_registrations: Vec<(usize, ClientInfo)>,
+    job: Option<AggregationJob>,
     clients: BTreeMap<String, ClientState>,
     sessions: HashMap<String, String>,
     phase: Phase,
     stage_started: Vec<bool>,
     rng: StdRng,
-    session_rng: StdRng,
     task_seq: u64,
     past_tasks: HashSet<String>,
     events: Vec<Event>,
@@ -369,11 +386,11 @@ impl Rounds {
             ));
         }
         for (s, st) in cfg.stages.iter().zip(&strategies) {
-            if s.kind != st.kind() {
+            if s.kind() != st.kind() {
                 return bad(format!(
                     "stage {:?} is {} but its strategy is {}",
                     s.name,
-                    s.kind.as_str(),
+                    s.kind().as_str(),
                     st.kind().as_str()
                 ));
             }
@@ -396,9 +413,10 @@ impl Rounds {
         let n = cfg.stages.len();
         Ok(Self {
             rng: StdRng::seed_from_u64(cfg.seed),
-            session_rng: StdRng::seed_from_u64(cfg.seed ^ 0x5e55_1011),
             cfg,
-            strategies,
+            strategies: strategies.into_iter().map(Some).collect(),
+            pending_registrations: Vec::new(),
+            job: None,
             clients: BTreeMap::new(),
             sessions: HashMap::new(),
             phase: Phase::Idle(Next::Fit { stage: 0, round: 1 }),
@@ -425,8 +443,52 @@ impl Rounds {
     pub fn ignored_results(&self) -> u64 {
         self.ignored
     }
+    /// `None` for an unknown stage, or while its aggregation job is out.
     pub fn strategy(&self, stage: usize) -> Option<&dyn Strategy> {
-        self.strategies.get(stage).map(|s| s.as_ref())
+        self.strategies.get(stage)?.as_deref()
+    }
+
+    /// The aggregation a closed FIT round waits for, if any: run it (anywhere, any thread)
+    /// and hand the outcome to [`Rounds::on_aggregated`]. Until then the run does not advance.
+    pub fn take_aggregation(&mut self) -> Option<AggregationJob> {
+        self.job.take()
+    }
+
+    /// Completes the round that waited for `done`, with the seconds its aggregation took.
+    pub fn on_aggregated(&mut self, done: Aggregated, aggregate_secs: f64) {
+        let Aggregated {
+            stage,
+            round,
+            mut strategy,
+            outcome,
+        } = done;
+        let mut still_pending = Vec::new();
+        for (s, info) in std::mem::take(&mut self.pending_registrations) {
+            if s != stage {
+                still_pending.push((s, info));
+            } else if let Err(e) = strategy.on_client_registered(&info) {
+                tracing::error!(client = %info.name, "strategy registration after aggregation: {e}");
+            }
+        }
+        self.pending_registrations = still_pending;
+        self.strategies[stage] = Some(strategy);
+        let Phase::Aggregating(mut record) =
+            std::mem::replace(&mut self.phase, Phase::Done { at: Duration::ZERO })
+        else {
+            unreachable!("an aggregation job exists only while its round is aggregating");
+        };
+        debug_assert_eq!((record.stage_index, record.round), (stage, round));
+        match outcome {
+            Ok(()) => record.aggregated = true,
+            Err(e) => record.note = Some(format!("aggregation failed: {e}")),
+        }
+        record.coordinator.aggregate_secs = aggregate_secs;
+        record.coordinator.total_secs = record.coordinator.serialize_secs + aggregate_secs;
+        self.finish_close(*record);
+    }
+    /// True while a closed FIT round waits for its aggregation.
+    pub fn is_aggregating(&self) -> bool {
+        matches!(self.phase, Phase::Aggregating(_))
     }
     pub fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done { .. })
@@ -487,19 +549,30 @@ impl Rounds {
                 got: expected_run_id.to_string(),
             });
         }
-        let session = format!("{name}-{:016x}", self.session_rng.random::<u64>());
+        let session = new_session_id();
         let info = ClientInfo {
             name: name.to_string(),
             session: session.clone(),
             num_examples,
             entity_keys: Arc::new(entity_keys),
         };
-        for (stage, st) in self.cfg.stages.iter().zip(self.strategies.iter_mut()) {
-            st.on_client_registered(&info)
-                .map_err(|source| RoundsError::Strategy {
-                    stage: stage.name.clone(),
-                    source,
-                })?;
+        for (i, (stage, st)) in self
+            .cfg
+            .stages
+            .iter()
+            .zip(self.strategies.iter_mut())
+            .enumerate()
+        {
+            match st {
+                Some(st) => {
+                    st.on_client_registered(&info)
+                        .map_err(|source| RoundsError::Strategy {
+                            stage: stage.name.clone(),
+                            source,
+                        })?
+                }
+                None => self.pending_registrations.push((i, info.clone())),
+            }
         }
         let rejoined = if let Some(old) = self.clients.remove(name) {
             self.sessions.remove(&old.info.session);
@@ -560,10 +633,9 @@ impl Rounds {
         }
     }
 
-    /// The task for this session now, if any (`None`: nothing yet, poll again). Counts as a
-    /// sign of life. A task already handed out but not answered is handed out again (the
-    /// client polls only when idle, so it lost it).
-    pub fn task_for(&mut self, session: &str, now: Duration) -> Result<Option<Task>, RoundsError> {
+    /// What this session should do now. Counts as a sign of life. A task already handed out
+    /// but not answered is handed out again (the client polls only when idle, so it lost it).
+    pub fn task_for(&mut self, session: &str, now: Duration) -> Result<Poll, RoundsError> {
         let name = self
             .touch(session, now)
             .ok_or_else(|| RoundsError::UnknownSession(session.to_string()))?;
@@ -572,20 +644,9 @@ impl Rounds {
                 if let Some(c) = self.clients.get_mut(&name) {
                     c.told_done = true;
                 }
-                return Ok(Some(Task {
-                    run_id: self.cfg.run_id.clone(),
-                    task_id: "done".into(),
-                    kind: TaskKind::Done,
-                    stage_index: self.cfg.stages.len().saturating_sub(1),
-                    stage_name: String::new(),
-                    stage_kind: self.cfg.stages.last().map_or(StageKind::FedAvg, |s| s.kind),
-                    stage_rounds: 0,
-                    round: 0,
-                    config: BTreeMap::new(),
-                    arrays: Vec::new(),
-                }));
+                return Ok(Poll::Done);
             }
-            Phase::Idle(_) => return Ok(None),
+            Phase::Idle(_) | Phase::Aggregating(_) => return Ok(Poll::Wait),
             Phase::Collect(rs) => rs,
         };
         // Clients that join during FINISH_STAGE get their final payload too.
@@ -608,47 +669,43 @@ impl Rounds {
             }
         }
         let Some(issued) = rs.tasks.get(&name) else {
-            return Ok(None);
+            return Ok(Poll::Wait);
         };
         if issued.session != session
             || !issued.waiting
             || rs.results.contains_key(&name)
             || rs.failures.contains_key(&name)
         {
-            return Ok(None);
+            return Ok(Poll::Wait);
         }
         let client = &self.clients[&name].info;
-        let strategy = &self.strategies[rs.stage];
-        let t0 = Instant::now();
-        let payload = match rs.kind {
-            TaskKind::Fit => strategy.fit_payload(client),
-            TaskKind::Evaluate => strategy.evaluate_payload(client),
-            _ => strategy.finish_payload(client),
+        let Some(strategy) = self.strategies[rs.stage].as_deref() else {
+            unreachable!("a stage's strategy is out only while its round is aggregating");
         };
-        rs.serialize_secs += t0.elapsed().as_secs_f64();
-        let stage = &self.cfg.stages[rs.stage];
-        let arrays = match payload {
-            Ok(a) => a,
+        let payload = match strategy.payload(client) {
+            Ok(p) => p,
             Err(e) => {
                 // The strategy cannot serve this client: count it as a failed answer.
                 rs.failures.insert(name.clone(), format!("payload: {e}"));
                 if let Some(t) = rs.tasks.get_mut(&name) {
                     t.waiting = false;
                 }
-                return Ok(None);
+                return Ok(Poll::Wait);
             }
         };
-        Ok(Some(Task {
+        let stage = &self.cfg.stages[rs.stage];
+        Ok(Poll::Task(Task {
             run_id: self.cfg.run_id.clone(),
             task_id: issued.task_id.clone(),
             kind: rs.kind,
-            stage_index: rs.stage,
-            stage_name: stage.name.clone(),
-            stage_kind: stage.kind,
-            stage_rounds: stage.rounds,
+            stage: StageInfo {
+                index: rs.stage,
+                name: stage.name.clone(),
+                rounds: stage.rounds,
+                params: stage.params.clone(),
+            },
             round: rs.round,
-            config: stage.config.clone(),
-            arrays,
+            payload,
         }))
     }
 
@@ -710,8 +767,8 @@ impl Rounds {
         let error = match report.error {
             Some(e) => Some(format!("client error: {e}")),
             None if rs.kind == TaskKind::Fit => self.strategies[rs.stage]
-                .check_fit_result(&client, &report.arrays)
-                .err()
+                .as_deref()
+                .and_then(|st| st.check_fit_result(&client, &report.arrays).err())
                 .map(|e| format!("invalid result: {e}")),
             None => None,
         };
@@ -750,7 +807,7 @@ impl Rounds {
         }
         loop {
             match &self.phase {
-                Phase::Done { .. } => break,
+                Phase::Done { .. } | Phase::Aggregating(_) => break,
                 Phase::Idle(next) => {
                     let next = *next;
                     let alive = self.clients.values().filter(|c| c.alive).count();
@@ -797,7 +854,10 @@ impl Rounds {
                 stage_index: stage,
                 stage: self.cfg.stages[stage].name.clone(),
             });
-            if let Err(e) = self.strategies[stage].initial(&infos) {
+            let Some(strategy) = self.strategies[stage].as_mut() else {
+                unreachable!("strategies are out only while a round is aggregating");
+            };
+            if let Err(e) = strategy.initial(&infos) {
                 tracing::error!(stage = %self.cfg.stages[stage].name, "strategy initial: {e}");
             }
             if self.cfg.stages[stage].rounds == 0 && kind == TaskKind::Fit {
@@ -852,36 +912,18 @@ impl Rounds {
         let Phase::Collect(rs) = std::mem::replace(&mut self.phase, Phase::Done { at: now }) else {
             unreachable!("close outside a round");
         };
-        let spec = self.cfg.stages[rs.stage].clone();
+        let spec = &self.cfg.stages[rs.stage];
         self.past_tasks
             .extend(rs.tasks.values().map(|t| t.task_id.clone()));
         let results: Vec<ClientResult> = rs.results.into_values().collect();
         let enough = results.len() >= self.cfg.min_fit_clients;
-        let mut note = None;
-        let mut aggregate_secs = 0.0;
-        let aggregated = match rs.kind {
-            TaskKind::Fit if enough => {
-                let t0 = Instant::now();
-                let r = self.strategies[rs.stage].aggregate_fit(&results);
-                aggregate_secs = t0.elapsed().as_secs_f64();
-                match r {
-                    Ok(()) => true,
-                    Err(e) => {
-                        note = Some(format!("aggregation failed: {e}"));
-                        false
-                    }
-                }
-            }
-            TaskKind::Evaluate => enough,
-            _ => false,
-        };
-        if !enough && rs.kind != TaskKind::FinishStage {
-            note = Some(format!(
+        let note = (!enough && rs.kind != TaskKind::FinishStage).then(|| {
+            format!(
                 "only {} of the required {} clients answered",
                 results.len(),
                 self.cfg.min_fit_clients
-            ));
-        }
+            )
+        });
         let metric_inputs: Vec<(u64, BTreeMap<String, f64>)> = results
             .iter()
             .map(|r| (r.num_examples, r.metrics.clone()))
@@ -901,7 +943,7 @@ impl Rounds {
             run_id: self.cfg.run_id.clone(),
             stage_index: rs.stage,
             stage: spec.name.clone(),
-            stage_kind: spec.kind,
+            stage_kind: spec.kind(),
             round: rs.round,
             kind: rs.kind,
             selected: rs.selected,
@@ -920,7 +962,8 @@ impl Rounds {
                 .collect(),
             failures: rs.failures,
             missing,
-            aggregated,
+            // FIT: set once the aggregation succeeds. EVALUATE: enough answers to count.
+            aggregated: rs.kind == TaskKind::Evaluate && enough,
             note,
             metrics: weighted_metrics(&metric_inputs),
             timed_out,
@@ -928,22 +971,44 @@ impl Rounds {
             ended_secs: now.as_secs_f64(),
             coordinator: Overhead {
                 serialize_secs: rs.serialize_secs,
-                aggregate_secs,
-                total_secs: rs.serialize_secs + aggregate_secs,
+                aggregate_secs: 0.0,
+                total_secs: rs.serialize_secs,
             },
         };
+        if rs.kind == TaskKind::Fit && enough {
+            let Some(strategy) = self.strategies[rs.stage].take() else {
+                unreachable!("one aggregation at a time");
+            };
+            self.job = Some(AggregationJob {
+                stage: rs.stage,
+                round: rs.round,
+                strategy,
+                results,
+            });
+            self.phase = Phase::Aggregating(Box::new(record));
+            return;
+        }
+        self.finish_close(record);
+    }
+
+    /// Records a closed round and moves on to what follows it.
+    fn finish_close(&mut self, record: RoundRecord) {
+        let (stage, round, kind) = (record.stage_index, record.round, record.kind);
+        let spec = self.cfg.stages[stage].clone();
+        let now = Duration::from_secs_f64(record.ended_secs);
+        let updated = (record.aggregated && kind == TaskKind::Fit)
+            .then(|| self.strategies[stage].as_deref())
+            .flatten()
+            .map(|strategy| Event::GlobalUpdated {
+                stage_index: stage,
+                stage: spec.name.clone(),
+                round,
+                global: strategy.global(),
+            });
         self.records.push(record.clone());
         self.events.push(Event::RoundCompleted(record));
-        if aggregated && rs.kind == TaskKind::Fit {
-            self.events.push(Event::GlobalUpdated {
-                stage_index: rs.stage,
-                stage: spec.name.clone(),
-                round: rs.round,
-                global: self.strategies[rs.stage].global(),
-            });
-        }
-        let (stage, round) = (rs.stage, rs.round);
-        let next = match rs.kind {
+        self.events.extend(updated);
+        let next = match kind {
             TaskKind::Fit => {
                 let eval =
                     round == spec.rounds || (spec.eval_every > 0 && round % spec.eval_every == 0);
@@ -966,19 +1031,15 @@ impl Rounds {
                     Some(Next::Finish { stage })
                 }
             }
-            _ => {
+            TaskKind::FinishStage => {
                 self.events.push(Event::StageFinished {
                     stage_index: stage,
                     stage: spec.name.clone(),
                 });
-                if stage + 1 < self.cfg.stages.len() {
-                    Some(Next::Fit {
-                        stage: stage + 1,
-                        round: 1,
-                    })
-                } else {
-                    None
-                }
+                (stage + 1 < self.cfg.stages.len()).then_some(Next::Fit {
+                    stage: stage + 1,
+                    round: 1,
+                })
             }
         };
         match next {
@@ -989,6 +1050,17 @@ impl Rounds {
             }
         }
     }
+}
+
+/// A session id: 128 bits from the operating system's generator, so that no one can guess
+/// another client's session from the run's seed or from its own.
+fn new_session_id() -> String {
+    use rand::TryRngCore;
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .expect("the operating system's random generator is available");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 use super::*;
-use crate::aggregate::ENTITIES;
 use crate::strategy::{FedAvgStrategy, FedEStrategy};
+use crate::types::ENTITIES;
 
 fn ms(x: u64) -> Duration {
     Duration::from_millis(x)
@@ -9,11 +9,26 @@ fn ms(x: u64) -> Duration {
 fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageSpec {
     StageSpec {
         name: name.into(),
-        kind,
         rounds,
         eval_every,
-        config: BTreeMap::from([("lr".to_string(), "0.1".to_string())]),
+        params: StageParams::defaults(kind, 4),
     }
+}
+
+/// Advances time, running any aggregation the state machine hands out inline (the service
+/// runs it on the blocking pool; the outcome is the same).
+fn tick(r: &mut Rounds, now: Duration) -> Vec<Event> {
+    let mut events = r.tick(now);
+    while let Some(job) = r.take_aggregation() {
+        assert!(r.is_aggregating());
+        r.on_aggregated(job.run(), 0.25);
+        events.extend(r.tick(now));
+    }
+    events
+}
+
+fn arrays(t: &Task) -> Vec<NamedArray> {
+    t.payload.to_arrays().unwrap()
 }
 
 fn config(
@@ -94,20 +109,20 @@ fn global(r: &Rounds) -> f32 {
 fn normal_round() {
     let mut r = fedavg_rounds(3, 2, 2, 0);
     let s = register(&mut r, &["a", "b", "c"], ms(0));
-    let ev = r.tick(ms(0));
+    let ev = tick(&mut r, ms(0));
     assert!(ev.iter().any(|e| matches!(e, Event::RoundStarted { round: 1, kind: TaskKind::Fit, clients, .. } if clients.len() == 3)));
     for (i, sess) in s.iter().enumerate() {
-        let t = r.task_for(sess, ms(10)).unwrap().unwrap();
-        assert_eq!((t.kind, t.round, t.stage_rounds), (TaskKind::Fit, 1, 2));
-        assert_eq!(t.arrays, w(0.0));
-        assert_eq!(t.config["lr"], "0.1");
+        let t = r.task_for(sess, ms(10)).unwrap().into_task().unwrap();
+        assert_eq!((t.kind, t.round, t.stage.rounds), (TaskKind::Fit, 1, 2));
+        assert_eq!(arrays(&t), w(0.0));
+        assert_eq!(t.stage.params, StageParams::defaults(StageKind::FedAvg, 4));
         let n = [1, 1, 2][i];
         assert_eq!(
             r.on_result(report(&t, sess, (i + 1) as f32, n), ms(20)),
             ResultOutcome::Accepted
         );
     }
-    let ev = r.tick(ms(30));
+    let ev = tick(&mut r, ms(30));
     let rec = completed(&ev);
     assert_eq!(rec.len(), 1);
     assert!(rec[0].aggregated && !rec[0].timed_out);
@@ -118,21 +133,21 @@ fn normal_round() {
     assert_eq!(global(&r), 2.25);
     // Round 2 starts and carries the new global.
     assert_eq!(r.current(), Some((0, 2, TaskKind::Fit)));
-    let t = r.task_for(&s[0], ms(40)).unwrap().unwrap();
-    assert_eq!(t.arrays, w(2.25));
+    let t = r.task_for(&s[0], ms(40)).unwrap().into_task().unwrap();
+    assert_eq!(arrays(&t), w(2.25));
 }
 
 #[test]
 fn timeout_with_missing_client_still_aggregates() {
     let mut r = fedavg_rounds(3, 2, 2, 0);
     let s = register(&mut r, &["a", "b", "c"], ms(0));
-    r.tick(ms(0));
+    tick(&mut r, ms(0));
     for (i, sess) in s.iter().take(2).enumerate() {
-        let t = r.task_for(sess, ms(10)).unwrap().unwrap();
+        let t = r.task_for(sess, ms(10)).unwrap().into_task().unwrap();
         r.on_result(report(&t, sess, (i * 2) as f32, 1), ms(20));
     }
-    assert!(completed(&r.tick(ms(500))).is_empty());
-    let rec = completed(&r.tick(ms(1000)));
+    assert!(completed(&tick(&mut r, ms(500))).is_empty());
+    let rec = completed(&tick(&mut r, ms(1000)));
     assert_eq!(rec.len(), 1);
     assert!(rec[0].aggregated && rec[0].timed_out);
     assert_eq!(rec[0].missing, vec!["c".to_string()]);
@@ -143,10 +158,10 @@ fn timeout_with_missing_client_still_aggregates() {
 fn too_few_answers_means_no_aggregation_and_the_run_moves_on() {
     let mut r = fedavg_rounds(3, 2, 2, 0);
     let s = register(&mut r, &["a", "b", "c"], ms(0));
-    r.tick(ms(0));
-    let t = r.task_for(&s[0], ms(10)).unwrap().unwrap();
+    tick(&mut r, ms(0));
+    let t = r.task_for(&s[0], ms(10)).unwrap().into_task().unwrap();
     r.on_result(report(&t, &s[0], 5.0, 1), ms(20));
-    let ev = r.tick(ms(1000));
+    let ev = tick(&mut r, ms(1000));
     let rec = completed(&ev);
     assert!(!rec[0].aggregated);
     assert!(rec[0].note.as_deref().unwrap().contains("only 1"));
@@ -159,10 +174,10 @@ fn too_few_answers_means_no_aggregation_and_the_run_moves_on() {
 fn late_duplicate_and_foreign_results_are_ignored() {
     let mut r = fedavg_rounds(3, 2, 3, 0);
     let s = register(&mut r, &["a", "b", "c"], ms(0));
-    r.tick(ms(0));
+    tick(&mut r, ms(0));
     let tasks: Vec<Task> = s
         .iter()
-        .map(|x| r.task_for(x, ms(1)).unwrap().unwrap())
+        .map(|x| r.task_for(x, ms(1)).unwrap().into_task().unwrap())
         .collect();
     assert_eq!(
         r.on_result(report(&tasks[0], &s[0], 1.0, 1), ms(2)),
@@ -195,7 +210,7 @@ fn late_duplicate_and_foreign_results_are_ignored() {
         ResultOutcome::Accepted
     );
     // Round 1 closes on timeout without c; c's late answer then lands in round 2.
-    let rec = completed(&r.tick(ms(1000)));
+    let rec = completed(&tick(&mut r, ms(1000)));
     assert_eq!(rec[0].num_clients, 2);
     assert_eq!(global(&r), 2.0);
     assert!(matches!(
@@ -203,7 +218,7 @@ fn late_duplicate_and_foreign_results_are_ignored() {
         ResultOutcome::Ignored(IgnoreReason::NotCurrentRound { round: 1, .. })
     ));
     assert_eq!(r.ignored_results(), 5);
-    assert!(completed(&r.tick(ms(1002))).is_empty());
+    assert!(completed(&tick(&mut r, ms(1002))).is_empty());
     assert_eq!(global(&r), 2.0);
 }
 
@@ -211,28 +226,24 @@ fn late_duplicate_and_foreign_results_are_ignored() {
 fn waits_for_min_clients() {
     let mut r = fedavg_rounds(3, 1, 1, 0);
     let s = register(&mut r, &["a", "b"], ms(0));
-    assert!(!r
-        .tick(ms(10))
+    assert!(!tick(&mut r, ms(10))
         .iter()
         .any(|e| matches!(e, Event::RoundStarted { .. })));
-    assert_eq!(r.task_for(&s[0], ms(20)).unwrap(), None);
+    assert!(matches!(r.task_for(&s[0], ms(20)).unwrap(), Poll::Wait));
     register(&mut r, &["c"], ms(30));
-    assert!(r
-        .tick(ms(40))
+    assert!(tick(&mut r, ms(40))
         .iter()
         .any(|e| matches!(e, Event::RoundStarted { .. })));
-    assert!(r.task_for(&s[0], ms(50)).unwrap().is_some());
+    assert!(r.task_for(&s[0], ms(50)).unwrap().into_task().is_some());
 }
 
 fn drive(r: &mut Rounds, sessions: &[String], now: Duration) -> Vec<Event> {
     for s in sessions {
-        if let Ok(Some(t)) = r.task_for(s, now) {
-            if t.kind != TaskKind::Done {
-                r.on_result(report(&t, s, 1.0, 1), now);
-            }
+        if let Ok(Poll::Task(t)) = r.task_for(s, now) {
+            r.on_result(report(&t, s, 1.0, 1), now);
         }
     }
-    r.tick(now)
+    tick(r, now)
 }
 
 #[test]
@@ -254,7 +265,7 @@ fn evaluates_every_k_rounds_and_after_the_last() {
     )
     .unwrap();
     let s = register(&mut r, &["a", "b"], ms(0));
-    r.tick(ms(0));
+    tick(&mut r, ms(0));
     let mut seq = Vec::new();
     for i in 1..50 {
         for e in drive(&mut r, &s, ms(i)) {
@@ -286,10 +297,7 @@ fn evaluates_every_k_rounds_and_after_the_last() {
     assert!(r.is_done());
     assert!(!r.all_alive_told_done());
     for x in &s {
-        assert_eq!(
-            r.task_for(x, ms(100)).unwrap().unwrap().kind,
-            TaskKind::Done
-        );
+        assert!(matches!(r.task_for(x, ms(100)).unwrap(), Poll::Done));
     }
     assert!(r.all_alive_told_done());
 }
@@ -300,16 +308,16 @@ fn silent_client_is_marked_dead_and_dropped_from_the_round() {
     let mut r = fedavg_rounds(2, 2, 2, 0);
     r.cfg.round_timeout = ms(60_000);
     let s = register(&mut r, &["a", "b", "c"], ms(0));
-    r.tick(ms(0));
-    let ta = r.task_for(&s[0], ms(4000)).unwrap().unwrap();
-    let tb = r.task_for(&s[1], ms(4000)).unwrap().unwrap();
+    tick(&mut r, ms(0));
+    let ta = r.task_for(&s[0], ms(4000)).unwrap().into_task().unwrap();
+    let tb = r.task_for(&s[1], ms(4000)).unwrap().into_task().unwrap();
     r.on_result(report(&ta, &s[0], 2.0, 1), ms(4000));
     r.on_result(report(&tb, &s[1], 4.0, 1), ms(4000));
     assert!(
-        completed(&r.tick(ms(4000))).is_empty(),
+        completed(&tick(&mut r, ms(4000))).is_empty(),
         "still waiting for c"
     );
-    let ev = r.tick(ms(5001));
+    let ev = tick(&mut r, ms(5001));
     assert!(ev.contains(&Event::ClientDead { name: "c".into() }));
     let rec = completed(&ev);
     assert!(rec[0].aggregated && !rec[0].timed_out);
@@ -328,37 +336,37 @@ fn reregistering_client_gets_a_new_session_and_the_current_model() {
     let mut r = fedavg_rounds(3, 2, 3, 0);
     r.cfg.round_timeout = ms(60_000);
     let s = register(&mut r, &["a", "b", "c"], ms(0));
-    r.tick(ms(0));
-    let tc = r.task_for(&s[2], ms(1)).unwrap().unwrap();
+    tick(&mut r, ms(0));
+    let tc = r.task_for(&s[2], ms(1)).unwrap().into_task().unwrap();
     // c crashes mid-round and comes back.
     let s2 = r
         .on_register("c", "run1", 1, vec![], ms(2))
         .unwrap()
         .session;
     assert_ne!(s2, s[2]);
-    let ev = r.tick(ms(2));
+    let ev = tick(&mut r, ms(2));
     assert!(ev.contains(&Event::ClientRegistered {
         name: "c".into(),
         session: s2.clone(),
         rejoined: true
     }));
     // Its old task no longer counts; the new session gets nothing this round.
-    assert_eq!(r.task_for(&s2, ms(3)).unwrap(), None);
+    assert!(matches!(r.task_for(&s2, ms(3)).unwrap(), Poll::Wait));
     assert!(matches!(
         r.on_result(report(&tc, &s[2], 100.0, 1), ms(3)),
         ResultOutcome::Ignored(IgnoreReason::UnknownSession(_))
     ));
     for (x, v) in [(&s[0], 1.0), (&s[1], 3.0)] {
-        let t = r.task_for(x, ms(4)).unwrap().unwrap();
+        let t = r.task_for(x, ms(4)).unwrap().into_task().unwrap();
         r.on_result(report(&t, x, v, 1), ms(4));
     }
-    let rec = completed(&r.tick(ms(5)));
+    let rec = completed(&tick(&mut r, ms(5)));
     assert!(
         rec[0].aggregated && !rec[0].timed_out,
         "the round did not wait for c's old task"
     );
-    let t = r.task_for(&s2, ms(6)).unwrap().unwrap();
-    assert_eq!((t.round, t.arrays.clone()), (2, w(2.0)));
+    let t = r.task_for(&s2, ms(6)).unwrap().into_task().unwrap();
+    assert_eq!((t.round, arrays(&t)), (2, w(2.0)));
     assert_eq!(
         r.on_result(report(&t, &s2, 2.0, 1), ms(7)),
         ResultOutcome::Accepted
@@ -370,16 +378,16 @@ fn reregistering_client_gets_a_new_session_and_the_current_model() {
 fn client_errors_and_bad_arrays_count_as_failures() {
     let mut r = fedavg_rounds(2, 1, 1, 0);
     let s = register(&mut r, &["a", "b"], ms(0));
-    r.tick(ms(0));
-    let ta = r.task_for(&s[0], ms(1)).unwrap().unwrap();
-    let tb = r.task_for(&s[1], ms(1)).unwrap().unwrap();
+    tick(&mut r, ms(0));
+    let ta = r.task_for(&s[0], ms(1)).unwrap().into_task().unwrap();
+    let tb = r.task_for(&s[1], ms(1)).unwrap().into_task().unwrap();
     let mut bad = report(&ta, &s[0], 1.0, 1);
     bad.arrays = vec![NamedArray::new("w", vec![2], vec![1.0, 2.0])];
     assert!(matches!(r.on_result(bad, ms(2)), ResultOutcome::Failure(_)));
     let mut err = report(&tb, &s[1], 1.0, 1);
     err.error = Some("out of memory".into());
     assert!(matches!(r.on_result(err, ms(2)), ResultOutcome::Failure(_)));
-    let rec = completed(&r.tick(ms(3)));
+    let rec = completed(&tick(&mut r, ms(3)));
     assert!(!rec[0].aggregated);
     assert_eq!(rec[0].failures.len(), 2);
 }
@@ -388,7 +396,7 @@ fn client_errors_and_bad_arrays_count_as_failures() {
 fn fede_rows_travel_in_key_order_and_average_over_holders() {
     let mut r = Rounds::new(
         config(2, 2, 1.0, vec![stage("kge", StageKind::FedE, 1, 0)]),
-        vec![Box::new(FedEStrategy::new(4, 1))],
+        vec![Box::new(FedEStrategy::new(4, 3.0, 1))],
     )
     .unwrap();
     let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -400,27 +408,27 @@ fn fede_rows_travel_in_key_order_and_average_over_holders() {
         .on_register("b", "", 10, keys(&["z", "y"]), ms(0))
         .unwrap()
         .session;
-    r.tick(ms(0));
+    tick(&mut r, ms(0));
     let before = r.strategy(0).unwrap().global();
     assert_eq!(before.keys.as_deref().unwrap(), &keys(&["x", "y", "z"])[..]);
-    let bound = 6.0 / 2.0;
+    let bound = 3.0;
     assert!(before.arrays[0].data.iter().all(|v| v.abs() <= bound));
     let row = |g: &GlobalSnapshot, i: usize| g.arrays[0].data[i * 4..(i + 1) * 4].to_vec();
-    let ta = r.task_for(&sa, ms(1)).unwrap().unwrap();
-    let tb = r.task_for(&sb, ms(1)).unwrap().unwrap();
-    assert_eq!(ta.arrays[0].name, ENTITIES);
-    assert_eq!(ta.arrays[0].shape, vec![2, 4]);
-    assert_eq!(ta.arrays[0].data[..4], row(&before, 0)[..]);
-    assert_eq!(tb.arrays[0].data[..4], row(&before, 2)[..]);
+    let ta = r.task_for(&sa, ms(1)).unwrap().into_task().unwrap();
+    let tb = r.task_for(&sb, ms(1)).unwrap().into_task().unwrap();
+    assert_eq!(arrays(&ta)[0].name, ENTITIES);
+    assert_eq!(arrays(&ta)[0].shape, vec![2, 4]);
+    assert_eq!(arrays(&ta)[0].data[..4], row(&before, 0)[..]);
+    assert_eq!(arrays(&tb)[0].data[..4], row(&before, 2)[..]);
     // a adds 1, b adds 3 to each row it holds.
     for (t, s, d) in [(&ta, &sa, 1.0), (&tb, &sb, 3.0)] {
         let mut rep = report(t, s, 0.0, 10);
-        let mut rows = t.arrays[0].clone();
+        let mut rows = arrays(&t)[0].clone();
         rows.data.iter_mut().for_each(|v| *v += d);
         rep.arrays = vec![rows];
         assert_eq!(r.on_result(rep, ms(2)), ResultOutcome::Accepted);
     }
-    r.tick(ms(3));
+    tick(&mut r, ms(3));
     let after = r.strategy(0).unwrap().global();
     let add = |a: Vec<f32>, d: f32| a.into_iter().map(|v| v + d).collect::<Vec<_>>();
     assert_eq!(row(&after, 0), add(row(&before, 0), 1.0));
@@ -428,20 +436,20 @@ fn fede_rows_travel_in_key_order_and_average_over_holders() {
     assert_eq!(row(&after, 2), add(row(&before, 2), 3.0));
     // Evaluate then FINISH_STAGE carries each client's own rows.
     for x in [&sa, &sb] {
-        let t = r.task_for(x, ms(4)).unwrap().unwrap();
+        let t = r.task_for(x, ms(4)).unwrap().into_task().unwrap();
         assert_eq!(t.kind, TaskKind::Evaluate);
         r.on_result(report(&t, x, 0.5, 10), ms(4));
     }
-    r.tick(ms(5));
-    let t = r.task_for(&sb, ms(6)).unwrap().unwrap();
+    tick(&mut r, ms(5));
+    let t = r.task_for(&sb, ms(6)).unwrap().into_task().unwrap();
     assert_eq!(t.kind, TaskKind::FinishStage);
-    assert_eq!(t.arrays[0].data[..4], row(&after, 2)[..]);
+    assert_eq!(arrays(&t)[0].data[..4], row(&after, 2)[..]);
 }
 
 #[test]
 fn config_is_validated() {
     let ok = config(1, 1, 1.0, vec![stage("s", StageKind::FedAvg, 1, 0)]);
-    assert!(Rounds::new(ok.clone(), vec![Box::new(FedEStrategy::new(2, 0))]).is_err());
+    assert!(Rounds::new(ok.clone(), vec![Box::new(FedEStrategy::new(2, 1.0, 0))]).is_err());
     assert!(Rounds::new(ok.clone(), vec![]).is_err());
     let mut bad = ok.clone();
     bad.fraction_fit = 0.0;
@@ -457,7 +465,7 @@ fn fraction_fit_selects_a_seeded_subset() {
         )
         .unwrap();
         register(&mut r, &["a", "b", "c", "d", "e", "f"], ms(0));
-        r.tick(ms(0))
+        tick(&mut r, ms(0))
             .into_iter()
             .find_map(|e| match e {
                 Event::RoundStarted { clients, .. } => Some(clients),
@@ -477,23 +485,20 @@ fn a_dead_client_does_not_hold_back_later_rounds_below_min_clients() {
     let mut r = fedavg_rounds(3, 2, 3, 0);
     r.cfg.round_timeout = ms(60_000);
     let s = register(&mut r, &["a", "b", "c"], ms(0));
-    r.tick(ms(0));
-    let ta = r.task_for(&s[0], ms(4000)).unwrap().unwrap();
-    let tb = r.task_for(&s[1], ms(4000)).unwrap().unwrap();
+    tick(&mut r, ms(0));
+    let ta = r.task_for(&s[0], ms(4000)).unwrap().into_task().unwrap();
+    let tb = r.task_for(&s[1], ms(4000)).unwrap().into_task().unwrap();
     r.on_result(report(&ta, &s[0], 2.0, 1), ms(4000));
     r.on_result(report(&tb, &s[1], 4.0, 1), ms(4000));
-    let ev = r.tick(ms(5001));
+    let ev = tick(&mut r, ms(5001));
     assert!(ev.contains(&Event::ClientDead { name: "c".into() }));
     assert_eq!(completed(&ev)[0].round, 1);
     // Round 2 is under way with a and b only.
-    let ta = r.task_for(&s[0], ms(5002)).unwrap().unwrap();
+    let ta = r.task_for(&s[0], ms(5002)).unwrap().into_task().unwrap();
     assert_eq!((ta.round, ta.kind), (2, TaskKind::Fit));
     // Before the run starts, min_clients still holds.
     let mut fresh = fedavg_rounds(3, 2, 1, 0);
     let s2 = register(&mut fresh, &["a", "b"], ms(0));
     fresh.tick(ms(0));
-    assert!(fresh
-        .task_for(&s2[0], ms(1))
-        .unwrap()
-        .is_none_or(|t| t.kind == TaskKind::Wait));
+    assert!(fresh.task_for(&s2[0], ms(1)).unwrap().into_task().is_none());
 }

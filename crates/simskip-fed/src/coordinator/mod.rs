@@ -1,0 +1,204 @@
+//! The coordinator: configuration ([`config`]), the pure round state machine ([`rounds`]),
+//! the gRPC service ([`service`]), the run's outputs ([`sink`]), and the run loop here that
+//! binds, ticks, and stops.
+
+pub mod config;
+pub mod rounds;
+mod service;
+mod sink;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, Notify};
+
+use crate::error::FedError;
+use crate::proto::coordinator_server::CoordinatorServer;
+use crate::strategy::Strategy;
+use crate::types::GlobalSnapshot;
+use config::{secs, ServerConfig};
+use rounds::{Event, RoundRecord, Rounds};
+use service::{Service, Shared};
+use sink::Sink;
+
+/// What a finished run leaves behind.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_id: String,
+    /// Every closed round (FIT, EVALUATE, FINISH_STAGE) in order.
+    pub records: Vec<RoundRecord>,
+    /// Final global state of each stage.
+    pub globals: Vec<GlobalSnapshot>,
+    pub ignored_results: u64,
+    /// True when the run reached DONE (false: stopped by the shutdown signal).
+    pub completed: bool,
+    pub out_dir: PathBuf,
+}
+
+/// Binds `cfg.listen` and runs the coordinator until the run is DONE (all stages complete
+/// and every alive client told DONE, or `done_grace_secs` passed) or `shutdown` resolves.
+/// `strategies`: one per stage, in stage order, kinds matching. With `cfg.address_file` set,
+/// the bound address (useful with port 0) is written there once listening.
+pub async fn run_server(
+    cfg: ServerConfig,
+    strategies: Vec<Box<dyn Strategy>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RunSummary, FedError> {
+    cfg.validate()?;
+    let listen_error = |reason: String| FedError::Listen {
+        addr: cfg.listen.clone(),
+        reason,
+    };
+    let addr: SocketAddr = tokio::net::lookup_host(&cfg.listen)
+        .await
+        .map_err(|e| listen_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| listen_error("resolves to nothing".into()))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| listen_error(format!("binding {addr}: {e}")))?;
+    serve(cfg, listener, strategies, shutdown).await
+}
+
+/// Like [`run_server`] on an already bound listener (`cfg.listen` is ignored): bind port 0
+/// and read `listener.local_addr()` to run on a free port.
+pub async fn serve(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    strategies: Vec<Box<dyn Strategy>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RunSummary, FedError> {
+    cfg.validate()?;
+    let rounds = Rounds::new(cfg.rounds_config(), strategies)?;
+    let mut sink = Sink::open(&cfg.out_dir, &cfg.run_id)?;
+    let (tx, rx) = std::sync::mpsc::channel::<Option<Event>>();
+    let sink_thread = std::thread::spawn(move || -> Result<(), FedError> {
+        let mut first_err = None;
+        while let Ok(Some(e)) = rx.recv() {
+            if let Err(err) = sink.handle(e) {
+                tracing::error!("writing run outputs: {err}");
+                first_err.get_or_insert(err);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    });
+
+    let shared = Arc::new(Shared {
+        rounds: Mutex::new(rounds),
+        notify: Notify::new(),
+        start: Instant::now(),
+        run_id: cfg.run_id.clone(),
+        token: cfg.token.clone(),
+        chunk_bytes: cfg.chunk_bytes,
+        heartbeat_interval: secs(cfg.heartbeat_interval_secs),
+        poll_timeout: secs(cfg.poll_timeout_secs),
+        closing: AtomicBool::new(false),
+        encode_nanos: AtomicU64::new(0),
+        events: tx,
+    });
+    let local = listener.local_addr().map_err(|e| FedError::Listen {
+        addr: cfg.listen.clone(),
+        reason: e.to_string(),
+    })?;
+    if let Some(path) = &cfg.address_file {
+        simskip_data::fsutil::write_atomic(path, local.to_string().as_bytes()).map_err(|e| {
+            FedError::Output(format!(
+                "writing the bound address to {}: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    tracing::info!(run_id = %cfg.run_id, addr = %local, "coordinator listening");
+
+    // Ticker: advances time and decides when the run is over.
+    let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
+    let ticker = {
+        let shared = shared.clone();
+        let grace = secs(cfg.done_grace_secs);
+        let period = Duration::from_millis(cfg.tick_ms);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let now = shared.now();
+                let over = {
+                    let mut r = shared.rounds.lock().await;
+                    shared.advance(&mut r);
+                    r.done_at().is_some_and(|at| {
+                        r.all_alive_told_done() || now.saturating_sub(at) >= grace
+                    }) || shared.closing.load(Ordering::SeqCst)
+                };
+                if over {
+                    let _ = finished_tx.send(());
+                    break;
+                }
+            }
+        })
+    };
+
+    let m = cfg.max_message_bytes;
+    let svc = CoordinatorServer::new(Service {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(m)
+    .max_encoding_message_size(m);
+    let stop = {
+        let shared = shared.clone();
+        async move {
+            tokio::select! {
+                _ = finished_rx => {}
+                _ = shutdown => tracing::info!("shutdown requested"),
+            }
+            // Release held long-polls so the graceful shutdown does not wait for them.
+            shared.closing.store(true, Ordering::SeqCst);
+            shared.notify.notify_waiters();
+        }
+    };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await;
+    ticker.abort();
+
+    let (records, globals, ignored, completed) = {
+        let mut r = shared.rounds.lock().await;
+        // Flush what the last tick produced, then stop the sink.
+        shared.advance(&mut r);
+        let _ = shared.events.send(None);
+        let n = r.config().stages.len();
+        (
+            r.records().to_vec(),
+            (0..n)
+                .filter_map(|i| r.strategy(i).map(|s| s.global()))
+                .collect(),
+            r.ignored_results(),
+            r.is_done(),
+        )
+    };
+    let _ = ticker.await;
+    let written = tokio::task::spawn_blocking(move || sink_thread.join())
+        .await
+        .map_err(|e| FedError::Output(format!("joining the output writer: {e}")))?;
+    served?;
+    match written {
+        Ok(r) => r?,
+        Err(_) => return Err(FedError::Output("the output writer panicked".into())),
+    }
+    Ok(RunSummary {
+        run_id: cfg.run_id,
+        records,
+        globals,
+        ignored_results: ignored,
+        completed,
+        out_dir: cfg.out_dir,
+    })
+}
