@@ -79,7 +79,8 @@ pub fn check_fedavg_inputs(inputs: &[(Vec<NamedArray>, u64)]) -> Result<(), Aggr
 /// hold the same names with the same shapes.
 pub fn fedavg(inputs: &[(Vec<NamedArray>, u64)]) -> Result<Vec<NamedArray>, AggregateError> {
     check_fedavg_inputs(inputs)?;
-    let total: u64 = inputs.iter().map(|(_, n)| *n).sum();
+    // u128: a sum of u64 counts cannot overflow it.
+    let total: u128 = inputs.iter().map(|(_, n)| u128::from(*n)).sum();
     if total == 0 {
         return Err(AggregateError::ZeroWeight);
     }
@@ -283,6 +284,13 @@ pub fn weighted_metrics(inputs: &[(u64, BTreeMap<String, f64>)]) -> BTreeMap<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn example_counts_near_u64_max_do_not_overflow() {
+        let a = |v: f32| vec![NamedArray::new("w", vec![1], vec![v])];
+        let out = fedavg(&[(a(1.0), u64::MAX), (a(3.0), u64::MAX)]).unwrap();
+        assert_eq!(out[0].data, vec![2.0]);
+    }
 
     fn arr(name: &str, shape: Vec<usize>, data: Vec<f32>) -> NamedArray {
         NamedArray::new(name, shape, data)

@@ -463,6 +463,61 @@ fn flatten(prefix: &str, f: &TaskFigures, out: &mut BTreeMap<String, f64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use simskip_fed::StageKind;
+
+    /// An organisation holding bundled WordNet-5k with a given `dim`-wide stage-2 table.
+    fn organisation(dim: usize, out: &Path) -> FederatedWork {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/wordnet-5k");
+        let ds = KgDataset::load(&root).unwrap();
+        let n = ds.num_entities();
+        let table = Matrix::from_vec(n, dim, (0..n * dim).map(|i| (i % 7) as f32 * 0.1).collect());
+        let path = out.join("input.npy");
+        Embeddings::new(ds.entities.clone(), table)
+            .unwrap()
+            .write_npy(&path)
+            .unwrap();
+        FederatedWork::new(ds, out.join("org"), WorkSettings::default(), Some(&path)).unwrap()
+    }
+
+    fn simskip_stage(dim: usize) -> StageInfo {
+        StageInfo {
+            index: 1,
+            name: "simskip".into(),
+            rounds: 1,
+            params: StageParams::defaults(StageKind::FedAvg, dim),
+        }
+    }
+
+    #[test]
+    fn a_task_for_another_architecture_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut org = organisation(8, dir.path());
+        // The stage trains a 16-wide model; this organisation's table is 8-wide.
+        let e = ClientWork::fit(&mut org, &simskip_stage(16), 1, vec![]).unwrap_err();
+        assert!(e.to_string().contains("16-wide model"), "{e}");
+        // Right width, but weights of a 16-wide model: refused before training.
+        let foreign = SimSkipTrainer::new(16, SimSkipConfig::default())
+            .unwrap()
+            .model()
+            .export()
+            .unwrap();
+        let e = ClientWork::fit(&mut org, &simskip_stage(8), 1, foreign).unwrap_err();
+        assert!(e.to_string().contains("global model"), "{e}");
+        // Weights of the stage's own architecture train, and come back in the same shapes.
+        let own = SimSkipTrainer::new(8, SimSkipConfig::default())
+            .unwrap()
+            .model()
+            .export()
+            .unwrap();
+        let out = ClientWork::fit(&mut org, &simskip_stage(8), 1, own.clone()).unwrap();
+        let shapes = |a: &[NamedArray]| {
+            a.iter()
+                .map(|x| (x.name.clone(), x.shape.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shapes(&out.arrays), shapes(&own));
+        assert_ne!(out.arrays, own, "a local epoch changes the weights");
+    }
 
     #[test]
     fn received_rows_are_checked_before_use() {

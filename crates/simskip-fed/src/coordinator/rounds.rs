@@ -36,7 +36,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use simskip_data::NamedArray;
 
 use crate::aggregate::{weighted_metrics, AggregateError};
@@ -213,14 +213,14 @@ pub enum RoundsError {
 }
 
 /// A client's answer in a round record.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientRecord {
     pub num_examples: u64,
     pub metrics: BTreeMap<String, f64>,
 }
 
 /// Coordinator time spent on a round, excluding the clients' work.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Overhead {
     /// Building payloads and (added by the server) encoding/decoding chunks.
     pub serialize_secs: f64,
@@ -228,8 +228,9 @@ pub struct Overhead {
     pub total_secs: f64,
 }
 
-/// Everything about a closed round (FIT, EVALUATE or FINISH_STAGE).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// Everything about a closed round (FIT, EVALUATE or FINISH_STAGE): one line of
+/// `metrics.jsonl`, which reads back into this type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub run_id: String,
     pub stage_index: usize,
