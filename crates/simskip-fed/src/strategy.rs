@@ -31,6 +31,10 @@ pub trait Strategy: Send {
     /// FIT, EVALUATE and FINISH_STAGE alike. Cheap: it shares the global state, never copies it.
     fn payload(&self, client: &ClientInfo) -> Result<Payload, AggregateError>;
 
+    /// The most bytes a FIT result of `client` may carry: its arrays as the task announced
+    /// them. A push announcing more is refused before any of it is read.
+    fn fit_result_bytes(&self, client: &ClientInfo) -> u64;
+
     /// Validates a FIT result when it arrives; an error records the result as a failure.
     fn check_fit_result(
         &self,
@@ -75,6 +79,10 @@ impl Strategy for FedAvgStrategy {
 
     fn payload(&self, _client: &ClientInfo) -> Result<Payload, AggregateError> {
         Ok(Payload::Arrays(self.global.clone()))
+    }
+
+    fn fit_result_bytes(&self, _client: &ClientInfo) -> u64 {
+        self.global.iter().map(|a| a.data.len() as u64 * 4).sum()
     }
 
     fn check_fit_result(
@@ -208,6 +216,10 @@ impl Strategy for FedEStrategy {
             table: self.table.clone(),
             keys: client.entity_keys.clone(),
         })
+    }
+
+    fn fit_result_bytes(&self, client: &ClientInfo) -> u64 {
+        client.entity_keys.len() as u64 * self.table.dim() as u64 * 4
     }
 
     fn check_fit_result(

@@ -487,3 +487,228 @@ fn server_config_parses_with_defaults_and_rejects_unknown_fields() {
     let cc: ClientConfig = serde_json::from_str(r#"{"name":"a","server":"http://h:1"}"#).unwrap();
     assert_eq!(cc.connect_retries, 30);
 }
+
+/// A rogue organisation on the project's own generated gRPC client, speaking the protocol by
+/// hand. It registers like an honest client, then tries each attack below against a real
+/// coordinator with two honest clients.
+mod rogue {
+    use super::*;
+    use simskip_fed::chunk::{encode_arrays, Assembler};
+    use simskip_fed::proto::coordinator_client::CoordinatorClient;
+    use simskip_fed::proto::{self, register_request, result_chunk, task_chunk};
+    use tonic::transport::Channel;
+
+    pub async fn connect(port: u16) -> CoordinatorClient<Channel> {
+        CoordinatorClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap()
+    }
+
+    pub async fn register(
+        c: &mut CoordinatorClient<Channel>,
+        name: &str,
+        num_examples: u64,
+        announced_keys: u64,
+    ) -> Result<String, tonic::Status> {
+        let header = proto::RegisterRequest {
+            part: Some(register_request::Part::Header(proto::RegisterHeader {
+                client_name: name.into(),
+                num_examples,
+                num_entity_keys: announced_keys,
+                ..Default::default()
+            })),
+        };
+        let reply = c.register(tokio_stream::iter(vec![header])).await?;
+        Ok(reply.into_inner().session_id)
+    }
+
+    /// Polls until a FIT task arrives; returns its header and arrays.
+    pub async fn fit_task(
+        c: &mut CoordinatorClient<Channel>,
+        session: &str,
+    ) -> (proto::TaskHeader, Vec<NamedArray>) {
+        loop {
+            let mut stream = c
+                .poll_task(proto::PollRequest {
+                    session_id: session.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let Some(proto::TaskChunk {
+                part: Some(task_chunk::Part::Header(h)),
+            }) = stream.message().await.unwrap()
+            else {
+                panic!("a task starts with a header")
+            };
+            if h.kind != proto::TaskKind::Fit as i32 {
+                continue;
+            }
+            let mut asm = Assembler::new(&h.arrays).unwrap();
+            while let Some(proto::TaskChunk {
+                part: Some(task_chunk::Part::Tensor(t)),
+            }) = stream.message().await.unwrap()
+            {
+                asm.push(t).unwrap();
+            }
+            return (h, asm.finish().unwrap());
+        }
+    }
+
+    /// Pushes `arrays` as the answer to `task`, with the chunks `tamper` makes of them.
+    pub async fn push(
+        c: &mut CoordinatorClient<Channel>,
+        session: &str,
+        task: &proto::TaskHeader,
+        num_examples: u64,
+        arrays: &[NamedArray],
+        tamper: impl FnOnce(&mut Vec<proto::TensorChunk>, &mut Vec<proto::ArrayHeader>),
+    ) -> Result<proto::PushReply, tonic::Status> {
+        let (mut headers, mut chunks) = encode_arrays(arrays, 1 << 10, &task.run_id, task.round);
+        tamper(&mut chunks, &mut headers);
+        let header = proto::ResultChunk {
+            part: Some(result_chunk::Part::Header(proto::ResultHeader {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                task_id: task.task_id.clone(),
+                session_id: session.into(),
+                kind: task.kind,
+                num_examples,
+                arrays: headers,
+                ..Default::default()
+            })),
+        };
+        let messages: Vec<proto::ResultChunk> = std::iter::once(header)
+            .chain(chunks.into_iter().map(|t| proto::ResultChunk {
+                part: Some(result_chunk::Part::Tensor(t)),
+            }))
+            .collect();
+        c.push_result(tokio_stream::iter(messages))
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rogue_organisation_cannot_poison_stall_or_probe_the_run() {
+    use simskip_fed::proto;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 2, 0)], 3, 2);
+    // Long enough that a round closing by timeout would show.
+    cfg.round_timeout_secs = 60.0;
+    // The rogue never answers the final EVALUATE; it is dropped once silent this long.
+    cfg.heartbeat_timeout_secs = 4.0;
+    cfg.max_entity_keys = 1000;
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![arr(
+        "w",
+        vec![4],
+        vec![0.0; 4],
+    )]))];
+    let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
+    let mut c = rogue::connect(port).await;
+
+    // Announcing more entity keys than allowed is refused before any key is read.
+    let refused = rogue::register(&mut c, "hoarder", 1, 10_000_000)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // Without a session, a heartbeat learns nothing about the run.
+    let probe = c
+        .heartbeat(proto::HeartbeatRequest {
+            session_id: "guess".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe, proto::HeartbeatReply::default());
+
+    // Two honest organisations and the rogue, each declaring 1 example.
+    let mut honest = Vec::new();
+    for (name, id) in [("a", 1), ("b", 2)] {
+        let work = Fake {
+            id,
+            examples: 1,
+            keys: vec![],
+            log: Arc::default(),
+            block: None,
+        };
+        honest.push(tokio::spawn(run_client(client_config(port, name), work)));
+    }
+    let session = rogue::register(&mut c, "rogue", 1, 0).await.unwrap();
+
+    // Round 1.
+    let (task, global) = rogue::fit_task(&mut c, &session).await;
+    // A 2 GiB payload without a valid session: refused on its header, nothing read.
+    let huge = rogue::push(
+        &mut c,
+        "no-session",
+        &task,
+        1,
+        &global,
+        |chunks, headers| {
+            headers[0].shape = vec![1 << 29];
+            headers[0].num_bytes = 1 << 31;
+            chunks.truncate(1);
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(huge.status, proto::ResultStatus::Ignored as i32);
+    // The same from the rogue's own session: larger than its task's arrays, refused too.
+    let huge = rogue::push(&mut c, &session, &task, 1, &global, |chunks, headers| {
+        headers[0].shape = vec![1 << 29];
+        headers[0].num_bytes = 1 << 31;
+        chunks.truncate(1);
+    })
+    .await
+    .unwrap();
+    assert_eq!(huge.status, proto::ResultStatus::Ignored as i32);
+    // NaN weights claiming 10^12 examples: a recorded failure, never a change to the model.
+    let poison = vec![arr("w", vec![4], vec![f32::NAN; 4])];
+    let reply = rogue::push(
+        &mut c,
+        &session,
+        &task,
+        1_000_000_000_000,
+        &poison,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, proto::ResultStatus::FailureRecorded as i32);
+
+    // Round 2: a duplicated chunk closes the push at once and fails the rogue's task, so the
+    // round does not wait for its timeout.
+    let (task, global) = rogue::fit_task(&mut c, &session).await;
+    let dup = rogue::push(&mut c, &session, &task, 1, &global, |chunks, _| {
+        let first = chunks[0].clone();
+        chunks.insert(1, first);
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(dup.code(), tonic::Code::InvalidArgument);
+
+    for h in honest {
+        h.await.unwrap().unwrap();
+    }
+    let summary = server.await.unwrap().unwrap();
+    assert!(summary.completed);
+    let fits: Vec<_> = summary
+        .records
+        .iter()
+        .filter(|r| r.kind == simskip_fed::TaskKind::Fit)
+        .collect();
+    assert_eq!(fits.len(), 2);
+    for r in &fits {
+        assert!(r.failures.contains_key("rogue"), "{r:?}");
+        assert!(!r.timed_out, "round {} waited for its timeout", r.round);
+        assert_eq!(r.num_clients, 2);
+    }
+    // Exactly the honest-only aggregate: each round adds (1 + 2) / 2.
+    assert_eq!(summary.globals[0].arrays[0].data, vec![3.0; 4]);
+    assert!(summary.ignored_results >= 2);
+}

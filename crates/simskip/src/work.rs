@@ -235,6 +235,7 @@ impl FederatedWork {
 
     fn fit(&mut self, stage: &StageInfo, global: Vec<NamedArray>) -> Result<FitOutput> {
         let num_triples = self.ds.train.len() as u64;
+        let num_entities = self.ds.num_entities() as u64;
         match &stage.params {
             StageParams::FedE(cfg) => {
                 self.embedding(stage, cfg, global)?;
@@ -259,17 +260,16 @@ impl FederatedWork {
             StageParams::SimSkip(p) => {
                 let r = self.refining(stage, p, &global)?;
                 let mut loss = f32::NAN;
-                let mut samples = 0;
                 for _ in 0..p.config.epochs {
-                    let stats = r
+                    loss = r
                         .trainer
-                        .train_epoch(&r.input.table, r.neighbours.as_ref())?;
-                    loss = stats.loss;
-                    samples = stats.samples;
+                        .train_epoch(&r.input.table, r.neighbours.as_ref())?
+                        .loss;
                 }
                 Ok(FitOutput {
                     arrays: r.trainer.model().export()?,
-                    num_examples: samples.max(1) as u64,
+                    // One sample per entity row per epoch: the FedAvg weight.
+                    num_examples: num_entities,
                     metrics: BTreeMap::from([("loss".to_owned(), loss as f64)]),
                 })
             }
@@ -392,8 +392,10 @@ impl ClientWork for FederatedWork {
         self.ds.entities.names().to_vec()
     }
 
+    /// The most this organisation ever reports: FedE weighs by training triples, SimSkip by
+    /// entity rows. The coordinator caps every claim by it.
     fn num_examples(&self) -> u64 {
-        self.ds.train.len() as u64
+        self.ds.train.len().max(self.ds.num_entities()) as u64
     }
 
     fn fit(

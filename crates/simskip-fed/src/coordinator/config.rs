@@ -142,6 +142,8 @@ pub struct ServerConfig {
     pub chunk_bytes: usize,
     /// gRPC max decoding/encoding message size, both directions.
     pub max_message_bytes: usize,
+    /// Most FedE entity keys one organisation may register (each costs the coordinator memory).
+    pub max_entity_keys: u64,
     pub out_dir: PathBuf,
     pub stages: Vec<StageConfig>,
     /// Seeds client selection and the initial global models.
@@ -168,6 +170,7 @@ impl Default for ServerConfig {
             poll_timeout_secs: 20.0,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_entity_keys: 2_000_000,
             out_dir: PathBuf::from("fed-out"),
             stages: Vec::new(),
             seed: 0,
@@ -211,6 +214,9 @@ impl ServerConfig {
                     self.max_message_bytes
                 ),
             );
+        }
+        if self.max_entity_keys == 0 {
+            return bad("max_entity_keys", &0, "must be at least 1");
         }
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
             return bad("tick_ms", &self.tick_ms, "must be in 1..=60000");

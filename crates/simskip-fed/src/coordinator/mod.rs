@@ -97,6 +97,7 @@ pub async fn serve(
         chunk_bytes: cfg.chunk_bytes,
         heartbeat_interval: secs(cfg.heartbeat_interval_secs),
         poll_timeout: secs(cfg.poll_timeout_secs),
+        max_entity_keys: cfg.max_entity_keys,
         closing: AtomicBool::new(false),
         encode_nanos: AtomicU64::new(0),
         events: tx,

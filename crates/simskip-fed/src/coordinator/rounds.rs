@@ -183,6 +183,8 @@ pub enum IgnoreReason {
     UnknownTask(String),
     #[error("duplicate result for task {0:?}")]
     Duplicate(String),
+    #[error("the result announces {announced} bytes; its task allows {limit}")]
+    TooLarge { announced: u64, limit: u64 },
 }
 
 /// What became of a result.
@@ -710,6 +712,55 @@ impl Rounds {
         }))
     }
 
+    /// Checks a result's header before its payload is read: the session must be known, the
+    /// task the one this client holds in the current round, and the announced payload no
+    /// larger than the task's arrays. Returns the client's name.
+    pub fn admit_push(
+        &mut self,
+        session: &str,
+        task_id: &str,
+        announced_bytes: u64,
+    ) -> Result<String, IgnoreReason> {
+        let admitted = self.admit(session, task_id, announced_bytes);
+        if admitted.is_err() {
+            self.ignored += 1;
+        }
+        admitted
+    }
+
+    fn admit(
+        &self,
+        session: &str,
+        task_id: &str,
+        announced_bytes: u64,
+    ) -> Result<String, IgnoreReason> {
+        let name = self
+            .sessions
+            .get(session)
+            .ok_or_else(|| IgnoreReason::UnknownSession(session.to_string()))?;
+        let Phase::Collect(rs) = &self.phase else {
+            return Err(IgnoreReason::UnknownTask(task_id.to_string()));
+        };
+        if !rs
+            .tasks
+            .get(name)
+            .is_some_and(|t| t.task_id == task_id && t.session == session && t.waiting)
+        {
+            return Err(IgnoreReason::UnknownTask(task_id.to_string()));
+        }
+        let limit = match (rs.kind, self.strategies[rs.stage].as_deref()) {
+            (TaskKind::Fit, Some(st)) => st.fit_result_bytes(&self.clients[name].info),
+            _ => 0,
+        };
+        if announced_bytes > limit {
+            return Err(IgnoreReason::TooLarge {
+                announced: announced_bytes,
+                limit,
+            });
+        }
+        Ok(name.clone())
+    }
+
     /// Records a client's result. Never advances the round: call [`Rounds::tick`] after.
     pub fn on_result(&mut self, report: Report, now: Duration) -> ResultOutcome {
         let outcome = self.result_outcome(report, now);
@@ -765,13 +816,15 @@ impl Rounds {
             t.waiting = false;
         }
         let client = self.clients[&name].info.clone();
-        let error = match report.error {
-            Some(e) => Some(format!("client error: {e}")),
-            None if rs.kind == TaskKind::Fit => self.strategies[rs.stage]
+        let bad_metric = report.metrics.iter().find(|(_, v)| !v.is_finite());
+        let error = match (report.error, bad_metric) {
+            (Some(e), _) => Some(format!("client error: {e}")),
+            (None, Some((k, v))) => Some(format!("invalid result: metric {k:?} is {v}")),
+            (None, None) if rs.kind == TaskKind::Fit => self.strategies[rs.stage]
                 .as_deref()
                 .and_then(|st| st.check_fit_result(&client, &report.arrays).err())
                 .map(|e| format!("invalid result: {e}")),
-            None => None,
+            (None, None) => None,
         };
         if let Some(e) = error {
             rs.failures.insert(name, e.clone());
@@ -780,8 +833,10 @@ impl Rounds {
         rs.results.insert(
             name,
             ClientResult {
+                // A client weighs at most what it declared when it registered: a result cannot
+                // claim more examples and take the global model over.
+                num_examples: report.num_examples.min(client.num_examples),
                 client,
-                num_examples: report.num_examples,
                 arrays: report.arrays,
                 metrics: report.metrics,
             },

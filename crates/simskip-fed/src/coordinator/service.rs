@@ -28,6 +28,7 @@ pub(crate) struct Shared {
     pub(crate) chunk_bytes: usize,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) poll_timeout: Duration,
+    pub(crate) max_entity_keys: u64,
     pub(crate) closing: AtomicBool,
     /// Nanoseconds spent encoding task chunks since the last round accounting.
     pub(crate) encode_nanos: AtomicU64,
@@ -91,6 +92,10 @@ fn rounds_status(e: RoundsError) -> Status {
     }
 }
 
+/// The longest entity key a registration may carry (HMAC-SHA256 keys are 64 hex characters;
+/// Freebase and WordNet names are far shorter).
+const MAX_KEY_BYTES: usize = 1024;
+
 fn bad_request(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -114,10 +119,22 @@ impl Coordinator for Service {
                 return Err(Status::unauthenticated("bad token"));
             }
         }
+        if header.num_entity_keys > self.shared.max_entity_keys {
+            return Err(bad_request(format!(
+                "{} entity keys announced; this coordinator takes at most {} per organisation",
+                header.num_entity_keys, self.shared.max_entity_keys
+            )));
+        }
         let mut keys = Vec::with_capacity(header.num_entity_keys.min(1 << 20) as usize);
         while let Some(m) = stream.message().await? {
             match m.part {
                 Some(register_request::Part::EntityKeys(k)) => {
+                    if let Some(long) = k.keys.iter().find(|k| k.len() > MAX_KEY_BYTES) {
+                        return Err(bad_request(format!(
+                            "an entity key of {} bytes; at most {MAX_KEY_BYTES}",
+                            long.len()
+                        )));
+                    }
                     keys.extend(k.keys);
                     if keys.len() as u64 > header.num_entity_keys {
                         return Err(bad_request(format!(
@@ -235,23 +252,61 @@ impl Coordinator for Service {
             }) => h,
             _ => return Err(bad_request("result must start with a header")),
         };
-        let mut decode = Duration::ZERO;
-        let mut asm = Assembler::new(&header.arrays)
-            .map_err(bad_request)?
-            .expect_run(header.run_id.clone(), header.round);
-        while let Some(m) = stream.message().await? {
-            match m.part {
-                Some(result_chunk::Part::Tensor(c)) => {
-                    let t0 = Instant::now();
-                    asm.push(c).map_err(bad_request)?;
-                    decode += t0.elapsed();
-                }
-                _ => return Err(bad_request("unexpected second header")),
-            }
+        // Nothing of the payload is read before the header is admitted.
+        let announced = header
+            .arrays
+            .iter()
+            .fold(0u64, |sum, a| sum.saturating_add(a.num_bytes));
+        let admitted = self.shared.rounds.lock().await.admit_push(
+            &header.session_id,
+            &header.task_id,
+            announced,
+        );
+        if let Err(reason) = admitted {
+            tracing::warn!("result refused before reading: {reason}");
+            let outcome = ResultOutcome::Ignored(reason);
+            return Ok(Response::new(wire::push_reply(
+                &self.shared.run_id,
+                header.round,
+                &outcome,
+            )));
         }
-        let t0 = Instant::now();
-        let arrays = asm.finish().map_err(bad_request)?;
-        decode += t0.elapsed();
+        let mut decode = Duration::ZERO;
+        let assembled = async {
+            let mut asm = Assembler::new(&header.arrays)
+                .map_err(|e| e.to_string())?
+                .expect_run(header.run_id.clone(), header.round);
+            while let Some(m) = stream
+                .message()
+                .await
+                .map_err(|e| e.message().to_string())?
+            {
+                match m.part {
+                    Some(result_chunk::Part::Tensor(c)) => {
+                        let t0 = Instant::now();
+                        asm.push(c).map_err(|e| e.to_string())?;
+                        decode += t0.elapsed();
+                    }
+                    _ => return Err("unexpected second header".to_string()),
+                }
+            }
+            asm.finish().map_err(|e| e.to_string())
+        }
+        .await;
+        let arrays = match assembled {
+            Ok(arrays) => arrays,
+            Err(problem) => {
+                // A broken stream fails the task now, instead of holding the round until its
+                // timeout: the client was admitted, so the failure is its own.
+                let mut report =
+                    wire::report_from_proto(header, Vec::new()).map_err(bad_request)?;
+                report.error = Some(format!("broken result stream: {problem}"));
+                let mut r = self.shared.rounds.lock().await;
+                r.on_result(report, self.shared.now());
+                self.shared.advance(&mut r);
+                return Err(bad_request(problem));
+            }
+        };
         let report = wire::report_from_proto(header, arrays).map_err(bad_request)?;
         let round = report.round;
         let outcome = {
@@ -283,10 +338,15 @@ impl Coordinator for Service {
             let mut r = self.shared.rounds.lock().await;
             (r.on_heartbeat(&req.session_id, now), r.current_round())
         };
+        let known = st.known && (req.run_id.is_empty() || req.run_id == self.shared.run_id);
+        // A caller without a session learns nothing about the run.
+        if !known {
+            return Ok(Response::new(proto::HeartbeatReply::default()));
+        }
         Ok(Response::new(proto::HeartbeatReply {
             run_id: self.shared.run_id.clone(),
             round,
-            known: st.known && (req.run_id.is_empty() || req.run_id == self.shared.run_id),
+            known,
             done: st.done,
         }))
     }

@@ -69,7 +69,8 @@ fn fedavg_rounds(min_clients: usize, min_fit: usize, rounds: u32, eval_every: u3
 fn register(r: &mut Rounds, names: &[&str], now: Duration) -> Vec<String> {
     names
         .iter()
-        .map(|n| r.on_register(n, "", 1, vec![], now).unwrap().session)
+        // Declares more examples than any test result claims (claims are capped by it).
+        .map(|n| r.on_register(n, "", 1000, vec![], now).unwrap().session)
         .collect()
 }
 
@@ -501,4 +502,59 @@ fn a_dead_client_does_not_hold_back_later_rounds_below_min_clients() {
     let s2 = register(&mut fresh, &["a", "b"], ms(0));
     fresh.tick(ms(0));
     assert!(fresh.task_for(&s2[0], ms(1)).unwrap().into_task().is_none());
+}
+
+#[test]
+fn claimed_example_counts_are_capped_and_non_finite_metrics_refused() {
+    let mut r = fedavg_rounds(2, 2, 1, 0);
+    // Both declare 1 example at registration.
+    let s: Vec<String> = ["honest", "greedy"]
+        .iter()
+        .map(|n| r.on_register(n, "", 1, vec![], ms(0)).unwrap().session)
+        .collect();
+    tick(&mut r, ms(0));
+    let th = r.task_for(&s[0], ms(1)).unwrap().into_task().unwrap();
+    let tg = r.task_for(&s[1], ms(1)).unwrap().into_task().unwrap();
+    assert_eq!(
+        r.on_result(report(&th, &s[0], 1.0, 1), ms(2)),
+        ResultOutcome::Accepted
+    );
+    // Claims 10^12 examples: counted as the 1 it declared, so the mean stays (1 + 3) / 2.
+    assert_eq!(
+        r.on_result(report(&tg, &s[1], 3.0, 1_000_000_000_000), ms(2)),
+        ResultOutcome::Accepted
+    );
+    let rec = completed(&tick(&mut r, ms(3)));
+    assert_eq!(rec[0].clients["greedy"].num_examples, 1);
+    assert_eq!(global(&r), 2.0);
+
+    let mut r = fedavg_rounds(2, 2, 1, 0);
+    let s = register(&mut r, &["a", "b"], ms(0));
+    tick(&mut r, ms(0));
+    let ta = r.task_for(&s[0], ms(1)).unwrap().into_task().unwrap();
+    let mut nan = report(&ta, &s[0], 1.0, 1);
+    nan.metrics.insert("loss".into(), f64::NAN);
+    assert!(matches!(r.on_result(nan, ms(2)), ResultOutcome::Failure(m) if m.contains("loss")));
+}
+
+#[test]
+fn non_finite_weights_are_a_failure_never_a_change_to_the_global_model() {
+    let mut r = fedavg_rounds(2, 1, 1, 0);
+    let s = register(&mut r, &["a", "b"], ms(0));
+    tick(&mut r, ms(0));
+    let ta = r.task_for(&s[0], ms(1)).unwrap().into_task().unwrap();
+    let tb = r.task_for(&s[1], ms(1)).unwrap().into_task().unwrap();
+    assert_eq!(
+        r.on_result(report(&ta, &s[0], 4.0, 1), ms(2)),
+        ResultOutcome::Accepted
+    );
+    let mut poisoned = report(&tb, &s[1], 1.0, 1);
+    poisoned.arrays = vec![NamedArray::new("w", vec![1], vec![f32::NAN])];
+    assert!(matches!(
+        r.on_result(poisoned, ms(2)),
+        ResultOutcome::Failure(_)
+    ));
+    let rec = completed(&tick(&mut r, ms(3)));
+    assert!(rec[0].failures.contains_key("b"));
+    assert_eq!(global(&r), 4.0, "the honest client's update alone");
 }
