@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use simskip_data::NamedArray;
 
+use crate::robust::Robustness;
 use crate::types::ENTITIES;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -104,6 +105,76 @@ pub fn fedavg(inputs: &[(Vec<NamedArray>, u64)]) -> Result<Vec<NamedArray>, Aggr
             acc.into_iter().map(|v| v as f32).collect(),
         ));
     }
+    Ok(out)
+}
+
+/// FedAvg under a [`Robustness`] rule: each client's update relative to `global` is clipped
+/// (when asked), then every coordinate is combined by the rule (the mean weighted by example
+/// counts, or the unweighted median / trimmed mean). The output follows `global`'s order.
+/// With the plain rule this is [`fedavg`].
+pub fn fedavg_robust(
+    global: &[NamedArray],
+    inputs: &[(Vec<NamedArray>, u64)],
+    rule: &Robustness,
+) -> Result<Vec<NamedArray>, AggregateError> {
+    if rule.is_plain() {
+        let mut out = fedavg(inputs)?;
+        out.sort_by_key(|a| {
+            global
+                .iter()
+                .position(|g| g.name == a.name)
+                .unwrap_or(usize::MAX)
+        });
+        return Ok(out);
+    }
+    check_fedavg_inputs(inputs)?;
+    // Each input's arrays in the global order.
+    let mut aligned: Vec<Vec<&NamedArray>> = Vec::with_capacity(inputs.len());
+    for (i, (arrays, _)) in inputs.iter().enumerate() {
+        let mut row = Vec::with_capacity(global.len());
+        for g in global {
+            let a = arrays
+                .iter()
+                .find(|a| a.name == g.name && a.data.len() == g.data.len())
+                .ok_or_else(|| AggregateError::Names {
+                    input: i,
+                    expected: global.iter().map(|g| g.name.clone()).collect(),
+                    got: arrays.iter().map(|a| a.name.clone()).collect(),
+                })?;
+            row.push(a);
+        }
+        aligned.push(row);
+    }
+    let scales: Vec<f64> = aligned
+        .iter()
+        .map(|arrays| {
+            let sq: f64 = arrays
+                .iter()
+                .zip(global)
+                .flat_map(|(a, g)| a.data.iter().zip(&g.data))
+                .map(|(&v, &g)| (v as f64 - g as f64).powi(2))
+                .sum();
+            rule.clip_scale(sq)
+        })
+        .collect();
+    let weights: Vec<f64> = inputs.iter().map(|(_, n)| *n as f64).collect();
+    let mut values = vec![0f64; inputs.len()];
+    let out = global
+        .iter()
+        .enumerate()
+        .map(|(j, g)| {
+            let data = (0..g.data.len())
+                .map(|i| {
+                    let base = g.data[i] as f64;
+                    for (k, arrays) in aligned.iter().enumerate() {
+                        values[k] = base + scales[k] * (arrays[j].data[i] as f64 - base);
+                    }
+                    rule.combine(&mut values, &weights) as f32
+                })
+                .collect();
+            NamedArray::new(g.name.clone(), g.shape.clone(), data)
+        })
+        .collect();
     Ok(out)
 }
 
@@ -263,6 +334,64 @@ pub fn fede_aggregate(
     Ok(sums.len())
 }
 
+/// FedE aggregation under a [`Robustness`] rule, per entity over the clients that sent a row
+/// for it: each row's difference to the global row is clipped (when asked), then every
+/// coordinate is combined by the rule with equal weights. Validates all updates first. With
+/// the plain rule this is [`fede_aggregate`].
+pub fn fede_aggregate_robust(
+    table: &mut EntityTable,
+    updates: &[(Vec<String>, NamedArray)],
+    rule: &Robustness,
+) -> Result<usize, AggregateError> {
+    if rule.is_plain() {
+        return fede_aggregate(table, updates);
+    }
+    for (u, (keys, rows)) in updates.iter().enumerate() {
+        check_fede_update(table, u, keys, rows)?;
+    }
+    let dim = table.dim;
+    let mut holders: HashMap<usize, Vec<&[f32]>> = HashMap::new();
+    for (keys, rows) in updates {
+        for (r, k) in keys.iter().enumerate() {
+            holders
+                .entry(table.index[k.as_str()])
+                .or_default()
+                .push(&rows.data[r * dim..(r + 1) * dim]);
+        }
+    }
+    let mut values = Vec::new();
+    let mut weights = Vec::new();
+    for (&i, rows) in &holders {
+        let global: Vec<f64> = table.data[i * dim..(i + 1) * dim]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let scales: Vec<f64> = rows
+            .iter()
+            .map(|row| {
+                let sq = row
+                    .iter()
+                    .zip(&global)
+                    .map(|(&v, g)| (v as f64 - g).powi(2))
+                    .sum();
+                rule.clip_scale(sq)
+            })
+            .collect();
+        weights.clear();
+        weights.resize(rows.len(), 1.0);
+        for (c, g) in global.iter().enumerate() {
+            values.clear();
+            values.extend(
+                rows.iter()
+                    .zip(&scales)
+                    .map(|(row, s)| g + s * (row[c] as f64 - g)),
+            );
+            table.data[i * dim + c] = rule.combine(&mut values, &weights) as f32;
+        }
+    }
+    Ok(holders.len())
+}
+
 /// Example-weighted mean of each metric over the clients that report it. A metric whose
 /// reporters all have zero examples gets their plain mean.
 pub fn weighted_metrics(inputs: &[(u64, BTreeMap<String, f64>)]) -> BTreeMap<String, f64> {
@@ -284,6 +413,57 @@ pub fn weighted_metrics(inputs: &[(u64, BTreeMap<String, f64>)]) -> BTreeMap<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::robust::Combine;
+
+    #[test]
+    fn robust_fedavg_keeps_a_hostile_update_within_its_bound() {
+        let g = vec![NamedArray::new("w", vec![2], vec![0.0, 0.0])];
+        let a = |x: f32, y: f32| vec![NamedArray::new("w", vec![2], vec![x, y])];
+        let inputs = [
+            (a(1.0, 1.0), 1),
+            (a(2.0, 2.0), 1),
+            (a(3.0, 3.0), 1),
+            (a(1e6, -1e6), 1),
+        ];
+        let median = Robustness {
+            combine: Combine::Median,
+            ..Robustness::default()
+        };
+        // The median of each coordinate stays between the honest values.
+        let out = fedavg_robust(&g, &inputs, &median).unwrap();
+        assert_eq!(out[0].data, vec![2.5, 1.5]);
+        // Clipped to norm 1 around the global, the hostile update moves the mean by <= 1/4.
+        let clipped = Robustness {
+            clip_norm: Some(1.0),
+            ..Robustness::default()
+        };
+        let out = fedavg_robust(&g, &inputs, &clipped).unwrap();
+        let honest_only = (0.7071068 + 0.7071068 + 0.7071068) / 4.0;
+        assert!((out[0].data[0] - (honest_only + 0.7071068 / 4.0)).abs() < 1e-5);
+        assert!((out[0].data[1] - (honest_only - 0.7071068 / 4.0)).abs() < 1e-5);
+        // The plain rule is FedAvg.
+        let plain = fedavg_robust(&g, &inputs[..3], &Robustness::default()).unwrap();
+        assert_eq!(plain, fedavg(&inputs[..3]).unwrap());
+    }
+
+    #[test]
+    fn robust_fede_combines_each_entity_over_its_holders() {
+        let k = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut t = EntityTable::from_rows(k(&["a", "b"]), 1, vec![0.0, 0.0]).unwrap();
+        let rows = |v: Vec<f32>| NamedArray::new(ENTITIES, vec![v.len(), 1], v);
+        let updates = [
+            (k(&["a", "b"]), rows(vec![1.0, 5.0])),
+            (k(&["a"]), rows(vec![2.0])),
+            (k(&["a"]), rows(vec![1e9])),
+        ];
+        let median = Robustness {
+            combine: Combine::Median,
+            ..Robustness::default()
+        };
+        assert_eq!(fede_aggregate_robust(&mut t, &updates, &median).unwrap(), 2);
+        assert_eq!(t.row("a").unwrap(), &[2.0]);
+        assert_eq!(t.row("b").unwrap(), &[5.0]);
+    }
 
     #[test]
     fn example_counts_near_u64_max_do_not_overflow() {

@@ -4,6 +4,7 @@
 //! * [`types`]: the common vocabulary (stage and task kinds, clients, results, payloads);
 //! * [`params`]: the typed parameters of each stage kind, sent with every task;
 //! * [`aggregate`]: pure FedAvg, FedE over a keyed [`aggregate::EntityTable`], metrics;
+//! * [`robust`]: robust combination rules (median, trimmed mean, update-norm clipping);
 //! * [`strategy`]: what each client receives and how results combine (FedAvg, FedE);
 //! * [`coordinator`]: configuration, the pure round state machine, the gRPC service, the
 //!   run's outputs, and the run loop ([`coordinator::run_server`]);
@@ -20,6 +21,7 @@ pub mod client;
 pub mod coordinator;
 pub mod error;
 pub mod params;
+pub mod robust;
 pub mod strategy;
 pub mod types;
 mod wire;
@@ -37,5 +39,6 @@ pub use coordinator::rounds;
 pub use coordinator::{run_server, serve, RunSummary};
 pub use error::{FedError, WorkError};
 pub use params::{SimSkipParams, StageParams};
+pub use robust::{Combine, Robustness};
 pub use strategy::{FedAvgStrategy, FedEStrategy, Strategy};
 pub use types::{GlobalSnapshot, Payload, StageInfo, StageKind, TaskKind, ENTITIES};

@@ -7,7 +7,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use simskip_data::NamedArray;
 
-use crate::aggregate::{check_fede_update, fedavg, fede_aggregate, AggregateError, EntityTable};
+use crate::aggregate::{
+    check_fede_update, fedavg_robust, fede_aggregate_robust, AggregateError, EntityTable,
+};
+use crate::robust::Robustness;
 use crate::types::{ClientInfo, ClientResult, GlobalSnapshot, Payload, StageKind, ENTITIES};
 
 /// One stage's aggregation strategy. The round state machine calls these; none of them
@@ -57,14 +60,23 @@ pub trait Strategy: Send {
 pub struct FedAvgStrategy {
     /// Shared with every task that carries it; replaced, never mutated, by aggregation.
     global: Arc<[NamedArray]>,
+    rule: Robustness,
 }
 
 impl FedAvgStrategy {
-    /// `initial`: the global model's arrays before the first round.
+    /// `initial`: the global model's arrays before the first round. Combines by the
+    /// example-weighted mean unless [`FedAvgStrategy::with_rule`] says otherwise.
     pub fn new(initial: Vec<NamedArray>) -> Self {
         Self {
             global: Arc::from(initial),
+            rule: Robustness::default(),
         }
+    }
+
+    /// Combines the round's updates by `rule`.
+    pub fn with_rule(mut self, rule: Robustness) -> Self {
+        self.rule = rule;
+        self
     }
 
     pub fn arrays(&self) -> &[NamedArray] {
@@ -124,14 +136,8 @@ impl Strategy for FedAvgStrategy {
             .into_iter()
             .map(|r| (r.arrays, r.num_examples))
             .collect();
-        let mut out = fedavg(&inputs)?;
-        // Keep the global order stable whatever order clients send.
-        out.sort_by_key(|a| {
-            self.global
-                .iter()
-                .position(|g| g.name == a.name)
-                .unwrap_or(usize::MAX)
-        });
+        // The output keeps the global order whatever order clients send.
+        let out = fedavg_robust(&self.global, &inputs, &self.rule)?;
         self.global = Arc::from(out);
         Ok(())
     }
@@ -164,6 +170,7 @@ pub struct FedEStrategy {
     table: Arc<EntityTable>,
     rng: StdRng,
     init_bound: f32,
+    rule: Robustness,
 }
 
 impl FedEStrategy {
@@ -181,7 +188,14 @@ impl FedEStrategy {
             table: Arc::new(table),
             rng: StdRng::seed_from_u64(seed),
             init_bound,
+            rule: Robustness::default(),
         }
+    }
+
+    /// Combines each entity's rows by `rule` (the plain mean over holders by default).
+    pub fn with_rule(mut self, rule: Robustness) -> Self {
+        self.rule = rule;
+        self
     }
 
     pub fn table(&self) -> &EntityTable {
@@ -251,7 +265,7 @@ impl Strategy for FedEStrategy {
         if updates.is_empty() {
             return Err(AggregateError::Empty);
         }
-        fede_aggregate(Arc::make_mut(&mut self.table), &updates)?;
+        fede_aggregate_robust(Arc::make_mut(&mut self.table), &updates, &self.rule)?;
         Ok(())
     }
 

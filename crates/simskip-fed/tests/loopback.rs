@@ -10,8 +10,8 @@ use simskip_data::NamedArray;
 use simskip_fed::chunk::DEFAULT_MAX_MESSAGE_BYTES;
 use simskip_fed::{
     run_client, serve, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy, FedEStrategy,
-    FedError, FitOutput, ServerConfig, StageConfig, StageInfo, StageKind, StageParams, Strategy,
-    WorkError,
+    FedError, FitOutput, Robustness, ServerConfig, StageConfig, StageInfo, StageKind, StageParams,
+    Strategy, WorkError,
 };
 use tokio::net::TcpListener;
 
@@ -118,6 +118,7 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageConf
         rounds,
         eval_every,
         params: stage_params(name, kind),
+        aggregation: Robustness::default(),
     }
 }
 

@@ -80,12 +80,14 @@ impl Default for ServerFile {
                     rounds: 20,
                     eval_every: 5,
                     params: StageParams::defaults(StageKind::FedE, dim),
+                    aggregation: Default::default(),
                 },
                 StageConfig {
                     name: "simskip".into(),
                     rounds: 10,
                     eval_every: 5,
                     params: simskip,
+                    aggregation: Default::default(),
                 },
             ],
             ..ServerConfig::default()
@@ -141,11 +143,10 @@ pub fn strategies(server: &ServerConfig) -> Result<Vec<Box<dyn Strategy>>> {
         .iter()
         .map(|stage| -> Result<Box<dyn Strategy>> {
             Ok(match &stage.params {
-                StageParams::FedE(cfg) => Box::new(FedEStrategy::new(
-                    cfg.dim,
-                    fede_init_bound(cfg),
-                    server.seed,
-                )),
+                StageParams::FedE(cfg) => Box::new(
+                    FedEStrategy::new(cfg.dim, fede_init_bound(cfg), server.seed)
+                        .with_rule(stage.aggregation.clone()),
+                ),
                 StageParams::SimSkip(p) => {
                     let cfg = simskip_refine::SimSkipConfig {
                         seed: server.seed,
@@ -155,7 +156,7 @@ pub fn strategies(server: &ServerConfig) -> Result<Vec<Box<dyn Strategy>>> {
                         .with_context(|| format!("the initial model of stage {:?}", stage.name))?
                         .model()
                         .export()?;
-                    Box::new(FedAvgStrategy::new(initial))
+                    Box::new(FedAvgStrategy::new(initial).with_rule(stage.aggregation.clone()))
                 }
             })
         })

@@ -11,6 +11,7 @@ use crate::chunk::{DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::coordinator::rounds::{RoundsConfig, StageSpec};
 use crate::error::FedError;
 use crate::params::StageParams;
+use crate::robust::Robustness;
 use crate::types::StageKind;
 
 /// The longest duration any setting may ask for: a week. Longer values are typos (and
@@ -39,6 +40,8 @@ pub struct StageConfig {
     /// EVALUATE after every k-th round (0: only after the last round).
     pub eval_every: u32,
     pub params: StageParams,
+    /// How the coordinator combines the clients' updates; never sent to clients.
+    pub aggregation: Robustness,
 }
 
 impl StageConfig {
@@ -63,6 +66,8 @@ struct StageTable {
     transe: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     simskip: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    aggregation: Robustness,
 }
 
 /// The run's table width by default: FedE's.
@@ -87,11 +92,15 @@ impl TryFrom<StageTable> for StageConfig {
         }
         let params = StageParams::from_overrides(t.kind, t.dim, &table.unwrap_or_default())
             .map_err(|e| format!("stage {:?}: {e}", t.name))?;
+        t.aggregation
+            .validate()
+            .map_err(|e| format!("stage {:?}: {e}", t.name))?;
         Ok(StageConfig {
             name: t.name,
             rounds: t.rounds,
             eval_every: t.eval_every,
             params,
+            aggregation: t.aggregation,
         })
     }
 }
@@ -109,6 +118,7 @@ impl From<StageConfig> for StageTable {
             dim: s.params.dim(),
             transe: table.clone().filter(|_| kind == StageKind::FedE),
             simskip: table.filter(|_| kind == StageKind::FedAvg),
+            aggregation: s.aggregation,
         }
     }
 }
@@ -263,6 +273,9 @@ impl ServerConfig {
             s.params
                 .validate()
                 .map_err(|e| FedError::Config(format!("server.stages[{i}] ({}): {e}", s.name)))?;
+            s.aggregation
+                .validate()
+                .map_err(|e| FedError::Config(format!("server.stages[{i}] ({}): {e}", s.name)))?;
             // A SimSkip stage refines the table an earlier FedE stage produced: same width.
             match (s.kind(), table_dim) {
                 (StageKind::FedE, _) => table_dim = Some(s.params.dim()),
@@ -334,6 +347,10 @@ mod tests {
             dim = 16
             [stages.simskip]
             skip = false
+            [stages.aggregation]
+            combine = "trimmed_mean"
+            trim = 0.2
+            clip_norm = 5.0
             "#,
         )
         .unwrap();
@@ -346,6 +363,11 @@ mod tests {
             panic!("not SimSkip")
         };
         assert!(!p.config.skip);
+        assert_eq!(
+            cfg.stages[1].aggregation.combine,
+            crate::robust::Combine::TrimmedMean
+        );
+        assert_eq!(cfg.stages[1].aggregation.clip_norm, Some(5.0));
         let again: ServerConfig =
             serde_json::from_value(serde_json::to_value(&cfg).unwrap()).unwrap();
         assert_eq!(again, cfg);
@@ -395,6 +417,7 @@ mod tests {
             rounds: 1,
             eval_every: 0,
             params: StageParams::defaults(StageKind::FedAvg, 7),
+            aggregation: Robustness::default(),
         });
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("server.stages[1].dim = 7"), "{e}");
