@@ -14,6 +14,7 @@ pub mod client;
 pub mod rounds;
 pub mod server;
 pub mod strategy;
+pub mod tls;
 mod wire;
 
 /// Generated protobuf / gRPC code for `proto/simskip/v1/federation.proto`.
