@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use simskip_fed::proto;
 use simskip_fed::proto::coordinator_client::CoordinatorClient;
 use simskip_fed::proto::coordinator_server::{Coordinator, CoordinatorServer};
-use simskip_fed::proto;
 use simskip_fed::tls::{peer_organisation, provision, ClientTls, ProvisionSpec, ServerTls};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -167,9 +167,19 @@ async fn main() -> anyhow::Result<()> {
     println!("loopback, {pairs} interleaved pairs; mutual TLS 1.3, ECDSA P-256 (rcgen), ring");
     let a = summary("connect+call plain", new_plain);
     let b = summary("connect+call mTLS", new_tls);
-    println!("{:<26} {:.2}x (+{:.1} us)", "  ratio of medians", b / a, b - a);
+    println!(
+        "{:<26} {:.2}x (+{:.1} us)",
+        "  ratio of medians",
+        b / a,
+        b - a
+    );
     let a = summary("call on open conn plain", call_plain);
     let b = summary("call on open conn mTLS", call_tls);
-    println!("{:<26} {:.2}x (+{:.1} us)", "  ratio of medians", b / a, b - a);
+    println!(
+        "{:<26} {:.2}x (+{:.1} us)",
+        "  ratio of medians",
+        b / a,
+        b - a
+    );
     Ok(())
 }

@@ -33,5 +33,6 @@ pub use error::TlsError;
 pub use identity::{organisation_from_der, peer_organisation, AllowList, PeerIdentityError};
 pub use names::{validate_organisation_name, ORG_URI_PREFIX};
 pub use provision::{
-    provision, OrganisationFiles, ProvisionSpec, Provisioned, COORDINATOR_DIR, DEFAULT_VALIDITY_DAYS,
+    provision, OrganisationFiles, ProvisionSpec, Provisioned, COORDINATOR_DIR,
+    DEFAULT_VALIDITY_DAYS,
 };

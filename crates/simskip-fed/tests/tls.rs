@@ -225,7 +225,10 @@ async fn expired_certificate_is_refused() {
     assert_eq!(organisation_from_der(&der).unwrap(), "org-a");
 
     let refused = heartbeat(server.addr, Some(ClientTls::load(&files, HOST).unwrap())).await;
-    assert!(refused.is_err(), "expired certificate admitted: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "expired certificate admitted: {refused:?}"
+    );
     assert!(server.admitted().is_empty());
 }
 
@@ -250,7 +253,10 @@ async fn name_comes_from_the_certificate_not_from_the_client() {
         .unwrap()
         .into_inner();
     assert_eq!(reply.session_id, "org-a", "the claim reached the server");
-    assert_eq!(reply.run_id, "org-b", "the certificate's name is what counts");
+    assert_eq!(
+        reply.run_id, "org-b",
+        "the certificate's name is what counts"
+    );
 
     // org-c holds a valid federation certificate but is not in the coordinator's list.
     let tls = ClientTls::load(org(&fed, "org-c"), HOST).unwrap();
@@ -264,7 +270,10 @@ async fn name_comes_from_the_certificate_not_from_the_client() {
 
     let allow = AllowList::new(["org-a"]).unwrap();
     assert!(allow.check("org-a").is_ok());
-    assert_eq!(allow.check("org-b").unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        allow.check("org-b").unwrap_err().code(),
+        Code::PermissionDenied
+    );
 }
 
 #[tokio::test]
@@ -290,7 +299,10 @@ async fn client_refuses_a_server_from_another_ca() {
 
     let tls = ClientTls::load(org(&fed, "org-a"), HOST).unwrap();
     let refused = heartbeat(server.addr, Some(tls)).await;
-    assert!(refused.is_err(), "client accepted a rogue server: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "client accepted a rogue server: {refused:?}"
+    );
     assert!(server.admitted().is_empty());
 }
 
@@ -303,7 +315,10 @@ async fn coordinator_certificate_is_no_client_certificate() {
 
     let tls = ClientTls::load(&fed.coordinator, HOST).unwrap();
     let refused = heartbeat(server.addr, Some(tls)).await;
-    assert!(refused.is_err(), "serverAuth certificate admitted: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "serverAuth certificate admitted: {refused:?}"
+    );
     assert_eq!(
         organisation_from_der(&pem_der(&fed.coordinator.cert)),
         Err(PeerIdentityError::NoName)
@@ -327,7 +342,10 @@ fn provision_writes_the_layout_with_private_keys() {
     let fed = federation(dir.path(), "fed");
     assert_eq!(fed.ca_cert, dir.path().join("ca.pem"));
     assert_eq!(fed.ca_key, dir.path().join("ca.key"));
-    assert_eq!(fed.coordinator, PartyFiles::in_dir(&dir.path().join("coordinator")));
+    assert_eq!(
+        fed.coordinator,
+        PartyFiles::in_dir(&dir.path().join("coordinator"))
+    );
     let names: Vec<_> = fed.organisations.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, ["org-a", "org-b", "org-c"]);
     let ca = std::fs::read(&fed.ca_cert).unwrap();
@@ -371,7 +389,10 @@ fn provision_refuses_to_replace_a_ca_unless_forced() {
         overwrite_ca: false,
     };
     let err = provision(dir.path(), &spec).unwrap_err();
-    assert!(matches!(&err, TlsError::CaExists { path } if path == &first.ca_cert), "{err}");
+    assert!(
+        matches!(&err, TlsError::CaExists { path } if path == &first.ca_cert),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&first.ca_cert).unwrap(), ca_before);
 
     spec.overwrite_ca = true;
@@ -401,7 +422,11 @@ fn provision_rejects_bad_specs() {
     for case in &cases {
         assert!(provision(dir.path(), case).is_err(), "{case:?} accepted");
     }
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "wrote files");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "wrote files"
+    );
 }
 
 #[test]
@@ -412,15 +437,24 @@ fn loading_names_the_missing_or_invalid_file() {
 
     std::fs::remove_file(&files.key).unwrap();
     let err = ClientTls::load(&files, HOST).unwrap_err();
-    assert!(matches!(&err, TlsError::Missing { path } if path == &files.key), "{err}");
+    assert!(
+        matches!(&err, TlsError::Missing { path } if path == &files.key),
+        "{err}"
+    );
     assert!(err.to_string().contains(&files.key.display().to_string()));
 
     std::fs::write(&files.key, "not a key").unwrap();
     let err = ServerTls::load(&files).unwrap_err();
-    assert!(matches!(&err, TlsError::NoPrivateKey { path } if path == &files.key), "{err}");
+    assert!(
+        matches!(&err, TlsError::NoPrivateKey { path } if path == &files.key),
+        "{err}"
+    );
 
-    std::fs::write(&files.ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-        .unwrap();
+    std::fs::write(
+        &files.ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     std::fs::copy(&org(&fed, "org-a").key, &files.key).unwrap();
     let err = ServerTls::load(&files).unwrap_err();
     assert!(
@@ -430,7 +464,10 @@ fn loading_names_the_missing_or_invalid_file() {
 
     let err = ServerTls::load_dir(&dir.path().join("nowhere")).unwrap_err();
     let want: PathBuf = dir.path().join("nowhere").join("cert.pem");
-    assert!(matches!(&err, TlsError::Missing { path } if path == &want), "{err}");
+    assert!(
+        matches!(&err, TlsError::Missing { path } if path == &want),
+        "{err}"
+    );
 }
 
 fn pem_der(path: &Path) -> Vec<u8> {

@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use rustls_pki_types::pem::PemObject;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
 };
+use rustls_pki_types::pem::PemObject;
 
 use super::names::{self, Host};
 use super::{TlsError, ORG_URI_PREFIX};
@@ -138,7 +138,9 @@ impl FederationCa {
             .iter_organization()
             .next()
             .and_then(|o| o.as_str().ok())
-            .ok_or_else(|| invalid("no organisation (O) in the subject: not a federation CA".into()))?
+            .ok_or_else(|| {
+                invalid("no organisation (O) in the subject: not a federation CA".into())
+            })?
             .to_string();
         let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
@@ -172,10 +174,12 @@ impl FederationCa {
         }
         let mut params = CertificateParams::default();
         for host in hosts {
-            params.subject_alt_names.push(match names::parse_host(host)? {
-                Host::Ip(ip) => SanType::IpAddress(ip),
-                Host::Dns(dns) => SanType::DnsName(dns.try_into()?),
-            });
+            params
+                .subject_alt_names
+                .push(match names::parse_host(host)? {
+                    Host::Ip(ip) => SanType::IpAddress(ip),
+                    Host::Dns(dns) => SanType::DnsName(dns.try_into()?),
+                });
         }
         params.distinguished_name = subject(
             &self.federation,
@@ -194,9 +198,8 @@ impl FederationCa {
     ) -> Result<IssuedCert, TlsError> {
         names::validate_organisation_name(name)?;
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            format!("{ORG_URI_PREFIX}{name}").try_into()?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(format!("{ORG_URI_PREFIX}{name}").try_into()?)];
         params.distinguished_name = subject(&self.federation, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(params, validity)

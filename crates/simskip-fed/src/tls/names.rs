@@ -106,10 +106,7 @@ pub(crate) fn parse_host(host: &str) -> Result<Host, TlsError> {
         if label.is_empty() || label.len() > 63 {
             return fail("each DNS label has 1 to 63 characters");
         }
-        if !label
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
+        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return fail("is neither an IP address nor a DNS name (letters, digits, '-', '.')");
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -128,7 +125,17 @@ mod tests {
         for ok in ["org-a", "Hospital_7", "a", "x.y"] {
             validate_organisation_name(ok).unwrap();
         }
-        for bad in ["", "-a", ".hidden", "../x", "a/b", "a b", "coordinator", "CA.key", "é"] {
+        for bad in [
+            "",
+            "-a",
+            ".hidden",
+            "../x",
+            "a/b",
+            "a b",
+            "coordinator",
+            "CA.key",
+            "é",
+        ] {
             assert!(validate_organisation_name(bad).is_err(), "{bad:?} accepted");
         }
         assert!(validate_organisation_name(&"a".repeat(65)).is_err());
