@@ -39,8 +39,9 @@ pub struct EvalOutput {
 
 /// The local work of one organisation. Methods run on a blocking thread (training is
 /// CPU-bound). The stage's typed parameters arrive validated in [`StageInfo::params`]. An
-/// `Err` from `fit`/`evaluate` is reported to the coordinator as a failed answer and the
-/// client carries on; an `Err` from `finish_stage` ends [`run_client`].
+/// `Err` from any task is reported to the coordinator as a failed answer and the client
+/// carries on; [`run_client`] then ends with an error naming every stage whose
+/// `finish_stage` failed (its outputs are missing), once the run is over.
 pub trait ClientWork: Send + 'static {
     /// Entity keys this client holds (FedE); the rows travel in this order. May be empty.
     fn entity_keys(&self) -> Vec<String>;
@@ -226,6 +227,7 @@ pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> Result<(),
     let num_examples = work.num_examples();
     let mut work = Some(work);
     let mut failures = 0u32;
+    let mut unfinished = Vec::new();
     let mut backoff = Duration::from_millis(cfg.backoff_initial_ms);
     let max_backoff = Duration::from_millis(cfg.backoff_max_ms);
     loop {
@@ -250,8 +252,14 @@ pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> Result<(),
         failures = 0;
         backoff = Duration::from_millis(cfg.backoff_initial_ms);
         tracing::info!(client = %cfg.name, run_id = %session.run_id, "registered");
-        match run_session(&cfg, &session, &mut work).await {
-            Ok(()) => return Ok(()),
+        match run_session(&cfg, &session, &mut work, &mut unfinished).await {
+            Ok(()) if unfinished.is_empty() => return Ok(()),
+            Ok(()) => {
+                return Err(FedError::Work {
+                    context: format!("the run is over, but {} stage(s) did not finish here", unfinished.len()),
+                    source: unfinished.join("; ").into(),
+                })
+            }
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Reconnect(e)) => {
                 tracing::warn!(client = %cfg.name, "{e}; registering again");
@@ -432,6 +440,7 @@ async fn run_session<W: ClientWork>(
     cfg: &ClientConfig,
     s: &Session,
     work: &mut Option<W>,
+    unfinished: &mut Vec<String>,
 ) -> Result<(), SessionEnd> {
     let _heartbeat = spawn_heartbeat(s, cfg.name.clone());
     let mut round = 0u32;
@@ -485,17 +494,15 @@ async fn run_session<W: ClientWork>(
             })
         })?;
         *work = Some(w);
-        let mut fatal = None;
         let answer = match out {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(client = %cfg.name, "local {} failed: {e}", kind.as_str());
                 let message = e.to_string();
                 if kind == TaskKind::FinishStage {
-                    fatal = Some(FedError::Work {
-                        context: format!("finishing stage {:?}", task.stage.name),
-                        source: e,
-                    });
+                    // The run goes on (a later stage may still succeed); the client reports
+                    // the stages it could not finish when the run is over.
+                    unfinished.push(format!("{}: {message}", task.stage.name));
                 }
                 Answer {
                     num_examples: 0,
@@ -505,11 +512,7 @@ async fn run_session<W: ClientWork>(
                 }
             }
         };
-        let pushed = push(cfg, s, &task, answer).await;
-        if let Some(f) = fatal {
-            return Err(SessionEnd::Fatal(f));
-        }
-        pushed?;
+        push(cfg, s, &task, answer).await?;
     }
 }
 

@@ -11,6 +11,7 @@
 //! * [`client`]: the organisation side ([`client::run_client`] driving a [`ClientWork`]);
 //! * [`chunk`]: named arrays cut into chunks, streamed lazily, reassembled with validation;
 //! * `wire`: every protobuf <-> domain conversion, both directions;
+//! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
 //! * [`error`]: [`FedError`].
 //!
 //! Clients only connect out to the coordinator; organisations accept no connections.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod params;
 pub mod robust;
 pub mod strategy;
+pub mod tls;
 pub mod types;
 mod wire;
 

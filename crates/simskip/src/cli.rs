@@ -43,6 +43,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Run a whole federation (one server, N clients as processes) on bundled data.
     Simulate(crate::simulate::SimulateArgs),
+    /// Provision the federation CA and the mutual-TLS certificates of every party.
+    Certs(crate::certs::CertsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +161,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Partition(args) => partition_cmd(args),
         Command::Bench(args) => crate::bench::run(&load_settings(cli.config.as_deref())?, args),
         Command::Simulate(args) => crate::simulate::run(args),
+        Command::Certs(args) => crate::certs::run(args),
     }
 }
 

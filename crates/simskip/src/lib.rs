@@ -3,6 +3,7 @@
 //! The `simskip`, `simskip-server` and `simskip-client` binaries are thin wrappers over it.
 
 pub mod bench;
+pub mod certs;
 pub mod cli;
 pub mod logging;
 pub mod node;

@@ -173,6 +173,20 @@ impl FederatedWork {
         let current = matches!(&self.progress,
             Progress::Refining(r) if r.stage == stage.index && r.params == *params);
         if !current {
+            if let Progress::Embedding(e) = &self.progress {
+                // The FedE stage's FINISH task never reached this organisation (it was away
+                // when that round closed): refine the latest FedE rows it holds rather than
+                // sit out the stage.
+                tracing::warn!(
+                    stage = %stage.name,
+                    "no stage-1 table: refining the latest FedE rows this organisation received"
+                );
+                let model = e.transe.model();
+                self.progress = Progress::Embedded(Stage2Input {
+                    table: model.entities.clone(),
+                    norm: model.norm,
+                });
+            }
             let table_dim = match &self.progress {
                 Progress::Embedded(i) => i.table.cols,
                 Progress::Refining(r) => r.input.table.cols,
