@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use simskip::node::{RunFigures, ServerFile};
-use simskip::simulate::{simulate, SimulateFile};
+use simskip::simulate::{simulate, NodeProgram, SimulateFile};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -17,10 +17,16 @@ fn workspace() -> PathBuf {
         .unwrap()
 }
 
-/// A short run: few rounds, small evaluation budget.
+/// The `simskip` binary of this build, whose `server` and `client` subcommands are the daemons.
+fn simskip_program() -> NodeProgram {
+    NodeProgram {
+        path: PathBuf::from(env!("CARGO_BIN_EXE_simskip")),
+    }
+}
+
+/// A short run on the bundled WordNet-5k: few rounds, small evaluation budget.
 fn quick_settings(out: &Path) -> SimulateFile {
     let mut file = SimulateFile::default();
-    file.simulate.dataset = workspace().join("data/wordnet-5k");
     file.simulate.out_dir = out.to_path_buf();
     file.simulate.timeout_secs = 600;
     let stages = &mut file.server.server.stages;
@@ -37,7 +43,8 @@ fn quick_settings(out: &Path) -> SimulateFile {
 fn three_clients_run_both_stages_over_loopback() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let figures = simulate(&quick_settings(&out)).expect("simulation runs to the end");
+    let figures =
+        simulate(&quick_settings(&out), &simskip_program()).expect("simulation runs to the end");
 
     // Metrics history, as JSON lines and CSV, and the global model of each stage.
     let coordinator = out.join("coordinator");
@@ -131,10 +138,16 @@ impl Drop for Proc {
     }
 }
 
+/// Start one of the two daemon commands (`simskip-server`, `simskip-client`).
 fn spawn(bin: &str, config: &Path, log: &Path) -> Proc {
     let log = std::fs::File::create(log).unwrap();
+    let program = match bin {
+        "simskip-server" => env!("CARGO_BIN_EXE_simskip-server"),
+        "simskip-client" => env!("CARGO_BIN_EXE_simskip-client"),
+        other => panic!("no command {other}"),
+    };
     Proc(
-        Command::new(simskip::simulate::sibling_binary(bin).unwrap())
+        Command::new(program)
             .arg("--config")
             .arg(config)
             .env("CANDLE_NUM_THREADS", "1")
@@ -164,7 +177,7 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     let out = tmp.path();
     let settings = quick_settings(out);
     // Write the configs with the simulation's own layout, but drive the processes by hand.
-    let ds = simskip_data::KgDataset::load(&settings.simulate.dataset).unwrap();
+    let ds = simskip_data::KgDataset::load(&workspace().join("data/wordnet-5k")).unwrap();
     let parts = simskip_data::partition::partition(
         &ds,
         &simskip_data::partition::PartitionConfig::new(3, Default::default(), 0),

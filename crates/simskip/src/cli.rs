@@ -43,6 +43,12 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Run a whole federation (one server, N clients as processes) on bundled data.
     Simulate(crate::simulate::SimulateArgs),
+    /// The federation coordinator (the same as the `simskip-server` command).
+    Server(crate::node::ServerArgs),
+    /// An organisation's daemon (the same as the `simskip-client` command).
+    Client(crate::node::ClientArgs),
+    /// Write an HTML report with charts for a finished run (a coordinator output folder).
+    Report(crate::run_report::ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +165,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Partition(args) => partition_cmd(args),
         Command::Bench(args) => crate::bench::run(&load_settings(cli.config.as_deref())?, args),
         Command::Simulate(args) => crate::simulate::run(args),
+        // `--config` given before the subcommand counts as the daemon's own.
+        Command::Server(mut args) => {
+            args.config = args.config.or(cli.config);
+            crate::node::run_server(args)
+        }
+        Command::Client(mut args) => {
+            args.config = args.config.or(cli.config);
+            crate::node::run_client(args)
+        }
+        Command::Report(args) => crate::run_report::run(args),
     }
 }
 

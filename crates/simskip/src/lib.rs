@@ -3,12 +3,14 @@
 //! The `simskip`, `simskip-server` and `simskip-client` binaries are thin wrappers over it.
 
 pub mod bench;
+pub mod bundled;
 pub mod cli;
 pub mod logging;
 pub mod node;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
+pub mod run_report;
 pub mod settings;
 pub mod simulate;
 pub mod work;
