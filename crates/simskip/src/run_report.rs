@@ -330,8 +330,21 @@ fn titled(svg: String, title: &str) -> String {
     }
 }
 
-fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Result<String> {
+fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Result<Chart> {
     let err = chart_error(title);
+    // The aggregate in black, the organisations in palette order.
+    let mut next = 0;
+    let colors: Vec<RGBColor> = series
+        .iter()
+        .map(|s| {
+            if s.emphasised {
+                BLACK
+            } else {
+                next += 1;
+                color(next - 1)
+            }
+        })
+        .collect();
     let all = series.iter().flat_map(|s| s.points.iter());
     let (x_lo, x_hi) = value_range(all.clone().map(|p| p.0), false);
     let (y_lo, y_hi) = value_range(all.map(|p| p.1), false);
@@ -357,19 +370,11 @@ fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Res
             .light_line_style(WHITE)
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        let mut k = 0;
-        for s in series {
-            let style = if s.emphasised {
-                BLACK.stroke_width(3)
-            } else {
-                k += 1;
-                color(k - 1).stroke_width(2)
-            };
+        for (s, c) in series.iter().zip(&colors) {
+            let style = c.stroke_width(if s.emphasised { 3 } else { 2 });
             chart
                 .draw_series(LineSeries::new(s.points.iter().copied(), style))
-                .map_err(|e| err(e.to_string()))?
-                .label(s.name.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                .map_err(|e| err(e.to_string()))?;
             chart
                 .draw_series(
                     s.points
@@ -378,17 +383,13 @@ fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Res
                 )
                 .map_err(|e| err(e.to_string()))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(LABEL_FONT)
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .draw()
-            .map_err(|e| err(e.to_string()))?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
-    Ok(titled(svg, title))
+    Ok(Chart {
+        title: title.to_owned(),
+        svg: titled(svg, title),
+        legend: series.iter().map(|s| s.name.clone()).zip(colors).collect(),
+    })
 }
 
 fn bar_chart(
@@ -396,7 +397,7 @@ fn bar_chart(
     y_desc: &str,
     series_names: &[&str],
     groups: &[BarGroup],
-) -> Result<String> {
+) -> Result<Chart> {
     let err = chart_error(title);
     let n = groups.len().max(1);
     let (y_lo, y_hi) = value_range(
@@ -440,7 +441,7 @@ fn bar_chart(
             .map_err(|e| err(e.to_string()))?;
         let k = series_names.len().max(1) as f64;
         let width = 0.8 / k;
-        for (s, name) in series_names.iter().enumerate() {
+        for s in 0..series_names.len() {
             let fill = color(s).filled();
             let bars = groups.iter().enumerate().filter_map(|(i, g)| {
                 let v = (*g.values.get(s)?)?;
@@ -450,23 +451,19 @@ fn bar_chart(
                     fill,
                 ))
             });
-            chart
-                .draw_series(bars)
-                .map_err(|e| err(e.to_string()))?
-                .label(*name)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], fill));
+            chart.draw_series(bars).map_err(|e| err(e.to_string()))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(LABEL_FONT)
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .draw()
-            .map_err(|e| err(e.to_string()))?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
-    Ok(titled(svg, title))
+    Ok(Chart {
+        title: title.to_owned(),
+        svg: titled(svg, title),
+        legend: series_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), color(i)))
+            .collect(),
+    })
 }
 
 /// The FedAvg-stage tasks compared input against refined, with their display names.
@@ -517,30 +514,32 @@ fn eval_series(rounds: &[RoundLine], stage_kind: &str, kind: &str, key: &str) ->
     series
 }
 
-/// A chart for the page: its title and SVG.
+/// A chart for the page: its title, SVG, and legend (drawn in HTML under the chart, so it
+/// never hides a line or a bar).
 pub struct Chart {
     pub title: String,
     pub svg: String,
+    pub legend: Vec<(String, RGBColor)>,
 }
 
 /// Every chart the data allows, in page order.
 pub fn charts(data: &RunData) -> Result<Vec<Chart>> {
     let mut out = Vec::new();
-    let mut push = |title: String, svg: String| out.push(Chart { title, svg });
     for (key, name) in [("test.mrr", "MRR"), ("test.hits_at_10", "Hits@10")] {
         let series = eval_series(&data.rounds, "fede", "evaluate", key);
         if !series.is_empty() {
             let title = format!("FedE test {name} per round");
-            push(title.clone(), line_chart(&title, "round", name, &series)?);
+            out.push(line_chart(&title, "round", name, &series)?);
         }
     }
     let loss = eval_series(&data.rounds, "fedavg", "fit", "loss");
     if !loss.is_empty() {
-        let title = "SimSkip training loss per round".to_owned();
-        push(
-            title.clone(),
-            line_chart(&title, "round", "NT-Xent loss", &loss)?,
-        );
+        out.push(line_chart(
+            "SimSkip training loss per round",
+            "round",
+            "NT-Xent loss",
+            &loss,
+        )?);
     }
     if let Some(last) = data
         .rounds
@@ -575,10 +574,7 @@ pub fn charts(data: &RunData) -> Result<Vec<Chart>> {
                 "{name}: input vs refined ('{}' round {})",
                 last.stage, last.round
             );
-            push(
-                title.clone(),
-                bar_chart(&title, name, &["input", "refined"], &groups)?,
-            );
+            out.push(bar_chart(&title, name, &["input", "refined"], &groups)?);
         }
     }
     let gate_groups: Vec<BarGroup> = data
@@ -596,16 +592,12 @@ pub fn charts(data: &RunData) -> Result<Vec<Chart>> {
         })
         .collect();
     if !gate_groups.is_empty() {
-        let title = "Gate: validation score of input and refined table".to_owned();
-        push(
-            title.clone(),
-            bar_chart(
-                &title,
-                "validation score",
-                &["input", "refined"],
-                &gate_groups,
-            )?,
-        );
+        out.push(bar_chart(
+            "Gate: validation score of input and refined table",
+            "validation score",
+            &["input", "refined"],
+            &gate_groups,
+        )?);
     }
     if !data.rounds.is_empty() {
         let mut by_kind: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
@@ -623,11 +615,12 @@ pub fn charts(data: &RunData) -> Result<Vec<Chart>> {
                 emphasised: false,
             })
             .collect();
-        let title = "Round durations".to_owned();
-        push(
-            title.clone(),
-            line_chart(&title, "round record (in order)", "seconds", &series)?,
-        );
+        out.push(line_chart(
+            "Round durations",
+            "round record (in order)",
+            "seconds",
+            &series,
+        )?);
     }
     Ok(out)
 }
@@ -660,7 +653,10 @@ pub fn render_html(data: &RunData) -> Result<String> {
          table{{border-collapse:collapse;font-size:14px}}\
          td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}\
          th:first-child,td:first-child{{text-align:left}}\
-         .muted{{color:#666}}</style></head><body>\n\
+         .muted{{color:#666}}\
+         figcaption{{font-size:13px;padding:2px 8px 6px}}\
+         .key{{margin-right:14px;white-space:nowrap}}\
+         .key i{{display:inline-block;width:14px;height:10px;margin-right:5px}}</style></head><body>\n\
          <h1>SimSkip federation run {run}</h1>\n\
          <p class=\"muted\">From {src}: {n} round records, {total:.1} s of coordinator time.</p>\n",
         run = escape(run_id),
@@ -745,10 +741,10 @@ pub fn render_html(data: &RunData) -> Result<String> {
                     serde_json::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                let _ = write!(
+                let _ = writeln!(
                     h,
                     "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td>\
-                     <td>{}</td><td>{}</td></tr>\n",
+                     <td>{}</td><td>{}</td></tr>",
                     escape(org),
                     escape(stage),
                     escape(&signal),
@@ -792,13 +788,111 @@ pub fn render_html(data: &RunData) -> Result<String> {
 
     h.push_str("<h2>Charts</h2>\n<div class=\"charts\">\n");
     for c in &charts {
-        let _ = writeln!(
+        let _ = write!(
             h,
-            "<figure data-chart=\"{}\">{}</figure>",
+            "<figure data-chart=\"{}\">{}<figcaption>",
             escape(&c.title),
             c.svg
         );
+        for (name, RGBColor(r, g, b)) in &c.legend {
+            let _ = write!(
+                h,
+                "<span class=\"key\"><i style=\"background:rgb({r},{g},{b})\"></i>{}</span>",
+                escape(name)
+            );
+        }
+        h.push_str("</figcaption></figure>\n");
     }
     h.push_str("</div>\n</body></html>\n");
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(stage: &str, kind: &str, task: &str, round: u32, value: f64) -> String {
+        let metrics = |v: f64| match (kind, task) {
+            ("fede", "evaluate") => {
+                serde_json::json!({ "test.mrr": v, "test.hits_at_10": 2.0 * v })
+            }
+            ("fedavg", "fit") => serde_json::json!({ "loss": 6.0 - v }),
+            _ => serde_json::json!({ "input.knn_at_10": v, "refined.knn_at_10": v + 0.01 }),
+        };
+        serde_json::json!({
+            "run_id": "run-test", "stage_index": 0, "stage": stage, "stage_kind": kind,
+            "round": round, "kind": task, "selected": ["org-a", "org-b"], "num_clients": 2,
+            "clients": {
+                "org-a": { "num_examples": 10, "metrics": metrics(value) },
+                "org-b": { "num_examples": 30, "metrics": metrics(value / 2.0) },
+            },
+            "failures": {}, "missing": [], "aggregated": true, "note": null,
+            "metrics": metrics(0.6 * value), "timed_out": false,
+            "started_secs": round as f64, "ended_secs": round as f64 + 0.5,
+            "coordinator": { "serialize_secs": 0.0, "aggregate_secs": 0.0, "total_secs": 0.0 },
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn page_has_a_chart_per_figure_and_a_row_per_decision() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [
+            record("fede", "fede", "fit", 1, 0.0),
+            record("fede", "fede", "evaluate", 1, 0.1),
+            record("fede", "fede", "evaluate", 2, 0.2),
+            record("simskip", "fedavg", "fit", 1, 0.1),
+            record("simskip", "fedavg", "fit", 2, 0.3),
+            record("simskip", "fedavg", "evaluate", 2, 0.4),
+        ];
+        std::fs::write(dir.path().join("metrics.jsonl"), lines.join("\n")).unwrap();
+        let org = dir.path().join("org-a-out");
+        std::fs::create_dir_all(org.join("simskip")).unwrap();
+        std::fs::write(
+            org.join("simskip/gate.json"),
+            r#"{"signal":"validation KNN@10","input":0.3,"refined":0.35,"gate":true,"output":"refined"}"#,
+        )
+        .unwrap();
+        let data = load(dir.path(), &[("org-a".into(), org)]).unwrap();
+        assert_eq!(data.rounds.len(), 6);
+        let titles: Vec<String> = charts(&data)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.title)
+            .collect();
+        assert_eq!(
+            titles,
+            [
+                "FedE test MRR per round",
+                "FedE test Hits@10 per round",
+                "SimSkip training loss per round",
+                "KNN@10: input vs refined ('simskip' round 2)",
+                "Gate: validation score of input and refined table",
+                "Round durations",
+            ]
+        );
+        let page = render_html(&data).unwrap();
+        assert_eq!(page.matches("<svg").count(), 6);
+        assert!(page.contains("<td>org-a</td><td>simskip</td><td>validation KNN@10</td>"));
+    }
+
+    #[test]
+    fn a_malformed_record_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(
+            &path,
+            format!("{}\nnot json\n", record("f", "fede", "fit", 1, 0.1)),
+        )
+        .unwrap();
+        match read_rounds(&path) {
+            Err(ReportError::Record { line, .. }) => assert_eq!(line, 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            load(&dir.path().join("nothing"), &[]),
+            Err(ReportError::NoMetrics(_))
+        ));
+        assert!(matches!(parse_org("org-a"), Err(ReportError::OrgArg(_))));
+    }
 }
