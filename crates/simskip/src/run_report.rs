@@ -330,7 +330,13 @@ fn titled(svg: String, title: &str) -> String {
     }
 }
 
-fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Result<Chart> {
+/// `y_decimals`: digits after the point on the y axis (scores 3, seconds 1).
+fn line_chart(
+    title: &str,
+    x_desc: &str,
+    (y_desc, y_decimals): (&str, usize),
+    series: &[Series],
+) -> Result<Chart> {
     let err = chart_error(title);
     // The aggregate in black, the organisations in palette order.
     let mut next = 0;
@@ -366,7 +372,7 @@ fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Res
             .label_style(LABEL_FONT)
             .axis_desc_style(LABEL_FONT)
             .x_label_formatter(&whole)
-            .y_label_formatter(&|y| format!("{y:.3}"))
+            .y_label_formatter(&|y| format!("{y:.y_decimals$}"))
             .light_line_style(WHITE)
             .draw()
             .map_err(|e| err(e.to_string()))?;
@@ -529,7 +535,7 @@ pub fn charts(data: &RunData) -> Result<Vec<Chart>> {
         let series = eval_series(&data.rounds, "fede", "evaluate", key);
         if !series.is_empty() {
             let title = format!("FedE test {name} per round");
-            out.push(line_chart(&title, "round", name, &series)?);
+            out.push(line_chart(&title, "round", (name, 3), &series)?);
         }
     }
     let loss = eval_series(&data.rounds, "fedavg", "fit", "loss");
@@ -537,7 +543,7 @@ pub fn charts(data: &RunData) -> Result<Vec<Chart>> {
         out.push(line_chart(
             "SimSkip training loss per round",
             "round",
-            "NT-Xent loss",
+            ("NT-Xent loss", 3),
             &loss,
         )?);
     }
@@ -618,7 +624,7 @@ pub fn charts(data: &RunData) -> Result<Vec<Chart>> {
         out.push(line_chart(
             "Round durations",
             "round record (in order)",
-            "seconds",
+            ("seconds", 1),
             &series,
         )?);
     }
