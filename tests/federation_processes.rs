@@ -160,10 +160,20 @@ fn spawn(bin: &str, config: &Path, log: &Path) -> Proc {
     )
 }
 
-fn wait(p: &mut Proc, deadline: Instant, what: &str) {
+/// Wait for `p` to exit successfully; on failure, show the tail of its `log`.
+fn wait(p: &mut Proc, deadline: Instant, what: &str, log: &Path) {
     loop {
         if let Some(status) = p.0.try_wait().unwrap() {
-            assert!(status.success(), "{what} exited with {status}");
+            if !status.success() {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "{what} exited with {status}; {}:\n{}",
+                    log.display(),
+                    tail.join("\n")
+                );
+            }
             return;
         }
         assert!(Instant::now() < deadline, "{what} did not finish in time");
@@ -258,10 +268,16 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
         &out.join("client-2-restarted.log"),
     ));
     let deadline = Instant::now() + Duration::from_secs(600);
+    let logs = ["client-0.log", "client-1.log", "client-2-restarted.log"];
     for (k, c) in clients.iter_mut().enumerate() {
-        wait(c, deadline, &format!("client {k}"));
+        wait(c, deadline, &format!("client {k}"), &out.join(logs[k]));
     }
-    wait(&mut server_proc, deadline, "server");
+    wait(
+        &mut server_proc,
+        deadline,
+        "server",
+        &out.join("server.log"),
+    );
     let log = std::fs::read_to_string(out.join("server.log")).unwrap();
     assert!(
         log.contains("rejoined=true") || log.contains("rejoined: true"),
