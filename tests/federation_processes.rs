@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use simskip::node::{RunFigures, ServerFile};
-use simskip::simulate::{simulate, SimulateFile};
+use simskip::simulate::{simulate, NodeProgram, SimulateFile};
 use simskip_fed::rounds::RoundRecord;
 use simskip_fed::TaskKind;
 
@@ -19,10 +19,16 @@ fn workspace() -> PathBuf {
         .unwrap()
 }
 
-/// A short run: few rounds, small evaluation budget.
+/// The `simskip` binary of this build, whose `server` and `client` subcommands are the daemons.
+fn simskip_program() -> NodeProgram {
+    NodeProgram {
+        path: PathBuf::from(env!("CARGO_BIN_EXE_simskip")),
+    }
+}
+
+/// A short run on the bundled WordNet-5k: few rounds, small evaluation budget.
 fn quick_settings(out: &Path) -> SimulateFile {
     let mut file = SimulateFile::default();
-    file.simulate.dataset = workspace().join("data/wordnet-5k");
     file.simulate.out_dir = out.to_path_buf();
     file.simulate.timeout_secs = 600;
     let stages = &mut file.server.server.stages;
@@ -39,7 +45,8 @@ fn quick_settings(out: &Path) -> SimulateFile {
 fn three_clients_run_both_stages_over_loopback() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let figures = simulate(&quick_settings(&out)).expect("simulation runs to the end");
+    let figures =
+        simulate(&quick_settings(&out), &simskip_program()).expect("simulation runs to the end");
 
     // Metrics history, as JSON lines and CSV, and the global model of each stage.
     let coordinator = out.join("coordinator");
@@ -133,10 +140,16 @@ impl Drop for Proc {
     }
 }
 
+/// Start one of the two daemon commands (`simskip-server`, `simskip-client`).
 fn spawn(bin: &str, config: &Path, log: &Path) -> Proc {
     let log = std::fs::File::create(log).unwrap();
+    let program = match bin {
+        "simskip-server" => env!("CARGO_BIN_EXE_simskip-server"),
+        "simskip-client" => env!("CARGO_BIN_EXE_simskip-client"),
+        other => panic!("no command {other}"),
+    };
     Proc(
-        Command::new(simskip::simulate::sibling_binary(bin).unwrap())
+        Command::new(program)
             .arg("--config")
             .arg(config)
             .env("CANDLE_NUM_THREADS", "1")
@@ -149,14 +162,20 @@ fn spawn(bin: &str, config: &Path, log: &Path) -> Proc {
     )
 }
 
+/// Wait for `p` to exit successfully; on failure, show the tail of its `log`.
 fn wait(p: &mut Proc, deadline: Instant, what: &str, log: &Path) {
     loop {
         if let Some(status) = p.0.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "{what} exited with {status}; its log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
+            if !status.success() {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "{what} exited with {status}; {}:\n{}",
+                    log.display(),
+                    tail.join("\n")
+                );
+            }
             return;
         }
         assert!(Instant::now() < deadline, "{what} did not finish in time");
@@ -170,7 +189,7 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     let out = tmp.path();
     let settings = quick_settings(out);
     // Write the configs with the simulation's own layout, but drive the processes by hand.
-    let ds = simskip_data::KgDataset::load(&settings.simulate.dataset).unwrap();
+    let ds = simskip_data::KgDataset::load(&workspace().join("data/wordnet-5k")).unwrap();
     let parts = simskip_data::partition::partition(
         &ds,
         &simskip_data::partition::PartitionConfig::new(3, Default::default(), 0),
@@ -264,13 +283,9 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
         &out.join("client-2-restarted.log"),
     ));
     let deadline = Instant::now() + Duration::from_secs(600);
-    let logs = [
-        out.join("client-0.log"),
-        out.join("client-1.log"),
-        out.join("client-2-restarted.log"),
-    ];
-    for (k, (c, log)) in clients.iter_mut().zip(&logs).enumerate() {
-        wait(c, deadline, &format!("client {k}"), log);
+    let logs = ["client-0.log", "client-1.log", "client-2-restarted.log"];
+    for (k, c) in clients.iter_mut().enumerate() {
+        wait(c, deadline, &format!("client {k}"), &out.join(logs[k]));
     }
     wait(
         &mut server_proc,

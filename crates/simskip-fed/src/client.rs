@@ -256,7 +256,10 @@ pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> Result<(),
             Ok(()) if unfinished.is_empty() => return Ok(()),
             Ok(()) => {
                 return Err(FedError::Work {
-                    context: format!("the run is over, but {} stage(s) did not finish here", unfinished.len()),
+                    context: format!(
+                        "the run is over, but {} stage(s) did not finish here",
+                        unfinished.len()
+                    ),
                     source: unfinished.join("; ").into(),
                 })
             }

@@ -45,6 +45,12 @@ pub enum Command {
     Simulate(crate::simulate::SimulateArgs),
     /// Provision the federation CA and the mutual-TLS certificates of every party.
     Certs(crate::certs::CertsArgs),
+    /// The federation coordinator (the same as the `simskip-server` command).
+    Server(crate::node::ServerArgs),
+    /// An organisation's daemon (the same as the `simskip-client` command).
+    Client(crate::node::ClientArgs),
+    /// Write an HTML report with charts for a finished run (a coordinator output folder).
+    Report(crate::run_report::ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +168,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => crate::bench::run(&load_settings(cli.config.as_deref())?, args),
         Command::Simulate(args) => crate::simulate::run(args),
         Command::Certs(args) => crate::certs::run(args),
+        // `--config` given before the subcommand counts as the daemon's own.
+        Command::Server(mut args) => {
+            args.config = args.config.or(cli.config);
+            crate::node::run_server(args)
+        }
+        Command::Client(mut args) => {
+            args.config = args.config.or(cli.config);
+            crate::node::run_client(args)
+        }
+        Command::Report(args) => crate::run_report::run(args),
     }
 }
 

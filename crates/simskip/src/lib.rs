@@ -3,6 +3,7 @@
 //! The `simskip`, `simskip-server` and `simskip-client` binaries are thin wrappers over it.
 
 pub mod bench;
+pub mod bundled;
 pub mod certs;
 pub mod cli;
 pub mod logging;
@@ -10,6 +11,7 @@ pub mod node;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
+pub mod run_report;
 pub mod settings;
 pub mod simulate;
 pub mod work;

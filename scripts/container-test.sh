@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The compose deployment in real containers: builds the release binaries and the image of
+# deploy/Dockerfile.local, brings up deploy/docker-compose.yml plus deploy/docker-compose.local.yml
+# (and a short-run override written here) with podman-compose, waits for every service to
+# exit, checks each exit code and the outputs (metrics.jsonl records, each organisation's
+# tables and gate decision), writes the HTML report, and always tears down.
+#
+# Needs root with podman (set up by ../shared/containers/podman-engine.sh when present).
+# Where containers cannot run it prints "SKIPPED container-test: <reason>" and exits 0.
+#   ./scripts/container-test.sh                 # from anywhere
+# Environment: CONTAINER_TEST_TIMEOUT (seconds for the federation, default 1200),
+# CONTAINER_TEST_KEEP=1 keeps the work folder for inspection.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TIMEOUT=${CONTAINER_TEST_TIMEOUT:-1200}
+PROJECT=simskip-ct-$$
+IMAGE=localhost/simskip:local
+started=$(date +%s)
+say() { echo "container-test: $*" >&2; }
+skip() { echo "SKIPPED container-test: $*"; exit 0; }
+
+[ "$(uname -s)" = Linux ] || skip "not Linux"
+[ "$(id -u)" = 0 ] || skip "needs root for rootful podman (run as root, as CI does)"
+
+# --- the engine -------------------------------------------------------------------------------
+ENGINE=""
+for candidate in "$ROOT/../shared/containers/podman-engine.sh" /work/shared/containers/podman-engine.sh; do
+  [ -x "$candidate" ] && { ENGINE=$candidate; break; }
+done
+if command -v apt-get >/dev/null 2>&1; then
+  # netavark (podman's network backend) needs iptables, which the engine script does not install.
+  if ! command -v iptables >/dev/null 2>&1; then
+    say "installing iptables"
+    (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq iptables) >&2 ||
+      skip "could not install iptables (needed by podman's network backend)"
+  fi
+fi
+if [ -n "$ENGINE" ]; then
+  engine_env=$("$ENGINE") || skip "podman cannot run containers here ($ENGINE failed; see above)"
+  eval "$engine_env"
+elif ! command -v podman >/dev/null 2>&1; then
+  skip "podman is not installed and no podman-engine.sh was found"
+fi
+BASE=${SIMSKIP_BASE_IMAGE:-localhost/debian:bookworm-slim}
+podman image exists "$BASE" || skip "base image $BASE is missing (podman-engine.sh builds it)"
+if ! command -v podman-compose >/dev/null 2>&1; then
+  say "installing podman-compose (PyPI)"
+  timeout 300 python3 -m pip install -q podman-compose >&2 || skip "could not install podman-compose from PyPI"
+  hash -r
+fi
+COMPOSE=(podman-compose)
+command -v podman-compose >/dev/null 2>&1 || COMPOSE=(python3 -m podman_compose)
+
+# --- binaries and image -----------------------------------------------------------------------
+say "building the release binaries"
+(cd "$ROOT" && cargo build --release -p simskip --bins)
+WORK=$(mktemp -d /var/tmp/simskip-container-test.XXXXXX)
+cleanup() {
+  status=$?
+  say "tearing down"
+  if [ -f "$WORK/deploy/docker-compose.yml" ]; then
+    (cd "$WORK/deploy" && timeout 120 "${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" down -t 5 >/dev/null 2>&1) || true
+  fi
+  # Containers of this project that compose left behind, by label.
+  ids=$(podman ps -aq --filter "label=io.podman.compose.project=$PROJECT" 2>/dev/null || true)
+  [ -z "$ids" ] || podman rm -f $ids >/dev/null 2>&1 || true
+  podman network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
+  if [ "${CONTAINER_TEST_KEEP:-0}" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
+  say "finished in $(( $(date +%s) - started )) s with status $status"
+  exit $status
+}
+FILES=()
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+CONTEXT="$WORK/context"
+mkdir -p "$CONTEXT/target/release" "$CONTEXT/deploy"
+cp "$ROOT"/target/release/{simskip,simskip-server,simskip-client} "$CONTEXT/target/release/"
+cp -r "$ROOT/deploy/config" "$ROOT/deploy/entrypoint.sh" "$CONTEXT/deploy/"
+say "building $IMAGE FROM $BASE"
+timeout 600 podman build -q --build-arg "BASE=$BASE" -f "$ROOT/deploy/Dockerfile.local" -t "$IMAGE" "$CONTEXT" >/dev/null
+
+# --- the deployment: the project's compose files, in a work folder --------------------------
+mkdir -p "$WORK/deploy"
+cp "$ROOT/deploy/docker-compose.yml" "$ROOT/deploy/docker-compose.local.yml" "$WORK/deploy/"
+# Each organisation's private folder, as the compose volumes expect; the output folders are
+# left for compose to create (as root), which the image's entrypoint must cope with.
+"$ROOT/target/release/simskip" partition "$ROOT/data/wordnet-5k" --clients 3 --out "$WORK/parts" >/dev/null
+orgs=(org-a org-b org-c)
+for k in 0 1 2; do
+  mkdir -p "$WORK/deploy/orgs/${orgs[$k]}"
+  mv "$WORK/parts/client-$k" "$WORK/deploy/orgs/${orgs[$k]}/data"
+done
+# A short federation: 2 FedE rounds, 1 SimSkip round, a small model and probe.
+cat > "$WORK/deploy/quick-server.toml" <<'TOML'
+[server]
+listen = "0.0.0.0:50051"
+min_clients = 3
+min_fit_clients = 3
+round_timeout_secs = 600.0
+done_grace_secs = 5.0
+out_dir = "/out"
+
+[[server.stages]]
+name = "fede"
+kind = "fede"
+rounds = 2
+eval_every = 1
+[server.stages.config]
+local_epochs = "1"
+negatives = "16"
+batch_size = "512"
+lr = "0.01"
+
+[[server.stages]]
+name = "simskip"
+kind = "fedavg"
+rounds = 1
+[server.stages.config]
+local_epochs = "1"
+
+[model]
+dim = 32
+TOML
+cat > "$WORK/deploy/docker-compose.quick.yml" <<'YAML'
+# Written by scripts/container-test.sh: a short run.
+services:
+  coordinator:
+    volumes: ["./quick-server.toml:/etc/simskip/server.toml:ro"]
+  org-a: &quick-client
+    environment: { SIMSKIP_EVAL__PROBE__EPOCHS: "20", CANDLE_NUM_THREADS: "1", RAYON_NUM_THREADS: "1" }
+  org-b: *quick-client
+  org-c: *quick-client
+YAML
+FILES=(-f docker-compose.yml -f docker-compose.local.yml -f docker-compose.quick.yml)
+cd "$WORK/deploy"
+say "starting the deployment (project $PROJECT)"
+timeout 300 "${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" up -d --no-build >"$WORK/compose-up.log" 2>&1 ||
+  { cat "$WORK/compose-up.log" >&2; exit 1; }
+run_started=$(date +%s)
+
+# Every service's container, by compose label.
+declare -A container
+for svc in coordinator "${orgs[@]}"; do
+  id=$(podman ps -aq --filter "label=io.podman.compose.project=$PROJECT" --filter "label=com.docker.compose.service=$svc")
+  [ -n "$id" ] || { echo "no container for service $svc" >&2; podman ps -a >&2; exit 1; }
+  container[$svc]=$id
+done
+# Published ports: there must be none.
+for svc in "${!container[@]}"; do
+  ports=$(podman port "${container[$svc]}" 2>/dev/null || true)
+  [ -z "$ports" ] || { echo "service $svc publishes ports: $ports" >&2; exit 1; }
+done
+
+dump_logs() {
+  for svc in coordinator "${orgs[@]}"; do
+    echo "--- $svc (last 20 lines) ---" >&2
+    podman logs --tail 20 "${container[$svc]}" >&2 2>&1 || true
+  done
+}
+say "waiting for the federation (at most $TIMEOUT s)"
+failed=0
+for svc in "${orgs[@]}" coordinator; do
+  left=$(( TIMEOUT - ( $(date +%s) - run_started ) ))
+  [ $left -gt 0 ] || left=1
+  if ! code=$(timeout "$left" podman wait "${container[$svc]}"); then
+    echo "service $svc did not finish within $TIMEOUT s" >&2; dump_logs; exit 1
+  fi
+  say "$svc exited with $code"
+  [ "$code" = 0 ] || failed=1
+done
+[ $failed = 0 ] || { echo "a service failed" >&2; dump_logs; exit 1; }
+say "federation took $(( $(date +%s) - run_started )) s"
+
+# --- outputs -------------------------------------------------------------------------------
+metrics="$WORK/deploy/orgs/coordinator/out/metrics.jsonl"
+[ -s "$metrics" ] || { echo "no $metrics" >&2; exit 1; }
+count() { grep -c "\"stage\":\"$1\".*\"kind\":\"$2\"\|\"kind\":\"$2\".*\"stage\":\"$1\"" "$metrics" || true; }
+check_count() {
+  local n; n=$(count "$1" "$2")
+  [ "$n" = "$3" ] || { echo "metrics.jsonl: $n '$1' $2 records, expected $3" >&2; cat "$metrics" >&2; exit 1; }
+}
+check_count fede fit 2
+check_count fede evaluate 2
+check_count simskip fit 1
+check_count simskip evaluate 1
+grep -q '"aggregated":true' "$metrics" || { echo "no aggregated round in $metrics" >&2; exit 1; }
+for org in "${orgs[@]}"; do
+  out="$WORK/deploy/orgs/$org/out"
+  for f in fede/entities.npy simskip/entities.npy simskip/gate.json; do
+    [ -s "$out/$f" ] || { echo "$org wrote no $f" >&2; ls -lR "$out" >&2; exit 1; }
+  done
+  owner=$(stat -c %u "$out/simskip/entities.npy")
+  [ "$owner" = 10001 ] || { echo "$org's outputs belong to uid $owner, not 10001" >&2; exit 1; }
+  grep -q "\"$org\"" "$metrics" || { echo "$org appears in no round record" >&2; exit 1; }
+done
+# The report reads every record as typed data, so a malformed line fails here.
+"$ROOT/target/release/simskip" report "$WORK/deploy/orgs/coordinator/out" \
+  --org "org-a=$WORK/deploy/orgs/org-a/out" --org "org-b=$WORK/deploy/orgs/org-b/out" \
+  --org "org-c=$WORK/deploy/orgs/org-c/out" --out "$WORK/report.html" >/dev/null
+grep -c '<svg' "$WORK/report.html" >/dev/null
+echo "container-test: PASSED ($(wc -l <"$metrics") round records, 3 organisations; $(( $(date +%s) - started )) s in all)"
