@@ -112,11 +112,29 @@ mod tests {
         let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
         let mut c = [0.0f32; 4];
-        matmul(&mut c, 2, 2, 3, false, Operand::rows(&a, 3), Operand::rows(&b, 2), true);
+        matmul(
+            &mut c,
+            2,
+            2,
+            3,
+            false,
+            Operand::rows(&a, 3),
+            Operand::rows(&b, 2),
+            true,
+        );
         assert_eq!(c, [4.0, 5.0, 10.0, 11.0]);
         // a aᵀ (2x2) = [[14, 32], [32, 77]], accumulated onto ones
         let mut c = [1.0f32; 4];
-        matmul(&mut c, 2, 2, 3, true, Operand::rows(&a, 3), Operand::transposed(&a, 3), false);
+        matmul(
+            &mut c,
+            2,
+            2,
+            3,
+            true,
+            Operand::rows(&a, 3),
+            Operand::transposed(&a, 3),
+            false,
+        );
         assert_eq!(c, [15.0, 33.0, 33.0, 78.0]);
     }
 }

@@ -371,14 +371,11 @@ mod mlp {
                         Operand::rows(&self.w[l], fan_in),
                         true,
                     );
-                    below
-                        .iter_mut()
-                        .zip(&ws.acts[l - 1])
-                        .for_each(|(g, &a)| {
-                            if a <= 0.0 {
-                                *g = 0.0
-                            }
-                        });
+                    below.iter_mut().zip(&ws.acts[l - 1]).for_each(|(g, &a)| {
+                        if a <= 0.0 {
+                            *g = 0.0
+                        }
+                    });
                 }
             }
         }

@@ -270,4 +270,3 @@ pub fn neighbour_retrieval_mrr(
         sum / count as f64
     }
 }
-

@@ -27,17 +27,15 @@ fn cpu_seconds() -> f64 {
 
 fn summary(v: &mut [f64]) -> String {
     v.sort_by(f64::total_cmp);
-    format!(
-        "{:.0} ({:.0}–{:.0})",
-        v[v.len() / 2],
-        v[0],
-        v[v.len() - 1]
-    )
+    format!("{:.0} ({:.0}–{:.0})", v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(args.next().expect("usage: linkpred_speed DATA_DIR [TRIPLES] [RUNS] [l1|l2]"));
+    let dir = PathBuf::from(
+        args.next()
+            .expect("usage: linkpred_speed DATA_DIR [TRIPLES] [RUNS] [l1|l2]"),
+    );
     let triples: usize = args.next().map_or(500, |s| s.parse().expect("TRIPLES"));
     let runs: usize = args.next().map_or(5, |s| s.parse().expect("RUNS"));
     let norm = match args.next().as_deref() {
@@ -72,7 +70,8 @@ fn main() {
         (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         let (w, c) = (Instant::now(), cpu_seconds());
-        let slow = reference::query_ranks(&model.entities, &model.relations, norm, queries, &filter);
+        let slow =
+            reference::query_ranks(&model.entities, &model.relations, norm, queries, &filter);
         let (ow, oc) = (w.elapsed().as_secs_f64(), cpu_seconds() - c);
         let (w, c) = (Instant::now(), cpu_seconds());
         let fast = query_ranks(&model.entities, &model.relations, norm, queries, &filter);
@@ -84,8 +83,16 @@ fn main() {
         new_cpu.push(rankings / nc.max(0.01));
         ratio.push((rankings / nc.max(0.01)) / (rankings / oc.max(0.01)));
     }
-    println!("reference: {} rankings/wall-s, {} rankings/CPU-s", summary(&mut old_wall), summary(&mut old_cpu));
-    println!("batched:   {} rankings/wall-s, {} rankings/CPU-s", summary(&mut new_wall), summary(&mut new_cpu));
+    println!(
+        "reference: {} rankings/wall-s, {} rankings/CPU-s",
+        summary(&mut old_wall),
+        summary(&mut old_cpu)
+    );
+    println!(
+        "batched:   {} rankings/wall-s, {} rankings/CPU-s",
+        summary(&mut new_wall),
+        summary(&mut new_cpu)
+    );
     ratio.sort_by(f64::total_cmp);
     println!(
         "speed-up per CPU-second (paired runs): median {:.1}x (min {:.1}x, max {:.1}x); ranks identical",

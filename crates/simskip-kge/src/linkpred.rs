@@ -173,8 +173,8 @@ const QUERY_BLOCK: usize = 64;
 /// query of the block is scored against it.
 const ENTITY_TILE: usize = 256;
 
-/// One ranking: the query vector's row in the block's query buffer, the true answer and the
-/// known answers to filter.
+/// One ranking of a block (its query vector is the same-numbered row of the block's query
+/// buffer): the true answer and the known answers to filter.
 struct Ranking<'a> {
     answer: u32,
     known: &'a [u32],
@@ -241,7 +241,13 @@ fn rank_block(entities: &Matrix, norm: Norm, qv: &[f32], rankings: &[Ranking<'_>
     let d_true: Vec<f32> = rankings
         .iter()
         .enumerate()
-        .map(|(i, r)| dist(norm, &qv[i * d..(i + 1) * d], entities.row(r.answer as usize)))
+        .map(|(i, r)| {
+            dist(
+                norm,
+                &qv[i * d..(i + 1) * d],
+                entities.row(r.answer as usize),
+            )
+        })
         .collect();
     let mut better = vec![0usize; nq];
     let mut ties = vec![0usize; nq];
@@ -399,8 +405,14 @@ mod kernel {
                         Norm::L2 => distances::<false>(d, q, &tile[e * d..(e + 2) * d]),
                     };
                     // a true comparison is all ones, i.e. -1 as an integer
-                    nb = _mm256_sub_epi32(nb, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(dv, t)));
-                    nt = _mm256_sub_epi32(nt, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(dv, t)));
+                    nb = _mm256_sub_epi32(
+                        nb,
+                        _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(dv, t)),
+                    );
+                    nt = _mm256_sub_epi32(
+                        nt,
+                        _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(dv, t)),
+                    );
                 }
                 let mut b = [0i32; 8];
                 let mut c = [0i32; 8];
