@@ -8,7 +8,12 @@
 //!   the third;
 //! * [`f1`]: accuracy and macro-F1;
 //! * [`signal`]: mean reciprocal rank of held-out graph neighbours (no labels needed);
-//! * [`report`]: the figures of one table and their aligned rendering.
+//! * [`report`]: the figures of one table and their aligned rendering;
+//! * [`reference`]: the straightforward implementations the fast ones replaced, kept as test
+//!   oracles and benchmark baselines.
+//!
+//! Similarities are blocked `gemm` products and the probe trains on full-matrix `gemm` steps;
+//! both use rayon's threads (`RAYON_NUM_THREADS`).
 //!
 //! Link prediction lives in `simskip-kge` and is not wired in here yet; [`report::TaskFigures`]
 //! carries its columns so the lead can fill them in.
@@ -16,7 +21,9 @@
 pub mod error;
 pub mod f1;
 pub mod knn;
+mod matmul;
 pub mod probe;
+pub mod reference;
 pub mod report;
 pub mod signal;
 pub mod split;

@@ -3,9 +3,11 @@
 //! prediction with relation vectors refit on the frozen table.
 
 use anyhow::Result;
-use simskip_data::{KgDataset, Matrix};
-use simskip_eval::{knn_precision_at_k, label_split, probe, LabelSplit, TaskFigures};
-use simskip_kge::{refit_relations, FilterIndex, Norm};
+use simskip_data::{KgDataset, Matrix, Triple};
+use simskip_eval::{
+    knn_precision_at_k, label_split, probe, LabelSplit, ProbeConfig, ProbeResult, TaskFigures,
+};
+use simskip_kge::{refit_relations, FilterIndex, LinkPredictionMetrics, Norm};
 
 use crate::settings::EvalSettings;
 
@@ -46,16 +48,52 @@ impl<'a> EvalContext<'a> {
 
 /// All enabled tasks on `x` (rows aligned with `ctx.ds.entities`), on held-out test data.
 pub fn evaluate_table(ctx: &EvalContext<'_>, x: &Matrix) -> Result<TaskFigures> {
+    evaluate_with(ctx, x, &Tasks::FAST)
+}
+
+/// [`evaluate_table`] with the straightforward implementations (`simskip_eval::reference`,
+/// `simskip_kge::linkpred::reference`): the baseline of the `eval_speed` benchmark and the
+/// oracle of the tests. Same figures up to float rounding and the probe's seed noise.
+pub fn evaluate_table_reference(ctx: &EvalContext<'_>, x: &Matrix) -> Result<TaskFigures> {
+    evaluate_with(ctx, x, &Tasks::REFERENCE)
+}
+
+type Knn = fn(&Matrix, &[Option<u32>], &[u32], usize) -> f64;
+type Probe = fn(
+    &Matrix,
+    &[Option<u32>],
+    usize,
+    &LabelSplit,
+    &ProbeConfig,
+) -> simskip_eval::Result<ProbeResult>;
+type LinkPrediction = fn(&Matrix, &Matrix, Norm, &[Triple], &FilterIndex) -> LinkPredictionMetrics;
+
+/// One implementation of each task.
+struct Tasks {
+    knn: Knn,
+    probe: Probe,
+    link_prediction: LinkPrediction,
+}
+
+impl Tasks {
+    const FAST: Tasks = Tasks {
+        knn: knn_precision_at_k,
+        probe,
+        link_prediction: simskip_kge::evaluate,
+    };
+    const REFERENCE: Tasks = Tasks {
+        knn: simskip_eval::reference::knn_precision_at_k,
+        probe: simskip_eval::reference::probe,
+        link_prediction: simskip_kge::linkpred::reference::evaluate,
+    };
+}
+
+fn evaluate_with(ctx: &EvalContext<'_>, x: &Matrix, tasks: &Tasks) -> Result<TaskFigures> {
     let mut figures = TaskFigures::default();
     if let (Some(labels), Some(split)) = (ctx.ds.labels.as_ref(), ctx.split.as_ref()) {
-        figures.knn_at_10 = Some(knn_precision_at_k(
-            x,
-            &labels.of,
-            &split.test,
-            ctx.settings.knn_k,
-        ));
+        figures.knn_at_10 = Some((tasks.knn)(x, &labels.of, &split.test, ctx.settings.knn_k));
         if ctx.settings.run_probe {
-            let result = probe(
+            let result = (tasks.probe)(
                 x,
                 &labels.of,
                 labels.classes.len(),
@@ -68,7 +106,7 @@ pub fn evaluate_table(ctx: &EvalContext<'_>, x: &Matrix) -> Result<TaskFigures> 
     }
     if ctx.settings.run_link_prediction && !ctx.ds.test.is_empty() {
         let relations = refit_relations(x, &ctx.ds.train, ctx.ds.num_relations(), ctx.norm);
-        let lp = simskip_kge::evaluate(x, &relations, ctx.norm, &ctx.ds.test, &ctx.filter);
+        let lp = (tasks.link_prediction)(x, &relations, ctx.norm, &ctx.ds.test, &ctx.filter);
         figures.lp_mrr = Some(lp.mrr);
         figures.lp_hits_at_10 = Some(lp.hits_at_10);
     }
