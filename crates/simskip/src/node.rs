@@ -187,7 +187,7 @@ pub fn strategies(file: &ServerFile) -> Result<Vec<Box<dyn Strategy>>> {
                         seed: file.model.seed,
                         ..file.simskip.clone()
                     };
-                    let initial = SimSkipTrainer::new(file.model.dim, cfg)?.model().export()?;
+                    let initial = SimSkipTrainer::new(file.model.dim, cfg)?.export();
                     Box::new(FedAvgStrategy::new(initial))
                 }
             })

@@ -139,7 +139,7 @@ impl FederatedWork {
         }
         let trainer = self.simskip.as_mut().expect("created above");
         if !global.is_empty() {
-            trainer.model_mut().import(global)?;
+            trainer.import(global)?;
         }
         Ok(())
     }
@@ -204,7 +204,7 @@ impl ClientWork for FederatedWork {
                     samples = stats.samples;
                 }
                 Ok(FitOutput {
-                    arrays: trainer.model().export()?,
+                    arrays: trainer.export(),
                     num_examples: samples.max(1) as u64,
                     metrics: BTreeMap::from([("loss".to_owned(), loss as f64)]),
                 })
@@ -245,12 +245,7 @@ impl ClientWork for FederatedWork {
             StageKind::FedAvg => {
                 self.install_model(&global, config)?;
                 let x = self.stage2_input()?;
-                let refined = self
-                    .simskip
-                    .as_ref()
-                    .expect("installed")
-                    .model()
-                    .refine(x)?;
+                let refined = self.simskip.as_ref().expect("installed").refine(x)?;
                 let ctx = self.eval_context();
                 let mut metrics = BTreeMap::new();
                 flatten("input", &evaluate_table(&ctx, x)?, &mut metrics);
@@ -290,12 +285,7 @@ impl ClientWork for FederatedWork {
             StageKind::FedAvg => {
                 self.install_model(&global, config)?;
                 let x = self.stage2_input()?.clone();
-                let refined = self
-                    .simskip
-                    .as_ref()
-                    .expect("installed")
-                    .model()
-                    .refine(&x)?;
+                let refined = self.simskip.as_ref().expect("installed").refine(&x)?;
                 // The federated model is shared; whether it helps this organisation's table is
                 // decided here, on this client's own held-out data.
                 let ctx = self.eval_context();
