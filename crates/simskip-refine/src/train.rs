@@ -133,9 +133,9 @@ pub struct EpochStats {
     pub samples: usize,
 }
 
-/// The implementation that owns the weights and steps them.
+/// The implementation that owns the weights and steps them (boxed: both are large).
 enum Engine {
-    Fast(FastTrainer),
+    Fast(Box<FastTrainer>),
     Candle(Box<CandleTrainer>),
 }
 
@@ -232,14 +232,14 @@ impl SimSkipTrainer {
                     eps: params.eps,
                     weight_decay: params.weight_decay,
                 };
-                Engine::Fast(FastTrainer::new(
+                Engine::Fast(Box::new(FastTrainer::new(
                     weights,
                     cfg.skip,
                     cfg.dropout,
                     cfg.temperature,
                     adam,
                     threads,
-                ))
+                )))
             }
         };
         Ok(Self {
