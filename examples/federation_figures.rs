@@ -466,7 +466,7 @@ struct Overhead {
 
 fn figure_2(args: &Args) -> Result<Value> {
     let trainer = SimSkipTrainer::new(DIM, SimSkipConfig::default())?;
-    let global = trainer.model().export()?;
+    let global = trainer.export();
     let floats: usize = global.iter().map(|a| a.data.len()).sum();
     let (_, chunks) = encode_arrays(&global, DEFAULT_CHUNK_BYTES, "run", 1);
     println!("== Figure 2: coordinator overhead per SimSkip round (excluding client training)");

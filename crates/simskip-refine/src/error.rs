@@ -6,18 +6,33 @@ pub enum RefineError {
     /// An error from the candle tensor library.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
-    /// A weight array the model needs is absent from the imported set.
-    #[error("import: missing array `{0}`")]
-    MissingArray(String),
-    /// An imported array's shape (or data length) differs from the model's.
+    /// A weight array of the parameter table is absent from the imported set.
+    #[error("weights: missing array `{name}`")]
+    MissingArray { name: String },
+    /// An imported array's name is not in the parameter table (a wrong name or an extra array).
+    #[error("weights: unexpected array `{name}`: not a SimSkip parameter")]
+    UnexpectedArray { name: String },
+    /// An imported set names the same array more than once.
+    #[error("weights: array `{name}` appears more than once")]
+    DuplicateArray { name: String },
+    /// An imported array's shape (or data length) differs from the table's for this dimension
+    /// (for instance weights of a model of another dimension).
     #[error(
-        "import: array `{name}` has shape {found:?} (data length {len}), expected {expected:?}"
+        "weights: array `{name}` has shape {found:?} (data length {len}), expected {expected:?} for dimension {dim}"
     )]
     ShapeMismatch {
         name: String,
+        dim: usize,
         expected: Vec<usize>,
         found: Vec<usize>,
         len: usize,
+    },
+    /// An imported array holds a NaN or an infinity.
+    #[error("weights: array `{name}` has the non-finite value {value} at index {index}")]
+    NonFinite {
+        name: String,
+        index: usize,
+        value: f32,
     },
     /// The input table's width differs from the model's dimension.
     #[error("input has {found} columns, the model expects {expected}")]

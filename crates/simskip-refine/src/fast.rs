@@ -1,4 +1,4 @@
-//! A hand-fused CPU training step for [`SimSkipModel`](crate::model::SimSkipModel).
+//! A hand-fused CPU training step for the SimSkip network.
 //!
 //! [`FastTrainer`] computes exactly what the candle path of
 //! [`SimSkipTrainer::train_step`](crate::train::SimSkipTrainer::train_step) computes — the
@@ -15,12 +15,10 @@
 //!   more gemm for `∂L/∂ẑ = (G + Gᵀ) ẑ`;
 //! * all buffers are allocated once (grown to the largest batch seen) and reused.
 //!
-//! The parameters, AdamW moments and BatchNorm running statistics are the trainer's own `f32`
-//! copies; [`FastTrainer::load_from`] and [`FastTrainer::store_into`] move them from and to the
-//! candle model's variables (moments stay with the fast trainer, as candle's `AdamW` keeps its
-//! own).
+//! The trainer owns the [`Weights`] and updates them in place; its gradients and AdamW moments
+//! are flat buffers with the layout of the weights' trained-parameter buffer, so the update is
+//! one loop over all parameters.
 
-use candle_core::Tensor;
 use gemm::Parallelism;
 use rand::rngs::StdRng;
 use rayon::prelude::*;
@@ -28,50 +26,8 @@ use rayon::prelude::*;
 use crate::augment::mask_in_place;
 use crate::error::{RefineError, Result};
 use crate::loss::{nt_xent_row, symmetrise};
-use crate::model::{SimSkipModel, BN_EPS, BN_MOMENTUM};
-
-// Trainable parameters, by index.
-const W1: usize = 0;
-const B1: usize = 1;
-const G1: usize = 2;
-const BE1: usize = 3;
-const W2: usize = 4;
-const B2: usize = 5;
-const G2: usize = 6;
-const BE2: usize = 7;
-const WO: usize = 8;
-const BO: usize = 9;
-const WP0: usize = 10;
-const BP0: usize = 11;
-const WP2: usize = 12;
-const BP2: usize = 13;
-const NP: usize = 14;
-
-/// Names of the trainable parameters, in index order.
-const NAMES: [&str; NP] = [
-    "encoder.layer1.linear.weight",
-    "encoder.layer1.linear.bias",
-    "encoder.layer1.bn.weight",
-    "encoder.layer1.bn.bias",
-    "encoder.layer2.linear.weight",
-    "encoder.layer2.linear.bias",
-    "encoder.layer2.bn.weight",
-    "encoder.layer2.bn.bias",
-    "encoder.out.weight",
-    "encoder.out.bias",
-    "projector.0.weight",
-    "projector.0.bias",
-    "projector.2.weight",
-    "projector.2.bias",
-];
-
-// BatchNorm running statistics, in this order.
-const RUNNING: [&str; 4] = [
-    "encoder.layer1.bn.running_mean",
-    "encoder.layer1.bn.running_var",
-    "encoder.layer2.bn.running_mean",
-    "encoder.layer2.bn.running_var",
-];
+use crate::model::{BN_EPS, BN_MOMENTUM};
+use crate::weights::{two_mut, Param, Weights, PARAMS};
 
 /// AdamW hyper-parameters (candle's `ParamsAdamW` semantics).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -156,9 +112,10 @@ impl Workspace {
     }
 }
 
-/// The fused trainer: `f32` copies of the parameters, their gradients and AdamW moments, the
-/// BatchNorm running statistics, and the scratch buffers.
+/// The fused trainer: the weights it trains, their gradients and AdamW moments (laid out as
+/// [`Weights::trainable`]), and the scratch buffers.
 pub struct FastTrainer {
+    weights: Weights,
     dim: usize,
     hidden: usize,
     skip: bool,
@@ -167,11 +124,9 @@ pub struct FastTrainer {
     adam: AdamWParams,
     step_t: usize,
     threads: usize,
-    params: Vec<Vec<f32>>,
-    grads: Vec<Vec<f32>>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    running: Vec<Vec<f32>>,
+    grads: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
     ws: Workspace,
 }
 
@@ -468,74 +423,52 @@ fn bn_relu_dropout_bwd(
 }
 
 impl FastTrainer {
-    /// A fast trainer with the parameters and running statistics of `model`, zero AdamW moments.
-    /// `threads`: 1 runs everything on the calling thread, more uses gemm's and rayon's
-    /// parallelism (on rayon's global pool).
+    /// A fast trainer of `weights`, zero AdamW moments. `threads`: 1 runs everything on the
+    /// calling thread, more uses gemm's and rayon's parallelism (on rayon's global pool).
     pub fn new(
-        model: &SimSkipModel,
+        weights: Weights,
+        skip: bool,
+        dropout: f32,
         temperature: f32,
         adam: AdamWParams,
         threads: usize,
-    ) -> Result<Self> {
-        let (d, h) = (model.dim(), model.hidden());
-        let sizes = [h * d, h, h, h, d * h, d, d, d, d * d, d, d * d, d, d * d, d];
-        let zeros = || sizes.iter().map(|&s| vec![0f32; s]).collect::<Vec<_>>();
-        let mut t = Self {
-            dim: d,
-            hidden: h,
-            skip: model.skip(),
-            dropout: model.dropout(),
+    ) -> Self {
+        let n = weights.num_trainable();
+        Self {
+            dim: weights.dim(),
+            hidden: weights.hidden(),
+            weights,
+            skip,
+            dropout,
             inv_tau: 1.0 / temperature,
             adam,
             step_t: 0,
             threads: threads.max(1),
-            params: zeros(),
-            grads: zeros(),
-            m: zeros(),
-            v: zeros(),
-            running: vec![vec![0f32; h], vec![0f32; h], vec![0f32; d], vec![0f32; d]],
+            grads: vec![0.0; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
             ws: Workspace::default(),
-        };
-        t.load_from(model)?;
-        Ok(t)
+        }
     }
 
-    /// Copy the parameters and running statistics from `model` (AdamW moments are kept).
-    pub fn load_from(&mut self, model: &SimSkipModel) -> Result<()> {
-        let data = model.varmap().data().lock().unwrap();
-        let dsts = self.params.iter_mut().zip(NAMES.iter());
-        let dsts = dsts.chain(self.running.iter_mut().zip(RUNNING.iter()));
-        for (dst, name) in dsts {
-            let var = data
-                .get(*name)
-                .ok_or_else(|| RefineError::MissingArray(name.to_string()))?;
-            let vals = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            if vals.len() != dst.len() {
-                return Err(RefineError::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: vec![dst.len()],
-                    found: var.dims().to_vec(),
-                    len: vals.len(),
-                });
-            }
-            dst.copy_from_slice(&vals);
-        }
-        Ok(())
+    pub fn weights(&self) -> &Weights {
+        &self.weights
     }
 
-    /// Write the parameters and running statistics into `model`'s variables (through
-    /// `Var::set`, so a shared reference is enough).
-    pub fn store_into(&self, model: &SimSkipModel) -> Result<()> {
-        let data = model.varmap().data().lock().unwrap();
-        let srcs = self.params.iter().zip(NAMES.iter());
-        let srcs = srcs.chain(self.running.iter().zip(RUNNING.iter()));
-        for (src, name) in srcs {
-            let var = data
-                .get(*name)
-                .ok_or_else(|| RefineError::MissingArray(name.to_string()))?;
-            let t = Tensor::from_slice(src, var.dims(), model.device())?;
-            var.set(&t)?;
+    /// The weights, to change in place (finite-difference checks perturb single values).
+    pub fn weights_mut(&mut self) -> &mut Weights {
+        &mut self.weights
+    }
+
+    /// Replace the weights (of the same dimension); the AdamW moments are kept.
+    pub fn set_weights(&mut self, weights: Weights) -> Result<()> {
+        if weights.dim() != self.dim {
+            return Err(RefineError::DimMismatch {
+                expected: self.dim,
+                found: weights.dim(),
+            });
         }
+        self.weights = weights;
         Ok(())
     }
 
@@ -596,7 +529,10 @@ impl FastTrainer {
         self.ws.ensure(n, d, h);
         let par = self.par();
         let threads = self.threads;
-        let p = &self.params;
+        let layout = *self.weights.layout();
+        let (params, stats) = self.weights.buffers_mut();
+        let params: &[f32] = params;
+        let p = move |k: Param| &params[layout.range(k)];
         let g = &mut self.grads;
         let ws = &mut self.ws;
         let (mask1, mask2) = if self.dropout > 0.0 {
@@ -606,50 +542,102 @@ impl FastTrainer {
         };
 
         // ---- forward ----
-        linear_fwd(par, n, d, h, x, &p[W1], &p[B1], &mut ws.xh1);
-        let (rm1, rest) = self.running.split_at_mut(1);
-        let (rv1, rest) = rest.split_at_mut(1);
-        let (rm2, rv2) = rest.split_at_mut(1);
+        linear_fwd(
+            par,
+            n,
+            d,
+            h,
+            x,
+            p(Param::Linear1Weight),
+            p(Param::Linear1Bias),
+            &mut ws.xh1,
+        );
+        let (rm1, rv1) = two_mut(
+            stats,
+            layout.range(Param::Bn1RunningMean),
+            layout.range(Param::Bn1RunningVar),
+        );
         bn_relu_dropout_fwd(
             n,
             h,
             &mut ws.xh1,
             &mut ws.y1,
             &mut ws.h1,
-            &p[G1],
-            &p[BE1],
+            p(Param::Bn1Weight),
+            p(Param::Bn1Bias),
             mask1,
             &mut ws.mean1,
             &mut ws.inv1,
-            &mut rm1[0],
-            &mut rv1[0],
+            rm1,
+            rv1,
         );
-        linear_fwd(par, n, h, d, &ws.h1, &p[W2], &p[B2], &mut ws.xh2);
+        linear_fwd(
+            par,
+            n,
+            h,
+            d,
+            &ws.h1,
+            p(Param::Linear2Weight),
+            p(Param::Linear2Bias),
+            &mut ws.xh2,
+        );
+        let (rm2, rv2) = two_mut(
+            stats,
+            layout.range(Param::Bn2RunningMean),
+            layout.range(Param::Bn2RunningVar),
+        );
         bn_relu_dropout_fwd(
             n,
             d,
             &mut ws.xh2,
             &mut ws.y2,
             &mut ws.h2,
-            &p[G2],
-            &p[BE2],
+            p(Param::Bn2Weight),
+            p(Param::Bn2Bias),
             mask2,
             &mut ws.mean2,
             &mut ws.inv2,
-            &mut rm2[0],
-            &mut rv2[0],
+            rm2,
+            rv2,
         );
-        linear_fwd(par, n, d, d, &ws.h2, &p[WO], &p[BO], &mut ws.f);
+        linear_fwd(
+            par,
+            n,
+            d,
+            d,
+            &ws.h2,
+            p(Param::OutWeight),
+            p(Param::OutBias),
+            &mut ws.f,
+        );
         if self.skip {
             for (fv, &xv) in ws.f[..n * d].iter_mut().zip(x) {
                 *fv += xv;
             }
         }
-        linear_fwd(par, n, d, d, &ws.f, &p[WP0], &p[BP0], &mut ws.q);
+        linear_fwd(
+            par,
+            n,
+            d,
+            d,
+            &ws.f,
+            p(Param::Projector0Weight),
+            p(Param::Projector0Bias),
+            &mut ws.q,
+        );
         for (uv, &qv) in ws.u[..n * d].iter_mut().zip(&ws.q[..n * d]) {
             *uv = qv.max(0.0);
         }
-        linear_fwd(par, n, d, d, &ws.u, &p[WP2], &p[BP2], &mut ws.z);
+        linear_fwd(
+            par,
+            n,
+            d,
+            d,
+            &ws.u,
+            p(Param::Projector2Weight),
+            p(Param::Projector2Bias),
+            &mut ws.z,
+        );
 
         // ---- NT-Xent ----
         for ((zr, znr), nv) in ws.z[..n * d]
@@ -701,58 +689,80 @@ impl FastTrainer {
         }
 
         // ---- backward ----
-        let (gl, gr) = g.split_at_mut(WP2);
-        let (gwp2, gbp2) = gr.split_at_mut(1);
-        linear_grad_params(par, n, d, d, &ws.u, &ws.dz, &mut gwp2[0], &mut gbp2[0]);
-        linear_grad_input(par, n, d, d, &ws.dz, &p[WP2], &mut ws.dq);
+        let (gw, gb) = two_mut(
+            g,
+            layout.range(Param::Projector2Weight),
+            layout.range(Param::Projector2Bias),
+        );
+        linear_grad_params(par, n, d, d, &ws.u, &ws.dz, gw, gb);
+        linear_grad_input(par, n, d, d, &ws.dz, p(Param::Projector2Weight), &mut ws.dq);
         for (dv, &qv) in ws.dq[..n * d].iter_mut().zip(&ws.q[..n * d]) {
             if qv < 0.0 {
                 *dv = 0.0;
             }
         }
-        let (gl, gr) = gl.split_at_mut(WP0);
-        let (gwp0, gbp0) = gr.split_at_mut(1);
-        linear_grad_params(par, n, d, d, &ws.f, &ws.dq, &mut gwp0[0], &mut gbp0[0]);
-        linear_grad_input(par, n, d, d, &ws.dq, &p[WP0], &mut ws.df);
+        let (gw, gb) = two_mut(
+            g,
+            layout.range(Param::Projector0Weight),
+            layout.range(Param::Projector0Bias),
+        );
+        linear_grad_params(par, n, d, d, &ws.f, &ws.dq, gw, gb);
+        linear_grad_input(par, n, d, d, &ws.dq, p(Param::Projector0Weight), &mut ws.df);
         // ∂L/∂g = ∂L/∂f (with or without the skip).
-        let (gl, gr) = gl.split_at_mut(WO);
-        let (gwo, gbo) = gr.split_at_mut(1);
-        linear_grad_params(par, n, d, d, &ws.h2, &ws.df, &mut gwo[0], &mut gbo[0]);
-        linear_grad_input(par, n, d, d, &ws.df, &p[WO], &mut ws.dh2);
-        let (gl, gr) = gl.split_at_mut(G2);
-        let (gg2, gbe2) = gr.split_at_mut(1);
+        let (gw, gb) = two_mut(
+            g,
+            layout.range(Param::OutWeight),
+            layout.range(Param::OutBias),
+        );
+        linear_grad_params(par, n, d, d, &ws.h2, &ws.df, gw, gb);
+        linear_grad_input(par, n, d, d, &ws.df, p(Param::OutWeight), &mut ws.dh2);
+        let (gg, gbe) = two_mut(
+            g,
+            layout.range(Param::Bn2Weight),
+            layout.range(Param::Bn2Bias),
+        );
         bn_relu_dropout_bwd(
             n,
             d,
             &mut ws.dh2,
             &ws.xh2,
             &ws.y2,
-            &p[G2],
+            p(Param::Bn2Weight),
             &ws.inv2,
             mask2,
-            &mut gg2[0],
-            &mut gbe2[0],
+            gg,
+            gbe,
         );
-        let (gl, gr) = gl.split_at_mut(W2);
-        let (gw2, gb2) = gr.split_at_mut(1);
-        linear_grad_params(par, n, h, d, &ws.h1, &ws.dh2, &mut gw2[0], &mut gb2[0]);
-        linear_grad_input(par, n, h, d, &ws.dh2, &p[W2], &mut ws.dh1);
-        let (gl, gr) = gl.split_at_mut(G1);
-        let (gg1, gbe1) = gr.split_at_mut(1);
+        let (gw, gb) = two_mut(
+            g,
+            layout.range(Param::Linear2Weight),
+            layout.range(Param::Linear2Bias),
+        );
+        linear_grad_params(par, n, h, d, &ws.h1, &ws.dh2, gw, gb);
+        linear_grad_input(par, n, h, d, &ws.dh2, p(Param::Linear2Weight), &mut ws.dh1);
+        let (gg, gbe) = two_mut(
+            g,
+            layout.range(Param::Bn1Weight),
+            layout.range(Param::Bn1Bias),
+        );
         bn_relu_dropout_bwd(
             n,
             h,
             &mut ws.dh1,
             &ws.xh1,
             &ws.y1,
-            &p[G1],
+            p(Param::Bn1Weight),
             &ws.inv1,
             mask1,
-            &mut gg1[0],
-            &mut gbe1[0],
+            gg,
+            gbe,
         );
-        let (gw1, gb1) = gl.split_at_mut(1);
-        linear_grad_params(par, n, d, h, x, &ws.dh1, &mut gw1[0], &mut gb1[0]);
+        let (gw, gb) = two_mut(
+            g,
+            layout.range(Param::Linear1Weight),
+            layout.range(Param::Linear1Bias),
+        );
+        linear_grad_params(par, n, d, h, x, &ws.dh1, gw, gb);
         loss
     }
 
@@ -771,41 +781,49 @@ impl FastTrainer {
         let decay = (1.0 - a.lr * a.weight_decay) as f32;
         let lr = a.lr as f32;
         let eps = a.eps as f32;
-        for k in 0..NP {
-            let it = self.params[k]
-                .iter_mut()
-                .zip(&self.grads[k])
-                .zip(self.m[k].iter_mut().zip(self.v[k].iter_mut()));
-            for ((th, &gv), (mv, vv)) in it {
-                let nm = *mv * b1 + gv * c1;
-                let nv = *vv * b2 + (gv * gv) * c2;
-                let mh = nm * scale_m;
-                let vh = nv * scale_v;
-                *th = *th * decay - (mh / (vh.sqrt() + eps)) * lr;
-                *mv = nm;
-                *vv = nv;
-            }
+        let it = self
+            .weights
+            .buffers_mut()
+            .0
+            .iter_mut()
+            .zip(&self.grads)
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()));
+        for ((th, &gv), (mv, vv)) in it {
+            let nm = *mv * b1 + gv * c1;
+            let nv = *vv * b2 + (gv * gv) * c2;
+            let mh = nm * scale_m;
+            let vh = nv * scale_v;
+            *th = *th * decay - (mh / (vh.sqrt() + eps)) * lr;
+            *mv = nm;
+            *vv = nv;
         }
     }
 
-    /// Gradients of the last [`Self::forward_backward`], by parameter name.
-    pub fn grads(&self) -> impl Iterator<Item = (&'static str, &[f32])> {
-        NAMES
+    /// Gradients of the last [`Self::forward_backward`], for each trained array in table order.
+    pub fn grads(&self) -> impl Iterator<Item = (Param, &[f32])> {
+        let layout = self.weights.layout();
+        PARAMS
             .iter()
-            .copied()
-            .zip(self.grads.iter().map(|g| g.as_slice()))
-    }
-
-    /// Mutable parameters, by name (for tests: finite differences).
-    pub fn params_mut(&mut self) -> impl Iterator<Item = (&'static str, &mut Vec<f32>)> {
-        NAMES.iter().copied().zip(self.params.iter_mut())
+            .filter(|s| s.kind.is_trainable())
+            .map(move |s| (s.param, &self.grads[layout.range(s.param)]))
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::SimSkipConfig;
     use rand::{Rng, SeedableRng};
+
+    /// A fast trainer of freshly initialised weights (no zero init, so every layer gets a
+    /// gradient), one thread.
+    fn trainer(dim: usize, skip: bool, dropout: f32, rng: &mut StdRng) -> FastTrainer {
+        let cfg = SimSkipConfig {
+            zero_init_residual: false,
+            ..SimSkipConfig::default()
+        };
+        let w = Weights::init(dim, &cfg, rng).unwrap();
+        FastTrainer::new(w, skip, dropout, 0.5, adam(), 1)
+    }
 
     fn adam() -> AdamWParams {
         AdamWParams {
@@ -823,30 +841,30 @@ mod tests {
     fn gradient_matches_finite_differences() {
         for skip in [true, false] {
             let mut rng = StdRng::seed_from_u64(11);
-            // No zero init, so every layer gets a gradient.
-            let model = SimSkipModel::new(8, skip, false, 0.25, &mut rng).unwrap();
-            let mut t = FastTrainer::new(&model, 0.5, adam(), 1).unwrap();
+            let mut t = trainer(8, skip, 0.25, &mut rng);
             let n = 8;
             let x: Vec<f32> = (0..n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
             t.draw_masks(n, &mut rng);
             let _ = t.forward_backward(&x);
-            let analytic: Vec<(&str, Vec<f32>)> = t.grads().map(|(n, g)| (n, g.to_vec())).collect();
+            let analytic: Vec<(Param, Vec<f32>)> =
+                t.grads().map(|(p, g)| (p, g.to_vec())).collect();
             let mut checked = 0;
             let mut max_err = 0f32;
             let mut retried = 0;
-            for (pi, (name, grad)) in analytic.iter().enumerate() {
+            for &(param, ref grad) in &analytic {
+                let name = param.name();
                 for (k, &ga) in grad.iter().enumerate() {
                     // A step may cross a ReLU kink (common in this tiny model, especially
                     // without the skip); then a smaller step must agree. A wrong gradient does
                     // not converge as the step shrinks.
                     let mut errs = Vec::new();
                     for eps in [1e-3f32, 5e-4, 2.5e-4, 1.25e-4] {
-                        let orig = t.params[pi][k];
-                        t.params[pi][k] = orig + eps;
+                        let orig = t.weights().get(param)[k];
+                        t.weights_mut().get_mut(param)[k] = orig + eps;
                         let lp = t.forward_backward(&x);
-                        t.params[pi][k] = orig - eps;
+                        t.weights_mut().get_mut(param)[k] = orig - eps;
                         let lm = t.forward_backward(&x);
-                        t.params[pi][k] = orig;
+                        t.weights_mut().get_mut(param)[k] = orig;
                         let fd = (lp - lm) / (2.0 * eps);
                         errs.push((fd, (fd - ga).abs()));
                         if (fd - ga).abs() < 2e-3 + 2e-2 * ga.abs() {
@@ -888,17 +906,17 @@ mod tests {
     #[test]
     fn finite_difference_check_detects_a_wrong_gradient() {
         let mut rng = StdRng::seed_from_u64(12);
-        let model = SimSkipModel::new(8, true, false, 0.0, &mut rng).unwrap();
-        let mut t = FastTrainer::new(&model, 0.5, adam(), 1).unwrap();
+        let mut t = trainer(8, true, 0.0, &mut rng);
         let x: Vec<f32> = (0..64).map(|_| rng.random_range(-1.0..1.0)).collect();
         let _ = t.forward_backward(&x);
         // A gradient off by a factor of 2 (projector.2.bias, a sizeable entry) fails the check.
-        let ga = t.grads[BP2][0] * 2.0;
+        let bias = Param::Projector2Bias;
+        let ga = t.grads().find(|(p, _)| *p == bias).unwrap().1[0] * 2.0;
         let eps = 2e-3f32;
-        let orig = t.params[BP2][0];
-        t.params[BP2][0] = orig + eps;
+        let orig = t.weights().get(bias)[0];
+        t.weights_mut().get_mut(bias)[0] = orig + eps;
         let lp = t.forward_backward(&x);
-        t.params[BP2][0] = orig - eps;
+        t.weights_mut().get_mut(bias)[0] = orig - eps;
         let lm = t.forward_backward(&x);
         let fd = (lp - lm) / (2.0 * eps);
         assert!(fd.abs() > 1e-2, "{fd}");

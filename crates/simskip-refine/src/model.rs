@@ -1,4 +1,4 @@
-//! The SimSkip network (paper §3.2, Fig. 3).
+//! The SimSkip network in candle (paper §3.2, Fig. 3).
 //!
 //! Encoder `g`:
 //! * layer 1: `Linear(d, d/2) → BatchNorm1d → ReLU → Dropout(p)`
@@ -9,22 +9,19 @@
 //! (the paper's "SimSkip⁻" ablation). The projector `p = Linear(d, d) → ReLU → Linear(d, d)` is
 //! only used for the contrastive loss, on `z = p(f(x))`.
 //!
-//! With `zero_init_residual` the encoder's output linear starts at zero weight and bias, so a
-//! skip model is exactly the identity before training. Other linears use PyTorch's default
-//! initialisation (uniform in `±1/sqrt(fan_in)` for weight and bias), drawn from the caller's
-//! seeded `StdRng`; BatchNorm starts at weight 1, bias 0, running mean 0, running variance 1.
-//!
-//! Weights travel as [`NamedArray`]s (see [`SimSkipModel::export`]), BatchNorm running
-//! statistics included, so a federated coordinator can average them.
+//! A [`SimSkipModel`] is built from [`Weights`], which own the values (their layout, names and
+//! initialisation live in [`crate::weights`]); the model's candle variables are a copy, made for
+//! evaluation ([`SimSkipModel::refine`]) and for the candle training backend, which writes them
+//! back with [`SimSkipModel::write_into`].
 
 use candle_core::{Device, Tensor, Var};
-use candle_nn::{BatchNorm, Linear, ModuleT, VarMap};
+use candle_nn::{BatchNorm, Linear, ModuleT};
 use rand::rngs::StdRng;
-use rand::Rng;
-use simskip_data::{Matrix, NamedArray};
+use simskip_data::Matrix;
 
 use crate::augment::dropout_mask;
 use crate::error::{RefineError, Result};
+use crate::weights::{Param, Weights, PARAMS};
 
 /// Rows per chunk in [`SimSkipModel::refine`].
 pub const REFINE_CHUNK: usize = 4096;
@@ -33,41 +30,15 @@ pub const REFINE_CHUNK: usize = 4096;
 pub const BN_EPS: f64 = 1e-5;
 pub const BN_MOMENTUM: f64 = 0.1;
 
-/// Names of the arrays of a model, sorted (the order of [`SimSkipModel::export`]).
-pub const PARAM_NAMES: [&str; 18] = [
-    "encoder.layer1.bn.bias",
-    "encoder.layer1.bn.running_mean",
-    "encoder.layer1.bn.running_var",
-    "encoder.layer1.bn.weight",
-    "encoder.layer1.linear.bias",
-    "encoder.layer1.linear.weight",
-    "encoder.layer2.bn.bias",
-    "encoder.layer2.bn.running_mean",
-    "encoder.layer2.bn.running_var",
-    "encoder.layer2.bn.weight",
-    "encoder.layer2.linear.bias",
-    "encoder.layer2.linear.weight",
-    "encoder.out.bias",
-    "encoder.out.weight",
-    "projector.0.bias",
-    "projector.0.weight",
-    "projector.2.bias",
-    "projector.2.weight",
-];
-
-/// True for arrays that are statistics, not trained by the optimiser.
-pub fn is_buffer(name: &str) -> bool {
-    name.ends_with(".running_mean") || name.ends_with(".running_var")
-}
-
-/// The SimSkip encoder and projector, with its variables in a [`VarMap`].
+/// The SimSkip encoder and projector as candle modules over variables built from [`Weights`].
 pub struct SimSkipModel {
     dim: usize,
     hidden: usize,
     skip: bool,
     dropout: f32,
     device: Device,
-    varmap: VarMap,
+    /// One variable per row of [`PARAMS`], in table order.
+    vars: Vec<Var>,
     l1: Linear,
     bn1: BatchNorm,
     l2: Linear,
@@ -88,92 +59,73 @@ impl std::fmt::Debug for SimSkipModel {
     }
 }
 
-fn uniform(rng: &mut StdRng, len: usize, bound: f32) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-bound..=bound)).collect()
-}
-
 impl SimSkipModel {
-    /// A model for `dim`-dimensional embeddings (`dim >= 2`), initialised from `rng`.
-    pub fn new(
-        dim: usize,
-        skip: bool,
-        zero_init_residual: bool,
-        dropout: f32,
-        rng: &mut StdRng,
-    ) -> Result<Self> {
-        if dim < 2 {
-            return Err(RefineError::Config(format!(
-                "dimension must be >= 2, got {dim}"
-            )));
-        }
+    /// A model with variables holding a copy of `weights`. `dropout` must be in `[0, 1)`.
+    pub fn new(weights: &Weights, skip: bool, dropout: f32) -> Result<Self> {
         if !(0.0..1.0).contains(&dropout) {
             return Err(RefineError::Config(format!(
                 "dropout must be in [0, 1), got {dropout}"
             )));
         }
         let device = Device::Cpu;
-        let hidden = dim / 2;
-        let varmap = VarMap::new();
-        let put = |name: &str, shape: Vec<usize>, data: Vec<f32>| -> Result<Tensor> {
-            let var = Var::from_vec(data, shape, &device)?;
-            let t = var.as_tensor().clone();
-            varmap.data().lock().unwrap().insert(name.to_string(), var);
-            Ok(t)
+        let (dim, hidden) = (weights.dim(), weights.hidden());
+        let vars = PARAMS
+            .iter()
+            .map(|s| Var::from_slice(weights.get(s.param), s.shape.dims(dim), &device))
+            .collect::<candle_core::Result<Vec<Var>>>()?;
+        let t = |p: Param| vars[p as usize].as_tensor().clone();
+        let linear = |w: Param, b: Param| Linear::new(t(w), Some(t(b)));
+        // The running statistics are variables, so BatchNorm shares their storage: its updates
+        // in training mode are visible through `vars` (and reach `write_into`).
+        let bn = |n: usize, mean: Param, var: Param, w: Param, b: Param| {
+            BatchNorm::new_with_momentum(n, t(mean), t(var), t(w), t(b), BN_EPS, BN_MOMENTUM)
         };
-        // PyTorch default Linear init: weight and bias uniform in ±1/sqrt(fan_in).
-        let mut linear =
-            |name: &str, fan_in: usize, fan_out: usize, zero: bool| -> Result<Linear> {
-                let bound = 1.0 / (fan_in as f32).sqrt();
-                let (w, b) = if zero {
-                    (vec![0.0; fan_in * fan_out], vec![0.0; fan_out])
-                } else {
-                    let w = uniform(rng, fan_in * fan_out, bound);
-                    let b = uniform(rng, fan_out, bound);
-                    (w, b)
-                };
-                let w = put(&format!("{name}.weight"), vec![fan_out, fan_in], w)?;
-                let b = put(&format!("{name}.bias"), vec![fan_out], b)?;
-                Ok(Linear::new(w, Some(b)))
-            };
-        let l1 = linear("encoder.layer1.linear", dim, hidden, false)?;
-        let l2 = linear("encoder.layer2.linear", hidden, dim, false)?;
-        let out = linear("encoder.out", dim, dim, zero_init_residual)?;
-        let p0 = linear("projector.0", dim, dim, false)?;
-        let p2 = linear("projector.2", dim, dim, false)?;
-        let bn = |name: &str, n: usize| -> Result<BatchNorm> {
-            let rm = put(&format!("{name}.running_mean"), vec![n], vec![0.0; n])?;
-            let rv = put(&format!("{name}.running_var"), vec![n], vec![1.0; n])?;
-            let w = put(&format!("{name}.weight"), vec![n], vec![1.0; n])?;
-            let b = put(&format!("{name}.bias"), vec![n], vec![0.0; n])?;
-            // `rm`/`rv` are variables, so BatchNorm shares their storage: its running-stat
-            // updates are visible through the VarMap (and imports reach BatchNorm).
-            Ok(BatchNorm::new_with_momentum(
-                n,
-                rm,
-                rv,
-                w,
-                b,
-                BN_EPS,
-                BN_MOMENTUM,
-            )?)
-        };
-        let bn1 = bn("encoder.layer1.bn", hidden)?;
-        let bn2 = bn("encoder.layer2.bn", dim)?;
+        use Param::*;
         Ok(Self {
+            l1: linear(Linear1Weight, Linear1Bias),
+            bn1: bn(hidden, Bn1RunningMean, Bn1RunningVar, Bn1Weight, Bn1Bias)?,
+            l2: linear(Linear2Weight, Linear2Bias),
+            bn2: bn(dim, Bn2RunningMean, Bn2RunningVar, Bn2Weight, Bn2Bias)?,
+            out: linear(OutWeight, OutBias),
+            p0: linear(Projector0Weight, Projector0Bias),
+            p2: linear(Projector2Weight, Projector2Bias),
             dim,
             hidden,
             skip,
             dropout,
             device,
-            varmap,
-            l1,
-            bn1,
-            l2,
-            bn2,
-            out,
-            p0,
-            p2,
+            vars,
         })
+    }
+
+    /// Overwrite the variables with `weights` (of this model's dimension).
+    pub fn load(&self, weights: &Weights) -> Result<()> {
+        self.check_dim(weights)?;
+        for (var, s) in self.vars.iter().zip(&PARAMS) {
+            let t = Tensor::from_slice(weights.get(s.param), var.dims(), &self.device)?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Copy the variables (trained values and BatchNorm statistics) into `weights`.
+    pub fn write_into(&self, weights: &mut Weights) -> Result<()> {
+        self.check_dim(weights)?;
+        for (var, s) in self.vars.iter().zip(&PARAMS) {
+            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            weights.get_mut(s.param).copy_from_slice(&values);
+        }
+        Ok(())
+    }
+
+    fn check_dim(&self, weights: &Weights) -> Result<()> {
+        if weights.dim() != self.dim {
+            return Err(RefineError::DimMismatch {
+                expected: self.dim,
+                found: weights.dim(),
+            });
+        }
+        Ok(())
     }
 
     pub fn dim(&self) -> usize {
@@ -197,18 +149,15 @@ impl SimSkipModel {
         &self.device
     }
 
-    /// The variables (trainable and BatchNorm statistics) by name.
-    pub fn varmap(&self) -> &VarMap {
-        &self.varmap
-    }
-
-    /// The variables the optimiser trains (everything but BatchNorm running statistics), sorted
-    /// by name.
+    /// The variables the optimiser trains (everything but BatchNorm running statistics), in
+    /// table order.
     pub fn trainable_vars(&self) -> Vec<Var> {
-        let data = self.varmap.data().lock().unwrap();
-        let mut named: Vec<(&String, &Var)> = data.iter().filter(|(n, _)| !is_buffer(n)).collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        named.into_iter().map(|(_, v)| v.clone()).collect()
+        self.vars
+            .iter()
+            .zip(&PARAMS)
+            .filter(|(_, s)| s.kind.is_trainable())
+            .map(|(v, _)| v.clone())
+            .collect()
     }
 
     /// Number of trained scalars: linear weights and biases, BatchNorm weights and biases.
@@ -288,74 +237,5 @@ impl SimSkipModel {
             data.extend(y.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(Matrix::from_vec(x.rows, x.cols, data))
-    }
-
-    /// Expected shape of each array, in [`PARAM_NAMES`] order.
-    pub fn shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
-        let (d, h) = (self.dim, self.hidden);
-        PARAM_NAMES
-            .iter()
-            .map(|&n| {
-                let shape = match n {
-                    "encoder.layer1.linear.weight" => vec![h, d],
-                    "encoder.layer2.linear.weight" => vec![d, h],
-                    "encoder.out.weight" | "projector.0.weight" | "projector.2.weight" => {
-                        vec![d, d]
-                    }
-                    _ if n.starts_with("encoder.layer1.") => vec![h],
-                    _ => vec![d],
-                };
-                (n, shape)
-            })
-            .collect()
-    }
-
-    /// All weights and BatchNorm running statistics as named arrays, sorted by name.
-    pub fn export(&self) -> Result<Vec<NamedArray>> {
-        let data = self.varmap.data().lock().unwrap();
-        let mut out = Vec::with_capacity(PARAM_NAMES.len());
-        for name in PARAM_NAMES {
-            let var = data
-                .get(name)
-                .ok_or_else(|| RefineError::MissingArray(name.to_string()))?;
-            let shape = var.dims().to_vec();
-            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            out.push(NamedArray::new(name, shape, values));
-        }
-        Ok(out)
-    }
-
-    /// Overwrite the weights (and BatchNorm statistics) from named arrays.
-    ///
-    /// Every name of [`PARAM_NAMES`] must be present with the model's shape; otherwise nothing
-    /// is changed and a [`RefineError::MissingArray`] or [`RefineError::ShapeMismatch`] is
-    /// returned. Arrays with other names are ignored (so a caller may bundle extra state).
-    pub fn import(&mut self, arrays: &[NamedArray]) -> Result<()> {
-        // Validate everything before touching any variable.
-        let mut chosen = Vec::with_capacity(PARAM_NAMES.len());
-        for (name, shape) in self.shapes() {
-            let a = arrays
-                .iter()
-                .find(|a| a.name == name)
-                .ok_or_else(|| RefineError::MissingArray(name.to_string()))?;
-            if a.shape != shape || a.data.len() != shape.iter().product::<usize>() {
-                return Err(RefineError::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: shape,
-                    found: a.shape.clone(),
-                    len: a.data.len(),
-                });
-            }
-            chosen.push((name, a));
-        }
-        let data = self.varmap.data().lock().unwrap();
-        for (name, a) in chosen {
-            let var = data
-                .get(name)
-                .ok_or_else(|| RefineError::MissingArray(name.to_string()))?;
-            let t = Tensor::from_slice(&a.data, a.shape.as_slice(), &self.device)?;
-            var.set(&t)?;
-        }
-        Ok(())
     }
 }

@@ -5,12 +5,12 @@
 //! after, and the best candidate wins. If no epoch beats the input strictly, the input is kept.
 
 use serde::Serialize;
-use simskip_data::{Matrix, NamedArray};
+use simskip_data::Matrix;
 
 use crate::error::Result;
-use crate::model::SimSkipModel;
 use crate::positives::Neighbours;
 use crate::train::{EpochStats, SimSkipTrainer};
+use crate::weights::Weights;
 
 /// Which table is the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -56,25 +56,25 @@ pub fn train_with_selection(
     on_epoch: &mut dyn FnMut(usize, &EpochStats, f64),
 ) -> Result<Selection> {
     let input_score = score(x);
-    let initial: Vec<NamedArray> = trainer.model().export()?;
-    let mut best: Option<(usize, f64, Vec<NamedArray>)> = None;
+    let initial: Weights = trainer.weights().clone();
+    let mut best: Option<(usize, f64, Weights)> = None;
     let mut history = Vec::with_capacity(epochs);
     for epoch in 1..=epochs {
         let stats = trainer.train_epoch(x, neighbours)?;
-        let refined = trainer.model().refine(x)?;
+        let refined = trainer.refine(x)?;
         let s = score(&refined);
         on_epoch(epoch, &stats, s);
         history.push((epoch, stats.loss, s));
         let bar = best.as_ref().map_or(input_score, |b| b.1);
         if beats(s, bar) {
-            best = Some((epoch, s, trainer.model().export()?));
+            best = Some((epoch, s, trainer.weights().clone()));
         }
     }
     let (chosen, best_score, weights) = match best {
         Some((e, s, w)) => (Choice::Epoch(e), s, w),
         None => (Choice::Input, input_score, initial),
     };
-    trainer.model_mut().import(&weights)?;
+    trainer.set_weights(weights)?;
     tracing::info!(?chosen, input_score, best_score, "simskip selection");
     Ok(Selection {
         chosen,
@@ -84,11 +84,11 @@ pub fn train_with_selection(
     })
 }
 
-/// The output table: `x` itself for [`Choice::Input`], else `model.refine(x)` (the model must
-/// hold the selected weights, as [`train_with_selection`] leaves it).
-pub fn apply(selection: &Selection, model: &SimSkipModel, x: &Matrix) -> Result<Matrix> {
+/// The output table: `x` itself for [`Choice::Input`], else `trainer.refine(x)` (the trainer
+/// must hold the selected weights, as [`train_with_selection`] leaves it).
+pub fn apply(selection: &Selection, trainer: &SimSkipTrainer, x: &Matrix) -> Result<Matrix> {
     match selection.chosen {
         Choice::Input => Ok(x.clone()),
-        Choice::Epoch(_) => model.refine(x),
+        Choice::Epoch(_) => trainer.refine(x),
     }
 }

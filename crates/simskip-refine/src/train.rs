@@ -1,21 +1,19 @@
 //! Configuration and training loop.
 
-use candle_core::Tensor;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::ParamsAdamW;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use simskip_data::Matrix;
-
-use std::sync::atomic::{AtomicBool, Ordering};
+use simskip_data::{Matrix, NamedArray};
 
 use crate::augment::{Augmentation, Augmenter};
+use crate::candle_trainer::CandleTrainer;
 use crate::error::{RefineError, Result};
 use crate::fast::{AdamWParams, FastTrainer};
-use crate::loss::NtXentLoss;
 use crate::model::SimSkipModel;
 use crate::positives::{partner_ids, Neighbours, Positives};
+use crate::weights::Weights;
 
 /// Which implementation runs a training step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,24 +133,59 @@ pub struct EpochStats {
     pub samples: usize,
 }
 
-/// Owns the model, the AdamW optimiser and the random generator every random draw comes from.
-///
-/// With [`Backend::Fast`] the fast trainer holds the live parameters; the candle model is brought
-/// up to date lazily, when it is read ([`Self::model`], [`Self::model_mut`]), and a caller's
-/// changes through [`Self::model_mut`] are pulled back before the next fast step.
+/// The implementation that owns the weights and steps them (boxed: both are large).
+enum Engine {
+    Fast(Box<FastTrainer>),
+    Candle(Box<CandleTrainer>),
+}
+
+impl Engine {
+    fn weights(&self) -> &Weights {
+        match self {
+            Engine::Fast(f) => f.weights(),
+            Engine::Candle(c) => c.weights(),
+        }
+    }
+
+    fn set_weights(&mut self, w: Weights) -> Result<()> {
+        match self {
+            Engine::Fast(f) => f.set_weights(w),
+            Engine::Candle(c) => c.set_weights(w),
+        }
+    }
+
+    /// Before a run of steps (the candle backend loads its variables).
+    fn begin(&mut self) -> Result<()> {
+        match self {
+            Engine::Fast(_) => Ok(()),
+            Engine::Candle(c) => c.begin(),
+        }
+    }
+
+    fn step(&mut self, views: &[f32], rng: &mut StdRng) -> Result<f32> {
+        match self {
+            Engine::Fast(f) => Ok(f.step(views, rng)),
+            Engine::Candle(c) => c.step(views, rng),
+        }
+    }
+
+    /// After a run of steps (the candle backend writes its variables back to the weights).
+    fn finish(&mut self) -> Result<()> {
+        match self {
+            Engine::Fast(_) => Ok(()),
+            Engine::Candle(c) => c.finish(),
+        }
+    }
+}
+
+/// Trains one SimSkip network: the backend that owns its [`Weights`] (and the AdamW state beside
+/// them), and the random generator every random draw comes from.
 pub struct SimSkipTrainer {
     cfg: SimSkipConfig,
-    model: SimSkipModel,
-    opt: AdamW,
-    fast: Option<FastTrainer>,
-    /// The fast copy is newer than the candle model.
-    model_stale: AtomicBool,
-    /// The candle model may have been changed through `model_mut`: reload the fast copy.
-    fast_stale: bool,
-    /// Reused views buffer of the fast path.
+    engine: Engine,
+    /// Reused views buffer.
     views: Vec<f32>,
     rng: StdRng,
-    loss: NtXentLoss,
     augmenter: Augmenter,
     epochs_done: usize,
 }
@@ -161,26 +194,32 @@ impl std::fmt::Debug for SimSkipTrainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SimSkipTrainer")
             .field("cfg", &self.cfg)
-            .field("model", &self.model)
+            .field("dim", &self.dim())
             .field("epochs_done", &self.epochs_done)
             .finish_non_exhaustive()
     }
 }
 
 impl SimSkipTrainer {
-    /// A fresh model for `dim`-dimensional embeddings, initialised from `cfg.seed`.
+    /// A fresh model for `dim`-dimensional embeddings, initialised from `cfg.seed`
+    /// ([`Weights::init`]).
     pub fn new(dim: usize, cfg: SimSkipConfig) -> Result<Self> {
         cfg.validate()?;
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let model =
-            SimSkipModel::new(dim, cfg.skip, cfg.zero_init_residual, cfg.dropout, &mut rng)?;
+        let weights = Weights::init(dim, &cfg, &mut rng)?;
         let params = ParamsAdamW {
             lr: cfg.lr,
             weight_decay: cfg.weight_decay,
             ..ParamsAdamW::default()
         };
-        let fast = match cfg.backend {
-            Backend::Candle => None,
+        let engine = match cfg.backend {
+            Backend::Candle => Engine::Candle(Box::new(CandleTrainer::new(
+                weights,
+                cfg.skip,
+                cfg.dropout,
+                cfg.temperature,
+                params,
+            )?)),
             Backend::Fast => {
                 let threads = match cfg.fast_threads {
                     0 => rayon::current_num_threads(),
@@ -193,20 +232,21 @@ impl SimSkipTrainer {
                     eps: params.eps,
                     weight_decay: params.weight_decay,
                 };
-                Some(FastTrainer::new(&model, cfg.temperature, adam, threads)?)
+                Engine::Fast(Box::new(FastTrainer::new(
+                    weights,
+                    cfg.skip,
+                    cfg.dropout,
+                    cfg.temperature,
+                    adam,
+                    threads,
+                )))
             }
         };
-        let opt = AdamW::new(model.trainable_vars(), params)?;
         Ok(Self {
-            fast,
-            model_stale: AtomicBool::new(false),
-            fast_stale: false,
+            engine,
             views: Vec::new(),
-            loss: NtXentLoss::new(cfg.temperature as f64),
             augmenter: cfg.augmenter(),
             cfg,
-            model,
-            opt,
             rng,
             epochs_done: 0,
         })
@@ -216,38 +256,42 @@ impl SimSkipTrainer {
         &self.cfg
     }
 
-    /// The model, with the latest weights (synchronised from the fast backend if needed).
-    ///
-    /// # Panics
-    /// If copying the fast backend's weights into the candle variables fails (it cannot for a
-    /// model this trainer built).
-    pub fn model(&self) -> &SimSkipModel {
-        self.sync_model().expect("sync fast weights into the model");
-        &self.model
+    /// Dimension of the embeddings this trainer refines.
+    pub fn dim(&self) -> usize {
+        self.weights().dim()
     }
 
-    /// The model for modification (e.g. [`SimSkipModel::import`]); the fast backend reloads it
-    /// before its next step.
-    ///
-    /// # Panics
-    /// As [`Self::model`].
-    pub fn model_mut(&mut self) -> &mut SimSkipModel {
-        self.sync_model().expect("sync fast weights into the model");
-        if self.fast.is_some() {
-            self.fast_stale = true;
-        }
-        &mut self.model
+    /// The current weights and BatchNorm statistics.
+    pub fn weights(&self) -> &Weights {
+        self.engine.weights()
     }
 
-    /// Copy the fast backend's weights and statistics into the candle model if they are newer.
-    fn sync_model(&self) -> Result<()> {
-        if let Some(fast) = &self.fast {
-            if self.model_stale.load(Ordering::Acquire) {
-                fast.store_into(&self.model)?;
-                self.model_stale.store(false, Ordering::Release);
-            }
-        }
-        Ok(())
+    /// Replace the weights (of this trainer's dimension); the AdamW state is kept.
+    pub fn set_weights(&mut self, weights: Weights) -> Result<()> {
+        self.engine.set_weights(weights)
+    }
+
+    /// The weights as named arrays, sorted by name ([`Weights::to_arrays`]).
+    pub fn export(&self) -> Vec<NamedArray> {
+        self.weights().to_arrays()
+    }
+
+    /// Replace the weights with `arrays`, validated by [`Weights::from_arrays`] for this
+    /// trainer's dimension; on error nothing changes. The AdamW state is kept.
+    pub fn import(&mut self, arrays: &[NamedArray]) -> Result<()> {
+        let w = Weights::from_arrays(self.dim(), arrays)?;
+        self.set_weights(w)
+    }
+
+    /// A candle model of the current weights (a copy: changing it leaves the trainer's alone).
+    pub fn model(&self) -> Result<SimSkipModel> {
+        SimSkipModel::new(self.weights(), self.cfg.skip, self.cfg.dropout)
+    }
+
+    /// Refined embeddings `f(x)` of the current weights, in evaluation mode
+    /// ([`SimSkipModel::refine`]).
+    pub fn refine(&self, x: &Matrix) -> Result<Matrix> {
+        self.model()?.refine(x)
     }
 
     /// Epochs trained so far by this trainer.
@@ -292,53 +336,36 @@ impl SimSkipTrainer {
         batch: &[u32],
         neighbours: Option<&Neighbours>,
     ) -> Result<f32> {
+        self.check_width(x)?;
+        self.engine.begin()?;
+        let loss = self.step(x, batch, neighbours)?;
+        self.engine.finish()?;
+        Ok(loss)
+    }
+
+    fn check_width(&self, x: &Matrix) -> Result<()> {
+        if x.cols != self.dim() {
+            return Err(RefineError::DimMismatch {
+                expected: self.dim(),
+                found: x.cols,
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Self::train_step`] between the engine's `begin` and `finish`.
+    fn step(&mut self, x: &Matrix, batch: &[u32], neighbours: Option<&Neighbours>) -> Result<f32> {
         if batch.len() < 2 {
             return Err(RefineError::Config(format!(
                 "a training batch needs at least 2 rows, got {}",
                 batch.len()
             )));
         }
-        if self.fast.is_some() {
-            return self.fast_step(x, batch, neighbours);
-        }
-        let buf = self.make_views(x, batch, neighbours)?;
-        let t = Tensor::from_vec(buf, (2 * batch.len(), x.cols), self.model.device())?;
-        let h = self.model.encode(&t, Some(&mut self.rng))?;
-        let z = self.model.project(&h)?;
-        let loss = self.loss.forward(&z)?;
-        self.opt.backward_step(&loss)?;
-        Ok(loss.to_scalar::<f32>()?)
-    }
-
-    /// [`Self::train_step`] on the fast backend.
-    fn fast_step(
-        &mut self,
-        x: &Matrix,
-        batch: &[u32],
-        neighbours: Option<&Neighbours>,
-    ) -> Result<f32> {
-        if x.cols != self.model.dim() {
-            return Err(RefineError::DimMismatch {
-                expected: self.model.dim(),
-                found: x.cols,
-            });
-        }
         let mut views = std::mem::take(&mut self.views);
-        let made = self.fill_views(x, batch, neighbours, &mut views);
-        let fast = self.fast.as_mut().expect("fast backend");
-        if made.is_ok() && self.fast_stale {
-            // The caller may have changed the model through `model_mut`.
-            if let Err(e) = fast.load_from(&self.model) {
-                self.views = views;
-                return Err(e);
-            }
-            self.fast_stale = false;
-        }
-        let out = made.map(|()| fast.step(&views, &mut self.rng));
+        let out = self
+            .fill_views(x, batch, neighbours, &mut views)
+            .and_then(|()| self.engine.step(&views, &mut self.rng));
         self.views = views;
-        if out.is_ok() {
-            *self.model_stale.get_mut() = true;
-        }
         out
     }
 
@@ -350,12 +377,7 @@ impl SimSkipTrainer {
         x: &Matrix,
         neighbours: Option<&Neighbours>,
     ) -> Result<EpochStats> {
-        if x.cols != self.model.dim() {
-            return Err(RefineError::DimMismatch {
-                expected: self.model.dim(),
-                found: x.cols,
-            });
-        }
+        self.check_width(x)?;
         if let Some(nb) = neighbours {
             if nb.len() != x.rows {
                 return Err(RefineError::NeighbourCount {
@@ -373,14 +395,16 @@ impl SimSkipTrainer {
         ids.shuffle(&mut self.rng);
         let mut total = 0f64;
         let mut samples = 0usize;
+        self.engine.begin()?;
         for batch in ids.chunks(self.cfg.batch_size) {
             if batch.len() < 2 {
                 continue;
             }
-            let l = self.train_step(x, batch, neighbours)?;
+            let l = self.step(x, batch, neighbours)?;
             total += l as f64 * batch.len() as f64;
             samples += batch.len();
         }
+        self.engine.finish()?;
         self.epochs_done += 1;
         let loss = if samples > 0 {
             (total / samples as f64) as f32

@@ -5,11 +5,10 @@ mod common;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use simskip_data::{Matrix, NamedArray};
-use simskip_refine::model::PARAM_NAMES;
+use simskip_data::Matrix;
 use simskip_refine::{
     apply, train_with_selection, Augmentation, Choice, Positives, RefineError, SimSkipConfig,
-    SimSkipModel, SimSkipTrainer,
+    SimSkipModel, SimSkipTrainer, Weights, PARAMS,
 };
 
 const D: usize = 32;
@@ -31,10 +30,11 @@ fn small(x: &Matrix, rows: usize) -> Matrix {
 fn layer_shapes_and_parameter_counts() {
     let mut rng = StdRng::seed_from_u64(0);
     let d = 48;
-    let m = SimSkipModel::new(d, true, true, 0.1, &mut rng).unwrap();
-    let arrays = m.export().unwrap();
+    let w = Weights::init(d, &SimSkipConfig::default(), &mut rng).unwrap();
+    let m = SimSkipModel::new(&w, true, 0.1).unwrap();
+    let arrays = w.to_arrays();
     let names: Vec<&str> = arrays.iter().map(|a| a.name.as_str()).collect();
-    assert_eq!(names, PARAM_NAMES.to_vec());
+    assert_eq!(names, PARAMS.iter().map(|s| s.name).collect::<Vec<_>>());
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted, "export is sorted by name");
@@ -62,6 +62,7 @@ fn layer_shapes_and_parameter_counts() {
         m.num_trainable_parameters(),
         enc_w + 2 * d * d + biases + bn_affine
     );
+    assert_eq!(w.num_trainable(), m.num_trainable_parameters());
     // BatchNorm statistics start at mean 0, variance 1.
     let rv = arrays
         .iter()
@@ -87,7 +88,7 @@ fn layer_shapes_and_parameter_counts() {
 fn skip_with_zero_init_is_exact_identity_before_training() {
     let (x, _) = common::features(D);
     let t = SimSkipTrainer::new(D, cfg(1)).unwrap();
-    let y = t.model().refine(&x).unwrap();
+    let y = t.refine(&x).unwrap();
     assert_eq!(y, x);
 
     let minus = SimSkipTrainer::new(
@@ -98,7 +99,7 @@ fn skip_with_zero_init_is_exact_identity_before_training() {
         },
     )
     .unwrap();
-    let y = minus.model().refine(&x).unwrap();
+    let y = minus.refine(&x).unwrap();
     assert_ne!(y, x);
     // Without skip and with the zero output layer, g(x) = 0.
     assert!(y.data.iter().all(|&v| v == 0.0));
@@ -112,7 +113,7 @@ fn skip_with_zero_init_is_exact_identity_before_training() {
         },
     )
     .unwrap();
-    let y = minus.model().refine(&x).unwrap();
+    let y = minus.refine(&x).unwrap();
     let diff: f32 = y.data.iter().zip(&x.data).map(|(a, b)| (a - b).abs()).sum();
     assert!(diff > 1.0);
 
@@ -124,7 +125,7 @@ fn skip_with_zero_init_is_exact_identity_before_training() {
         },
     )
     .unwrap();
-    assert_ne!(no_zero.model().refine(&x).unwrap(), x);
+    assert_ne!(no_zero.refine(&x).unwrap(), x);
 }
 
 #[test]
@@ -133,11 +134,8 @@ fn refine_chunks_agree_with_one_pass() {
     let mut t = SimSkipTrainer::new(D, cfg(2)).unwrap();
     t.train_epoch(&small(&x, 1000), None).unwrap();
     // 5000 rows => chunks of 4096 + 904; compare with rows refined in a separate call.
-    let all = t.model().refine(&x).unwrap();
-    let tail = t
-        .model()
-        .refine(&x.select_rows(&[4500, 10, 4095, 4096]))
-        .unwrap();
+    let all = t.refine(&x).unwrap();
+    let tail = t.refine(&x.select_rows(&[4500, 10, 4095, 4096])).unwrap();
     for (k, &i) in [4500usize, 10, 4095, 4096].iter().enumerate() {
         for (a, b) in all.row(i).iter().zip(tail.row(k)) {
             assert!((a - b).abs() < 1e-5);
@@ -157,7 +155,7 @@ fn eval_is_deterministic_train_dropout_differs() {
     )
     .unwrap();
     let xs = small(&x, 64);
-    let m = t.model();
+    let m = t.model().unwrap();
     let input = Tensor::from_slice(&xs.data, (64, D), &Device::Cpu).unwrap();
     let e1 = m
         .encode(&input, None)
@@ -219,16 +217,15 @@ fn eval_is_deterministic_train_dropout_differs() {
         },
     )
     .unwrap();
-    let a = t0
-        .model()
+    let m0 = t0.model().unwrap();
+    let a = m0
         .encode(&input, Some(&mut rng))
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let b = t0
-        .model()
+    let b = m0
         .encode(&input, Some(&mut rng))
         .unwrap()
         .flatten_all()
@@ -236,8 +233,10 @@ fn eval_is_deterministic_train_dropout_differs() {
         .to_vec1::<f32>()
         .unwrap();
     assert_eq!(a, b);
-    // Train-mode passes updated the running statistics, so evaluation output moved.
-    assert_ne!(t.model().refine(&xs).unwrap().data, e1);
+    // Train-mode passes updated the model's running statistics, so its evaluation output moved;
+    // the model is a copy, so the trainer's weights did not.
+    assert_ne!(m.refine(&xs).unwrap().data, e1);
+    assert_eq!(t.refine(&xs).unwrap().data, e1);
 }
 
 #[test]
@@ -246,7 +245,7 @@ fn export_import_round_trip_including_batchnorm_stats() {
     let xs = small(&x, 1500);
     let mut a = SimSkipTrainer::new(D, cfg(10)).unwrap();
     a.train_epoch(&xs, None).unwrap();
-    let wa = a.model().export().unwrap();
+    let wa = a.export();
     let rm = wa
         .iter()
         .find(|w| w.name == "encoder.layer1.bn.running_mean")
@@ -259,72 +258,47 @@ fn export_import_round_trip_including_batchnorm_stats() {
     assert!(out.data.iter().any(|&v| v != 0.0), "output layer trained");
 
     let mut b = SimSkipTrainer::new(D, cfg(11)).unwrap();
-    assert_ne!(b.model().export().unwrap(), wa);
-    b.model_mut().import(&wa).unwrap();
-    assert_eq!(b.model().export().unwrap(), wa);
-    assert_eq!(b.model().refine(&x).unwrap(), a.model().refine(&x).unwrap());
+    assert_ne!(b.export(), wa);
+    b.import(&wa).unwrap();
+    assert_eq!(b.export(), wa);
+    assert_eq!(b.refine(&x).unwrap(), a.refine(&x).unwrap());
     // Training continues from the imported weights.
     b.train_epoch(&xs, None).unwrap();
-    assert_ne!(b.model().export().unwrap(), wa);
+    assert_ne!(b.export(), wa);
 }
 
 #[test]
-fn import_errors_are_typed_and_leave_model_unchanged() {
-    let mut rng = StdRng::seed_from_u64(0);
-    let mut m = SimSkipModel::new(D, true, true, 0.1, &mut rng).unwrap();
-    let before = m.export().unwrap();
-    let other = SimSkipModel::new(D, true, false, 0.1, &mut rng)
-        .unwrap()
-        .export()
-        .unwrap();
-
-    let missing: Vec<NamedArray> = other
+fn import_errors_are_typed_and_leave_the_trainer_unchanged() {
+    let mut t = SimSkipTrainer::new(D, cfg(0)).unwrap();
+    let before = t.export();
+    let other = SimSkipTrainer::new(
+        D,
+        SimSkipConfig {
+            zero_init_residual: false,
+            ..cfg(1)
+        },
+    )
+    .unwrap()
+    .export();
+    let missing: Vec<_> = other
         .iter()
         .filter(|a| a.name != "encoder.layer2.bn.running_var")
         .cloned()
         .collect();
-    match m.import(&missing) {
-        Err(RefineError::MissingArray(n)) => assert_eq!(n, "encoder.layer2.bn.running_var"),
-        r => panic!("expected MissingArray, got {r:?}"),
-    }
-    let mut wrong = other.clone();
-    let k = wrong
-        .iter()
-        .position(|a| a.name == "projector.0.weight")
-        .unwrap();
-    wrong[k] = NamedArray::new("projector.0.weight", vec![D, D / 2], vec![0.0; D * D / 2]);
-    match m.import(&wrong) {
-        Err(RefineError::ShapeMismatch {
-            name,
-            expected,
-            found,
-            ..
-        }) => {
-            assert_eq!(name, "projector.0.weight");
-            assert_eq!(expected, vec![D, D]);
-            assert_eq!(found, vec![D, D / 2]);
-        }
-        r => panic!("expected ShapeMismatch, got {r:?}"),
-    }
-    // A model of another dimension does not fit either.
-    let big = SimSkipModel::new(64, true, true, 0.1, &mut rng)
-        .unwrap()
-        .export()
-        .unwrap();
     assert!(matches!(
-        m.import(&big),
-        Err(RefineError::ShapeMismatch { .. })
+        t.import(&missing),
+        Err(RefineError::MissingArray { name }) if name == "encoder.layer2.bn.running_var"
     ));
-    assert_eq!(
-        m.export().unwrap(),
-        before,
-        "failed imports changed nothing"
+    // Weights of a model of another dimension: the client's architecture differs.
+    let big = SimSkipTrainer::new(64, cfg(0)).unwrap().export();
+    let err = t.import(&big).unwrap_err();
+    assert!(
+        matches!(&err, RefineError::ShapeMismatch { dim: D, .. }),
+        "{err:?}"
     );
-    // Extra arrays are ignored.
-    let mut extra = other.clone();
-    extra.push(NamedArray::new("something.else", vec![1], vec![1.0]));
-    m.import(&extra).unwrap();
-    assert_eq!(m.export().unwrap(), other);
+    assert_eq!(t.export(), before, "failed imports changed nothing");
+    t.import(&other).unwrap();
+    assert_eq!(t.export(), other);
 }
 
 #[test]
@@ -350,7 +324,7 @@ fn same_seed_gives_bit_identical_weights() {
         )
         .unwrap();
         let s = t.train_epoch(&xs, Some(&nbs)).unwrap();
-        (t.model().export().unwrap(), s)
+        (t.export(), s)
     };
     let (a, sa) = run(7, Positives::Augment);
     let (b, sb) = run(7, Positives::Augment);
@@ -450,7 +424,7 @@ fn last_batch_of_one_is_dropped() {
     .unwrap();
     let s = t.train_epoch(&xs, None).unwrap();
     assert_eq!(s.samples, 256);
-    let rv = t.model().export().unwrap();
+    let rv = t.export();
     assert!(rv.iter().all(|a| a.data.iter().all(|v| v.is_finite())));
     let xs = small(&x, 258);
     assert_eq!(t.train_epoch(&xs, None).unwrap().samples, 258);
@@ -483,10 +457,10 @@ fn selection_keeps_input_when_nothing_beats_it() {
     assert_eq!(sel.history.len(), 3);
     assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert!(sel.history.iter().all(|h| h.2 < 0.0));
-    let out = apply(&sel, t.model(), &xs).unwrap();
+    let out = apply(&sel, &t, &xs).unwrap();
     assert_eq!(out, xs);
     // The model was restored to its pre-training (identity) weights.
-    assert_eq!(t.model().refine(&xs).unwrap(), xs);
+    assert_eq!(t.refine(&xs).unwrap(), xs);
     let json = serde_json::to_string(&sel).unwrap();
     assert!(json.contains("\"Input\""));
 }
@@ -513,7 +487,7 @@ fn selection_restores_best_epoch() {
         sel.history.iter().map(|h| h.2).collect::<Vec<_>>(),
         vec![1.0, 5.0, 2.0, 3.0]
     );
-    let out = apply(&sel, t.model(), &xs).unwrap();
+    let out = apply(&sel, &t, &xs).unwrap();
     assert_eq!(out, tables[2], "restored weights reproduce epoch 2's table");
     assert_ne!(out, tables[4]);
 }
@@ -564,7 +538,7 @@ fn config_serde_and_validation() {
     ));
     let t = SimSkipTrainer::new(D, c).unwrap();
     assert!(matches!(
-        t.model().refine(&Matrix::zeros(3, D + 1)),
+        t.refine(&Matrix::zeros(3, D + 1)),
         Err(RefineError::DimMismatch { .. })
     ));
 }

@@ -154,8 +154,7 @@ pub fn strategies(server: &ServerConfig) -> Result<Vec<Box<dyn Strategy>>> {
                     };
                     let initial = SimSkipTrainer::new(p.dim, cfg)
                         .with_context(|| format!("the initial model of stage {:?}", stage.name))?
-                        .model()
-                        .export()?;
+                        .export();
                     Box::new(FedAvgStrategy::new(initial).with_rule(stage.aggregation.clone()))
                 }
             })

@@ -230,7 +230,6 @@ impl FederatedWork {
         };
         if !global.is_empty() {
             r.trainer
-                .model_mut()
                 .import(global)
                 .with_context(|| format!("the global model of stage {:?}", stage.name))?;
         }
@@ -281,7 +280,7 @@ impl FederatedWork {
                         .loss;
                 }
                 Ok(FitOutput {
-                    arrays: r.trainer.model().export()?,
+                    arrays: r.trainer.export(),
                     // One sample per entity row per epoch: the FedAvg weight.
                     num_examples: num_entities,
                     metrics: BTreeMap::from([("loss".to_owned(), loss as f64)]),
@@ -324,7 +323,7 @@ impl FederatedWork {
             }
             StageParams::SimSkip(p) => {
                 let r = self.refining(stage, p, &global)?;
-                let refined = r.trainer.model().refine(&r.input.table)?;
+                let refined = r.trainer.refine(&r.input.table)?;
                 let norm = r.input.norm;
                 let Progress::Refining(r) = &self.progress else {
                     unreachable!("refining() left this state")
@@ -364,7 +363,7 @@ impl FederatedWork {
             }
             StageParams::SimSkip(p) => {
                 let r = self.refining(stage, p, &global)?;
-                let refined = r.trainer.model().refine(&r.input.table)?;
+                let refined = r.trainer.refine(&r.input.table)?;
                 let norm = r.input.norm;
                 let Progress::Refining(r) = &self.progress else {
                     unreachable!("refining() left this state")
@@ -514,17 +513,13 @@ mod tests {
         // Right width, but weights of a 16-wide model: refused before training.
         let foreign = SimSkipTrainer::new(16, SimSkipConfig::default())
             .unwrap()
-            .model()
-            .export()
-            .unwrap();
+            .export();
         let e = ClientWork::fit(&mut org, &simskip_stage(8), 1, foreign).unwrap_err();
         assert!(e.to_string().contains("global model"), "{e}");
         // Weights of the stage's own architecture train, and come back in the same shapes.
         let own = SimSkipTrainer::new(8, SimSkipConfig::default())
             .unwrap()
-            .model()
-            .export()
-            .unwrap();
+            .export();
         let out = ClientWork::fit(&mut org, &simskip_stage(8), 1, own.clone()).unwrap();
         let shapes = |a: &[NamedArray]| {
             a.iter()

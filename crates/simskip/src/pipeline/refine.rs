@@ -148,7 +148,7 @@ pub fn refine_table(
             &mut score,
             &mut |epoch, stats, s| on_epoch(epoch, stats.loss, Some(s)),
         )?;
-        let output = apply(&selection, trainer.model(), x)?;
+        let output = apply(&selection, &trainer, x)?;
         let chosen = match selection.chosen {
             simskip_refine::Choice::Input => "input".to_owned(),
             simskip_refine::Choice::Epoch(e) => format!("epoch {e}"),
@@ -159,16 +159,11 @@ pub fn refine_table(
             let stats = trainer.train_epoch(x, neighbours.as_ref())?;
             on_epoch(epoch, stats.loss, None);
         }
-        (
-            trainer.model().refine(x)?,
-            None,
-            "last epoch".to_owned(),
-            None,
-        )
+        (trainer.refine(x)?, None, "last epoch".to_owned(), None)
     };
     Ok(RefineOutcome {
         output,
-        weights: trainer.model().export()?,
+        weights: trainer.export(),
         report: RefineReport {
             config: cfg.clone(),
             gate: gate.enabled,
