@@ -15,4 +15,7 @@ pub mod transe;
 
 pub use linkpred::{evaluate, FilterIndex, LinkPredictionMetrics, QueryRanks, TailOnly};
 pub use refit::refit_relations;
-pub use transe::{Loss, Norm, TransE, TransEConfig, TransETrainer};
+pub use transe::{
+    init_bound, AdamAcrossRounds, ConfigError, Corruption, EmbeddingInit, Loss, NegativeFilter,
+    Norm, TransE, TransEConfig, TransETrainer,
+};

@@ -192,6 +192,32 @@ mod tests {
     }
 
     #[test]
+    fn reset_clears_the_moments() {
+        // After steps along +g, a step along -g moves by less than lr with kept moments, and
+        // by exactly lr (a first step) after a reset.
+        let mut g = RowGrads::new(2, 1);
+        let mut back = RowGrads::new(2, 1);
+        g.add_scaled(0, 1.0, &[1.0]);
+        back.add_scaled(0, 1.0, &[-1.0]);
+        let run = |reset: bool| {
+            let mut table = Matrix::zeros(2, 1);
+            let mut adam = SparseAdam::new(2, 1, 0.1);
+            for _ in 0..5 {
+                adam.step(&mut table, &g);
+            }
+            if reset {
+                adam.reset();
+                assert_eq!(adam.steps(), &[0, 0]);
+            }
+            let before = table.row(0)[0];
+            adam.step(&mut table, &back);
+            table.row(0)[0] - before
+        };
+        assert!((run(true) - 0.1).abs() < 1e-6);
+        assert!(run(false) < 0.0, "kept momentum still points along +g");
+    }
+
+    #[test]
     fn first_adam_step_moves_by_lr_times_sign() {
         // With bias correction the first Adam step is lr * g / (|g| + eps) ~= lr * sign(g).
         let mut table = Matrix::zeros(3, 2);
