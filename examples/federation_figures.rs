@@ -283,7 +283,7 @@ fn figure_1(args: &Args) -> Result<Value> {
     // does, keys registered client by client); each client builds its local TransE on the
     // first round (relations random, local) and keeps its Adam state across rounds.
     let t0 = Instant::now();
-    let bound = simskip::node::fede_init_bound(&fede_cfg()?);
+    let bound = simskip_kge::init_bound(&fede_cfg()?);
     let mut rng = StdRng::seed_from_u64(SEED);
     let mut table = EntityTable::new(DIM);
     for c in &clients {
@@ -302,11 +302,10 @@ fn figure_1(args: &Args) -> Result<Value> {
     let mut locals: Vec<TransETrainer> = Vec::new();
     for c in &clients {
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let mut model = TransE::random(
+        let mut model = TransE::init(
             c.part.entities.len(),
             c.part.relations.len(),
-            DIM,
-            cfg.norm,
+            &cfg,
             &mut rng,
         );
         model.entities = rows_of(&table, c)?;

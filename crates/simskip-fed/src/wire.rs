@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use simskip_data::NamedArray;
-use simskip_kge::{Loss, Norm, TransEConfig};
+use simskip_kge::{
+    AdamAcrossRounds, Corruption, EmbeddingInit, Loss, NegativeFilter, Norm, TransEConfig,
+};
 use simskip_refine::{Augmentation, Positives, SimSkipConfig};
 
 use crate::coordinator::rounds::{Poll, Report, ResultOutcome, Task};
@@ -113,6 +115,24 @@ pub(crate) fn params_to_proto(p: &StageParams) -> proto::StageParams {
             local_epochs: c.epochs as u32,
             seed: c.seed,
             normalize_entities: c.normalize_entities,
+            init: match c.init {
+                EmbeddingInit::Auto => proto::EmbeddingInit::Auto,
+                EmbeddingInit::Bordes => proto::EmbeddingInit::Bordes,
+                EmbeddingInit::GammaEpsilon { .. } => proto::EmbeddingInit::GammaEpsilon,
+            } as i32,
+            init_epsilon: match c.init {
+                EmbeddingInit::GammaEpsilon { epsilon } => epsilon,
+                _ => 0.0,
+            },
+            corruption: match c.corruption {
+                Corruption::HeadOrTail => proto::Corruption::HeadOrTail,
+                Corruption::TailOnly => proto::Corruption::TailOnly,
+            } as i32,
+            negative_filter: match c.negative_filter {
+                NegativeFilter::None => proto::NegativeFilter::None,
+                NegativeFilter::KnownTriples => proto::NegativeFilter::KnownTriples,
+            } as i32,
+            reset_adam_each_round: c.adam_across_rounds == AdamAcrossRounds::Reset,
         }),
         StageParams::SimSkip(s) => {
             let c = &s.config;
@@ -194,6 +214,29 @@ pub(crate) fn params_from_proto(p: Option<&proto::StageParams>) -> Result<StageP
             epochs: f.local_epochs as usize,
             seed: f.seed,
             normalize_entities: f.normalize_entities,
+            init: match proto::EmbeddingInit::try_from(f.init) {
+                Ok(proto::EmbeddingInit::Auto) => EmbeddingInit::Auto,
+                Ok(proto::EmbeddingInit::Bordes) => EmbeddingInit::Bordes,
+                Ok(proto::EmbeddingInit::GammaEpsilon) => EmbeddingInit::GammaEpsilon {
+                    epsilon: f.init_epsilon,
+                },
+                _ => return Err(unknown("init", f.init)),
+            },
+            corruption: match proto::Corruption::try_from(f.corruption) {
+                Ok(proto::Corruption::HeadOrTail) => Corruption::HeadOrTail,
+                Ok(proto::Corruption::TailOnly) => Corruption::TailOnly,
+                _ => return Err(unknown("corruption", f.corruption)),
+            },
+            negative_filter: match proto::NegativeFilter::try_from(f.negative_filter) {
+                Ok(proto::NegativeFilter::None) => NegativeFilter::None,
+                Ok(proto::NegativeFilter::KnownTriples) => NegativeFilter::KnownTriples,
+                _ => return Err(unknown("negative_filter", f.negative_filter)),
+            },
+            adam_across_rounds: if f.reset_adam_each_round {
+                AdamAcrossRounds::Reset
+            } else {
+                AdamAcrossRounds::Keep
+            },
         }),
         Kind::Simskip(s) => StageParams::SimSkip(SimSkipParams {
             dim: s.dim as usize,
@@ -399,8 +442,14 @@ mod tests {
     fn params_round_trip_and_local_settings_stay_local() {
         for kind in [StageKind::FedE, StageKind::FedAvg] {
             let mut p = StageParams::defaults(kind, 24);
-            if let StageParams::SimSkip(s) = &mut p {
-                s.config.skip = false;
+            match &mut p {
+                StageParams::SimSkip(s) => s.config.skip = false,
+                StageParams::FedE(t) => {
+                    t.init = EmbeddingInit::GammaEpsilon { epsilon: 3.0 };
+                    t.corruption = Corruption::TailOnly;
+                    t.negative_filter = NegativeFilter::KnownTriples;
+                    t.adam_across_rounds = AdamAcrossRounds::Reset;
+                }
             }
             let back = params_from_proto(Some(&params_to_proto(&p))).unwrap();
             assert_eq!(back, p);

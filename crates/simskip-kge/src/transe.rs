@@ -278,40 +278,6 @@ impl TransEConfig {
     }
 }
 
-impl TransEConfig {
-    /// Checks every value's range; the error names the field and the value.
-    pub fn validate(&self) -> Result<(), String> {
-        let bad = |field: &str, value: String, why: &str| Err(format!("{field} = {value}: {why}"));
-        if self.dim == 0 {
-            return bad("dim", "0".into(), "must be at least 1");
-        }
-        if self.negatives == 0 {
-            return bad("negatives", "0".into(), "must be at least 1");
-        }
-        if self.batch_size == 0 {
-            return bad("batch_size", "0".into(), "must be at least 1");
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr", self.lr.to_string(), "must be a positive number");
-        }
-        match self.loss {
-            Loss::MarginRanking { margin } if !margin.is_finite() => {
-                bad("loss.margin", margin.to_string(), "must be finite")
-            }
-            Loss::SelfAdversarial { gamma, temperature }
-                if !(gamma.is_finite() && temperature.is_finite() && temperature >= 0.0) =>
-            {
-                bad(
-                    "loss",
-                    format!("gamma {gamma}, temperature {temperature}"),
-                    "must be finite, temperature non-negative",
-                )
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
 /// A TransE model: one row per entity and per relation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TransE {

@@ -130,11 +130,6 @@ pub struct ClientFile {
     pub eval: EvalSettings,
 }
 
-/// FedE's initial entity rows: uniform in `±6/sqrt(dim)`, as the clients' local TransE.
-pub fn fede_init_bound(cfg: &TransEConfig) -> f32 {
-    6.0 / (cfg.dim as f32).sqrt()
-}
-
 /// The strategies of the configured stages, in order, their initial global models drawn
 /// from `server.seed`.
 pub fn strategies(server: &ServerConfig) -> Result<Vec<Box<dyn Strategy>>> {
@@ -144,7 +139,8 @@ pub fn strategies(server: &ServerConfig) -> Result<Vec<Box<dyn Strategy>>> {
         .map(|stage| -> Result<Box<dyn Strategy>> {
             Ok(match &stage.params {
                 StageParams::FedE(cfg) => Box::new(
-                    FedEStrategy::new(cfg.dim, fede_init_bound(cfg), server.seed)
+                    // New rows start as a client's own TransE with these settings would.
+                    FedEStrategy::new(cfg.dim, simskip_kge::init_bound(cfg), server.seed)
                         .with_rule(stage.aggregation.clone()),
                 ),
                 StageParams::SimSkip(p) => {

@@ -141,11 +141,10 @@ impl FederatedWork {
             Progress::Embedding(e) if e.stage == stage.index => e.transe.set_entities(rows),
             _ => {
                 let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
-                let mut model = TransE::random(
+                let mut model = TransE::init(
                     self.ds.num_entities(),
                     self.ds.num_relations(),
-                    cfg.dim,
-                    cfg.norm,
+                    cfg,
                     &mut rng,
                 );
                 model.entities = rows;

@@ -10,7 +10,7 @@
 //!
 //! Settings start from `TransEConfig::fede_defaults()`; each flag switches one of them:
 //!
-//! cargo run --release -p simskip-kge --example fede_fidelity -- \
+//! cargo run --release -p simskip --example fede_fidelity -- \
 //!     [--dataset DIR] [--clients 3] [--seed 0] [--rounds 10] [--eval-rounds 1,2,3,5,10] \
 //!     [--init fede|bordes] [--corruption head_or_tail|tail_only] [--pool own|all] \
 //!     [--filter none|known_triples] [--adam keep|reset] [--lr X] [--local-epochs N] \
@@ -32,7 +32,8 @@ use serde_json::json;
 use simskip_data::{
     partition, ClientPartition, KgDataset, Matrix, NamedArray, PartitionBy, PartitionConfig, Triple,
 };
-use simskip_fed::aggregate::{fede_aggregate, EntityTable, ENTITIES};
+use simskip_fed::aggregate::{fede_aggregate, EntityTable};
+use simskip_fed::ENTITIES;
 use simskip_kge::transe::{
     init_bound, AdamAcrossRounds, Corruption, EmbeddingInit, NegativeFilter, FEDE_EPSILON,
 };
