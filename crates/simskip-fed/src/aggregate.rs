@@ -438,9 +438,11 @@ mod tests {
             ..Robustness::default()
         };
         let out = fedavg_robust(&g, &inputs, &clipped).unwrap();
-        let honest_only = (0.7071068 + 0.7071068 + 0.7071068) / 4.0;
-        assert!((out[0].data[0] - (honest_only + 0.7071068 / 4.0)).abs() < 1e-5);
-        assert!((out[0].data[1] - (honest_only - 0.7071068 / 4.0)).abs() < 1e-5);
+        // Each honest update (k, k) is longer than 1 and clipped to (1/sqrt 2, 1/sqrt 2).
+        let half = std::f32::consts::FRAC_1_SQRT_2;
+        let honest_only = 3.0 * half / 4.0;
+        assert!((out[0].data[0] - (honest_only + half / 4.0)).abs() < 1e-5);
+        assert!((out[0].data[1] - (honest_only - half / 4.0)).abs() < 1e-5);
         // The plain rule is FedAvg.
         let plain = fedavg_robust(&g, &inputs[..3], &Robustness::default()).unwrap();
         assert_eq!(plain, fedavg(&inputs[..3]).unwrap());

@@ -12,7 +12,7 @@
 //! * [`chunk`]: named arrays cut into chunks, streamed lazily, reassembled with validation;
 //! * `wire`: every protobuf <-> domain conversion, both directions;
 //! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
-//! * [`error`]: [`FedError`].
+//! * [`error`]: the library's error type, [`FedError`].
 //!
 //! Clients only connect out to the coordinator; organisations accept no connections.
 

@@ -61,7 +61,7 @@ fn main() {
     let rounds: usize = args.next().map_or(20, |s| s.parse().expect("ROUNDS"));
     let clients: u32 = args.next().map_or(3, |s| s.parse().expect("CLIENTS"));
     let mut ds = KgDataset::load(&dir).expect("load dataset");
-    let mine = |t: &Triple| t.r % clients == 0;
+    let mine = |t: &Triple| t.r.is_multiple_of(clients);
     ds.train.retain(mine);
     ds.valid.retain(mine);
     ds.test.retain(mine);

@@ -77,7 +77,7 @@ struct Refining {
 enum Progress {
     /// No stage-1 table yet.
     Start,
-    Embedding(Embedding),
+    Embedding(Box<Embedding>),
     /// A stage-1 table exists (from a FedE stage, a given file, or a restart).
     Embedded(Stage2Input),
     Refining(Box<Refining>),
@@ -148,10 +148,10 @@ impl FederatedWork {
                     &mut rng,
                 );
                 model.entities = rows;
-                self.progress = Progress::Embedding(Embedding {
+                self.progress = Progress::Embedding(Box::new(Embedding {
                     stage: stage.index,
                     transe: TransETrainer::from_model(model, cfg.clone()),
-                });
+                }));
             }
         }
         match &mut self.progress {

@@ -238,7 +238,7 @@ impl ServerConfig {
             ("poll_timeout_secs", self.poll_timeout_secs),
             ("done_grace_secs", self.done_grace_secs),
         ] {
-            if !(v.is_finite() && v >= 0.0 && v <= MAX_DURATION_SECS) {
+            if !(v.is_finite() && (0.0..=MAX_DURATION_SECS).contains(&v)) {
                 return bad(
                     key,
                     &format!("{v:?}"),

@@ -424,7 +424,7 @@ fn fede_rows_travel_in_key_order_and_average_over_holders() {
     // a adds 1, b adds 3 to each row it holds.
     for (t, s, d) in [(&ta, &sa, 1.0), (&tb, &sb, 3.0)] {
         let mut rep = report(t, s, 0.0, 10);
-        let mut rows = arrays(&t)[0].clone();
+        let mut rows = arrays(t)[0].clone();
         rows.data.iter_mut().for_each(|v| *v += d);
         rep.arrays = vec![rows];
         assert_eq!(r.on_result(rep, ms(2)), ResultOutcome::Accepted);
