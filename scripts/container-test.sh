@@ -106,21 +106,19 @@ name = "fede"
 kind = "fede"
 rounds = 2
 eval_every = 1
-[server.stages.config]
-local_epochs = "1"
-negatives = "16"
-batch_size = "512"
-lr = "0.01"
+dim = 32
+[server.stages.transe]
+epochs = 1
+negatives = 16
+lr = 0.01
 
 [[server.stages]]
 name = "simskip"
 kind = "fedavg"
 rounds = 1
-[server.stages.config]
-local_epochs = "1"
-
-[model]
 dim = 32
+[server.stages.simskip]
+epochs = 1
 TOML
 cat > "$WORK/deploy/docker-compose.quick.yml" <<'YAML'
 # Written by scripts/container-test.sh: a short run.

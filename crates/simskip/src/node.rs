@@ -60,11 +60,17 @@ pub struct ServerFile {
 
 impl Default for ServerFile {
     /// FedE for 20 rounds, then 10 rounds of federated SimSkip; figures every 5 rounds and
-    /// after each stage. Each stage trains with its learning crate's defaults, except that
-    /// the SimSkip stage takes neighbour positives, the best refinement of the WordNet-5k
-    /// study (README).
+    /// after each stage. Each stage trains with its learning crate's defaults, except:
+    /// FedE at lr 0.01 (FedE's 0.001 is tuned for FB15k-237's 272k triples; on the bundled
+    /// WordNet-5k a client has about 2k triples, 4 Adam steps an epoch, and 20 rounds at 0.001
+    /// leave the table barely trained: test MRR .023 against .07), and the SimSkip stage takes
+    /// neighbour positives, the best refinement of the WordNet-5k study (README).
     fn default() -> Self {
         let dim = TransEConfig::fede_defaults().dim;
+        let mut fede = StageParams::defaults(StageKind::FedE, dim);
+        if let StageParams::FedE(t) = &mut fede {
+            t.lr = 0.01;
+        }
         let mut simskip = StageParams::defaults(StageKind::FedAvg, dim);
         if let StageParams::SimSkip(p) = &mut simskip {
             p.config.positives = simskip_refine::Positives::Neighbour;
@@ -79,7 +85,7 @@ impl Default for ServerFile {
                     name: "fede".into(),
                     rounds: 20,
                     eval_every: 5,
-                    params: StageParams::defaults(StageKind::FedE, dim),
+                    params: fede,
                     aggregation: Default::default(),
                 },
                 StageConfig {
