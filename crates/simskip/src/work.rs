@@ -509,16 +509,16 @@ mod tests {
         // The stage trains a 16-wide model; this organisation's table is 8-wide.
         let e = ClientWork::fit(&mut org, &simskip_stage(16), 1, vec![]).unwrap_err();
         assert!(e.to_string().contains("16-wide model"), "{e}");
+        let weights = |dim| {
+            SimSkipTrainer::new(dim, SimSkipConfig::default())
+                .unwrap()
+                .export()
+        };
         // Right width, but weights of a 16-wide model: refused before training.
-        let foreign = SimSkipTrainer::new(16, SimSkipConfig::default())
-            .unwrap()
-            .export();
-        let e = ClientWork::fit(&mut org, &simskip_stage(8), 1, foreign).unwrap_err();
+        let e = ClientWork::fit(&mut org, &simskip_stage(8), 1, weights(16)).unwrap_err();
         assert!(e.to_string().contains("global model"), "{e}");
         // Weights of the stage's own architecture train, and come back in the same shapes.
-        let own = SimSkipTrainer::new(8, SimSkipConfig::default())
-            .unwrap()
-            .export();
+        let own = weights(8);
         let out = ClientWork::fit(&mut org, &simskip_stage(8), 1, own.clone()).unwrap();
         let shapes = |a: &[NamedArray]| {
             a.iter()
