@@ -62,7 +62,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
-        dataset: PathBuf::from("/work/shared/datasets/fb15k-237"),
+        dataset: PathBuf::from("../shared/datasets/fb15k-237"),
         clients: 3,
         seed: 0,
         rounds: 10,

@@ -57,7 +57,7 @@ fn parse_args() -> Result<Args> {
     let mut a = Args {
         json: PathBuf::from("federation-figures.json"),
         dataset: PathBuf::from("data/wordnet-5k"),
-        large: PathBuf::from("/work/shared/datasets/wordnet-40k"),
+        large: PathBuf::from("../shared/datasets/wordnet-40k"),
         epochs: 60,
         rounds: 30,
         local_epochs: 3,
