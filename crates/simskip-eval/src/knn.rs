@@ -129,7 +129,14 @@ fn top_k(sims: &[f32], ids: &[u32], exclude: u32, k: usize, best: &mut Vec<(i32,
 ///
 /// Panics if `labels.len() != x.rows`, or a query is out of range or unlabelled (programming
 /// errors: queries come from a [`crate::LabelSplit`]).
-pub fn knn_precision_at_k(x: &Matrix, labels: &[Option<u32>], queries: &[u32], k: usize) -> f64 {
+/// Checks the inputs of a KNN@k evaluation and returns the labelled candidates and the `k`
+/// that fits them; `None` when there is nothing to score (no query, or no neighbour).
+pub(crate) fn knn_candidates(
+    x: &Matrix,
+    labels: &[Option<u32>],
+    queries: &[u32],
+    k: usize,
+) -> Option<(Vec<u32>, usize)> {
     assert_eq!(labels.len(), x.rows, "knn: labels length vs table rows");
     for &q in queries {
         assert!(
@@ -141,9 +148,13 @@ pub fn knn_precision_at_k(x: &Matrix, labels: &[Option<u32>], queries: &[u32], k
         .filter(|&e| labels[e as usize].is_some())
         .collect();
     let k_eff = k.min(candidates.len().saturating_sub(1));
-    if queries.is_empty() || k_eff == 0 {
+    (!queries.is_empty() && k_eff > 0).then_some((candidates, k_eff))
+}
+
+pub fn knn_precision_at_k(x: &Matrix, labels: &[Option<u32>], queries: &[u32], k: usize) -> f64 {
+    let Some((candidates, k_eff)) = knn_candidates(x, labels, queries, k) else {
         return f64::NAN;
-    }
+    };
     let unit = normalised_rows(x);
     let d = x.cols;
     let mut packed = Vec::with_capacity(candidates.len() * d);

@@ -77,6 +77,21 @@ pub struct ProbeResult {
 /// Errors ([`EvalError::Invalid`]) when `labels.len() != x.rows`, a part of the split is empty,
 /// a split entity is out of range or unlabelled, a class id is `>= num_classes`, or a setting
 /// is zero.
+/// The rows `ids` of `x`, standardised with the training split's `mean` and `std`, row-major.
+pub(crate) fn standardised_rows(x: &Matrix, mean: &[f32], std: &[f32], ids: &[u32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(ids.len() * x.cols);
+    for &e in ids {
+        out.extend(
+            x.row(e as usize)
+                .iter()
+                .zip(mean)
+                .zip(std)
+                .map(|((v, m), s)| (v - m) / s),
+        );
+    }
+    out
+}
+
 pub fn probe(
     x: &Matrix,
     labels: &[Option<u32>],
@@ -88,19 +103,7 @@ pub fn probe(
     let d = x.cols;
     let class_of = |e: u32| labels[e as usize].expect("validated: labelled");
     let (mean, std) = train_statistics(x, &split.train);
-    let standardised = |ids: &[u32]| -> Vec<f32> {
-        let mut out = Vec::with_capacity(ids.len() * d);
-        for &e in ids {
-            out.extend(
-                x.row(e as usize)
-                    .iter()
-                    .zip(&mean)
-                    .zip(&std)
-                    .map(|((v, m), s)| (v - m) / s),
-            );
-        }
-        out
-    };
+    let standardised = |ids: &[u32]| standardised_rows(x, &mean, &std, ids);
     let train_x = standardised(&split.train);
     let train_y: Vec<u32> = split.train.iter().map(|&e| class_of(e)).collect();
     let valid_x = standardised(&split.valid);

@@ -13,8 +13,8 @@ use simskip_data::Matrix;
 
 use crate::error::Result;
 use crate::f1::{accuracy, macro_f1};
-use crate::knn::{dot, normalised_rows};
-use crate::probe::{train_statistics, validate, ProbeConfig, ProbeResult};
+use crate::knn::{dot, knn_candidates, normalised_rows};
+use crate::probe::{standardised_rows, train_statistics, validate, ProbeConfig, ProbeResult};
 use crate::signal::Adjacency;
 use crate::split::LabelSplit;
 
@@ -34,19 +34,7 @@ pub fn probe(
     let class_of = |e: u32| labels[e as usize].expect("validated: labelled");
 
     let (mean, std) = train_statistics(x, &split.train);
-    let standardised = |ids: &[u32]| -> Vec<f32> {
-        let mut out = Vec::with_capacity(ids.len() * d);
-        for &e in ids {
-            out.extend(
-                x.row(e as usize)
-                    .iter()
-                    .zip(&mean)
-                    .zip(&std)
-                    .map(|((v, m), s)| (v - m) / s),
-            );
-        }
-        out
-    };
+    let standardised = |ids: &[u32]| standardised_rows(x, &mean, &std, ids);
     let device = Device::Cpu;
     let train_x = standardised(&split.train);
     let train_y: Vec<u32> = split.train.iter().map(|&e| class_of(e)).collect();
@@ -153,20 +141,9 @@ impl Mlp {
 
 /// [`crate::knn_precision_at_k`], one dot product per pair.
 pub fn knn_precision_at_k(x: &Matrix, labels: &[Option<u32>], queries: &[u32], k: usize) -> f64 {
-    assert_eq!(labels.len(), x.rows, "knn: labels length vs table rows");
-    for &q in queries {
-        assert!(
-            labels.get(q as usize).is_some_and(Option::is_some),
-            "knn: query entity {q} is out of range or unlabelled"
-        );
-    }
-    let candidates: Vec<u32> = (0..x.rows as u32)
-        .filter(|&e| labels[e as usize].is_some())
-        .collect();
-    let k_eff = k.min(candidates.len().saturating_sub(1));
-    if queries.is_empty() || k_eff == 0 {
+    let Some((candidates, k_eff)) = knn_candidates(x, labels, queries, k) else {
         return f64::NAN;
-    }
+    };
     let unit = normalised_rows(x);
     let d = x.cols;
     let row = |e: u32| &unit[e as usize * d..(e as usize + 1) * d];
