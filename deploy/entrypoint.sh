@@ -9,13 +9,25 @@
 # folder itself, never its contents, and only when it is not already uid 10001's) and drops
 # to uid 10001 with setpriv before running anything else. A plain `docker compose up`, podman
 # and named volumes all work the same. Started as non-root (`--user`), it only runs the
-# command.
+# command (mount the certificate folder at /tls, readable by that user, then).
+#
+# The same holds for the party's certificate folder, mounted read-only at /tls-in: its key is
+# mode 0600 and belongs to whoever ran `simskip certs`, so uid 10001 could not read it. The
+# entrypoint copies it to /tls inside the container, owned by uid 10001, the key still 0600.
 set -eu
 SIMSKIP_UID=10001
 if [ "$(id -u)" = 0 ]; then
   mkdir -p /out
   if [ "$(stat -c %u /out)" != "$SIMSKIP_UID" ]; then
     chown "$SIMSKIP_UID:$SIMSKIP_UID" /out
+  fi
+  if [ -d /tls-in ]; then
+    rm -rf /tls
+    mkdir -m 0700 /tls
+    cp /tls-in/*.pem /tls/
+    chmod 0644 /tls/*.pem
+    chmod 0600 /tls/key.pem
+    chown -R "$SIMSKIP_UID:$SIMSKIP_UID" /tls
   fi
   exec setpriv --reuid="$SIMSKIP_UID" --regid="$SIMSKIP_UID" --clear-groups -- "$@"
 fi

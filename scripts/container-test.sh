@@ -91,6 +91,9 @@ for k in 0 1 2; do
   mkdir -p "$WORK/deploy/orgs/${orgs[$k]}"
   mv "$WORK/parts/client-$k" "$WORK/deploy/orgs/${orgs[$k]}/data"
 done
+# The federation's certificates, as the compose file's header says to make them.
+"$ROOT/target/release/simskip" certs --out "$WORK/deploy/tls" --coordinator-host coordinator \
+  --org org-a --org org-b --org org-c --days 2 >/dev/null
 # A short federation: 2 FedE rounds, 1 SimSkip round, a small model and probe.
 cat > "$WORK/deploy/quick-server.toml" <<'TOML'
 [server]
@@ -100,6 +103,11 @@ min_fit_clients = 3
 round_timeout_secs = 600.0
 done_grace_secs = 5.0
 out_dir = "/out"
+
+[server.auth]
+mode = "mtls"
+tls_dir = "/tls"
+organisations = ["org-a", "org-b", "org-c"]
 
 [[server.stages]]
 name = "fede"
@@ -197,4 +205,7 @@ done
   --org "org-a=$WORK/deploy/orgs/org-a/out" --org "org-b=$WORK/deploy/orgs/org-b/out" \
   --org "org-c=$WORK/deploy/orgs/org-c/out" --out "$WORK/report.html" >/dev/null
 grep -c '<svg' "$WORK/report.html" >/dev/null
+# Every organisation was admitted under its certificate's name over mutual TLS.
+podman logs "${container[coordinator]}" 2>&1 | grep -q 'auth="mtls"\|auth=mtls' ||
+  { echo "the coordinator did not run mutual TLS" >&2; dump_logs; exit 1; }
 echo "container-test: PASSED ($(wc -l <"$metrics") round records, 3 organisations; $(( $(date +%s) - started )) s in all)"

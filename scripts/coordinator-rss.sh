@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Peak resident memory of the coordinator during FedE rounds: one simskip-server and three
-# simskip-client processes on loopback, over a graph split in 3 by relation.
+# simskip-client processes on loopback (plain text: memory, not transport, is measured here),
+# over a graph split in 3 by relation.
 #
 #   scripts/coordinator-rss.sh [BIN_DIR] [DATASET] [ROUNDS]
 #
@@ -24,6 +25,9 @@ address_file = "$work/address"
 min_clients = 3
 min_fit_clients = 3
 out_dir = "$work/coordinator"
+[server.auth]
+mode = "insecure"
+organisations = ["org-0", "org-1", "org-2"]
 [[server.stages]]
 name = "fede"
 kind = "fede"
@@ -42,6 +46,8 @@ for part in "$work"/parts/*/; do
 [client]
 server = "http://$(cat "$work/address")"
 name = "org-$i"
+[client.auth]
+mode = "insecure"
 [data]
 dir = "$part"
 out_dir = "$work/out$i"

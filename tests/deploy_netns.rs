@@ -143,6 +143,18 @@ fn compose_services_run_in_network_namespaces() {
         std::fs::rename(parts.join(format!("client-{k}")), dir.join("data")).unwrap();
     }
 
+    // The federation's certificates, made as the compose file's header says (`simskip certs
+    // --out deploy/tls ...`); each service's `./tls/<party>` volume points into this folder.
+    let mut certs = Command::new(bin_dir.join("simskip"));
+    certs
+        .args(["certs", "--out"])
+        .arg(tmp.path().join("tls"))
+        .args(["--coordinator-host", "coordinator", "--days", "2"]);
+    for org in &orgs {
+        certs.args(["--org", org.as_str()]);
+    }
+    assert!(certs.status().unwrap().success());
+
     // One namespace per service; org K reaches the coordinator over veth 10.203.K.0/30.
     let tag = std::process::id() % 100_000;
     let ns_of = |service: &str| format!("ss{tag}-{service}");
@@ -209,9 +221,19 @@ fn compose_services_run_in_network_namespaces() {
         }
         let mut env = svc.environment.clone();
         for volume in &svc.volumes {
+            let source = volume.split(':').next().unwrap();
             let container = volume.split(':').nth(1).unwrap();
-            let host = dir.join(container.trim_start_matches('/'));
+            let mut host = dir.join(container.trim_start_matches('/'));
             let key = match (service, container) {
+                // The entrypoint's copy of the certificate folder is where the config points.
+                ("coordinator", "/tls-in") => {
+                    host = tmp.path().join(source.trim_start_matches("./"));
+                    "SIMSKIP_SERVER__AUTH__TLS_DIR"
+                }
+                (_, "/tls-in") => {
+                    host = tmp.path().join(source.trim_start_matches("./"));
+                    "SIMSKIP_CLIENT__AUTH__TLS_DIR"
+                }
                 ("coordinator", "/out") => "SIMSKIP_SERVER__OUT_DIR",
                 (_, "/data") => "SIMSKIP_DATA__DIR",
                 (_, "/out") => "SIMSKIP_DATA__OUT_DIR",

@@ -196,6 +196,20 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     )
     .unwrap();
     let dirs = simskip_data::partition::write_partitions(&parts, &out.join("private")).unwrap();
+    // Mutual TLS, as every deployment runs: the federation's certificates first.
+    let names: Vec<String> = (0..3).map(|k| format!("org-{k}")).collect();
+    let tls = out.join("tls");
+    simskip_fed::tls::provision(
+        &tls,
+        &simskip_fed::tls::ProvisionSpec {
+            federation: "test".into(),
+            coordinator_hosts: vec!["127.0.0.1".into()],
+            organisations: names.clone(),
+            validity_days: 2,
+            overwrite_ca: false,
+        },
+    )
+    .unwrap();
     // The coordinator binds a free port itself and says which.
     let address_file = out.join("coordinator.address");
     let mut server: ServerFile = settings.server.clone();
@@ -204,6 +218,10 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     server.server.out_dir = out.join("coordinator");
     server.server.min_clients = 3;
     server.server.min_fit_clients = 2;
+    server.server.auth = simskip_fed::ServerAuth::Mtls {
+        tls_dir: tls.join("coordinator"),
+        organisations: names.clone(),
+    };
     // Short enough to see a dead client dropped within the test, long enough that a busy
     // 2-core machine does not drop live ones.
     server.server.round_timeout_secs = 12.0;
@@ -234,8 +252,13 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     let mut configs = vec![];
     for (k, dir) in dirs.iter().enumerate() {
         let mut c = settings.client.clone();
-        c.client.server = format!("http://{address}");
-        c.client.name = format!("org-{k}");
+        c.client.server = format!("https://{address}");
+        // The name comes from the certificate.
+        c.client.name = String::new();
+        c.client.auth = simskip_fed::ClientAuth::Mtls {
+            tls_dir: tls.join(&names[k]),
+            server_name: None,
+        };
         c.data.dir = dir.clone();
         c.data.out_dir = out.join(format!("org-{k}-output"));
         let path = out.join(format!("client-{k}.toml"));

@@ -10,6 +10,7 @@ use simskip_data::NamedArray;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::auth::{ClientAuth, ClientCredentials};
 use crate::chunk::{
     chunk_keys, payload_headers, Assembler, PayloadChunks, DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -69,12 +70,14 @@ pub trait ClientWork: Send + 'static {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientConfig {
-    /// Coordinator URL, e.g. "http://coordinator.example:50051".
+    /// Coordinator URL, e.g. "https://coordinator.example:50051" (`http://` only with
+    /// `auth.mode = "insecure"`).
     pub server: String,
-    /// Unique client name (re-registering under it replaces the previous session).
+    /// The organisation's name. With mutual TLS it comes from the certificate and may be left
+    /// empty (if set, it must agree).
     pub name: String,
-    /// Shared token, if the coordinator has one.
-    pub token: String,
+    /// How this organisation proves its name (`[client.auth]`): mutual TLS by default.
+    pub auth: ClientAuth,
     /// Run to join; empty: whichever run the coordinator is running.
     pub run_id: String,
     /// Consecutive failed attempts to reach the coordinator before giving up.
@@ -94,9 +97,9 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
-            server: "http://127.0.0.1:50051".into(),
+            server: "https://127.0.0.1:50051".into(),
             name: String::new(),
-            token: String::new(),
+            auth: ClientAuth::default(),
             run_id: String::new(),
             connect_retries: 30,
             backoff_initial_ms: 200,
@@ -115,12 +118,10 @@ impl ClientConfig {
         let bad = |key: &str, value: &dyn std::fmt::Display, why: &str| {
             Err(FedError::Config(format!("client.{key} = {value}: {why}")))
         };
-        if self.name.is_empty() {
-            return bad("name", &"\"\"", "every organisation needs a name");
-        }
         if Endpoint::from_shared(self.server.clone()).is_err() {
-            return bad("server", &self.server, "not a URL like http://host:port");
+            return bad("server", &self.server, "not a URL like https://host:port");
         }
+        self.auth.validate(&self.name, &self.server)?;
         if self.chunk_bytes < 4
             || self.chunk_bytes.saturating_add(64 << 10) > self.max_message_bytes
         {
@@ -168,6 +169,7 @@ enum SessionEnd {
 
 struct Session {
     client: CoordinatorClient<Channel>,
+    credentials: Arc<ClientCredentials>,
     run_id: String,
     session: String,
     chunk_bytes: usize,
@@ -221,8 +223,12 @@ fn protocol(server: &str, message: impl std::fmt::Display) -> SessionEnd {
 /// coordinator is unreachable, up to `connect_retries` consecutive failures; after a broken
 /// connection or a forgotten session it registers again and carries on with the current
 /// global model.
-pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> Result<(), FedError> {
+pub async fn run_client<W: ClientWork>(mut cfg: ClientConfig, work: W) -> Result<(), FedError> {
     cfg.validate()?;
+    // Certificates and tokens are read once, before the first connection; the name in use
+    // from here on is the one they prove.
+    let credentials = Arc::new(cfg.auth.load(&cfg.name, &cfg.server)?);
+    cfg.name = credentials.name.clone();
     let keys = Arc::new(work.entity_keys());
     let num_examples = work.num_examples();
     let mut work = Some(work);
@@ -231,7 +237,7 @@ pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> Result<(),
     let mut backoff = Duration::from_millis(cfg.backoff_initial_ms);
     let max_backoff = Duration::from_millis(cfg.backoff_max_ms);
     loop {
-        let session = match connect_and_register(&cfg, &keys, num_examples).await {
+        let session = match connect_and_register(&cfg, &credentials, &keys, num_examples).await {
             Ok(s) => s,
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Reconnect(e)) => {
@@ -273,16 +279,13 @@ pub async fn run_client<W: ClientWork>(cfg: ClientConfig, work: W) -> Result<(),
 
 async fn connect_and_register(
     cfg: &ClientConfig,
+    credentials: &Arc<ClientCredentials>,
     keys: &Arc<Vec<String>>,
     num_examples: u64,
 ) -> Result<Session, SessionEnd> {
-    let endpoint = Endpoint::from_shared(cfg.server.clone())
-        .map_err(|e| {
-            SessionEnd::Fatal(FedError::Config(format!(
-                "client.server = {}: {e}",
-                cfg.server
-            )))
-        })?
+    let endpoint = credentials
+        .endpoint(&cfg.server)
+        .map_err(SessionEnd::Fatal)?
         .connect_timeout(Duration::from_secs_f64(cfg.connect_timeout_secs))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
@@ -299,7 +302,8 @@ async fn connect_and_register(
     let mut msgs = vec![proto::RegisterRequest {
         part: Some(register_request::Part::Header(proto::RegisterHeader {
             client_name: cfg.name.clone(),
-            credentials: cfg.token.clone(),
+            // Credentials travel in the TLS handshake or the call's metadata, never here.
+            credentials: String::new(),
             num_examples,
             num_entity_keys: keys.len() as u64,
             run_id: cfg.run_id.clone(),
@@ -316,6 +320,7 @@ async fn connect_and_register(
             }),
     );
     let mut request = tonic::Request::new(tokio_stream::iter(msgs));
+    credentials.authorize(&mut request);
     // An address that accepts but never answers must not hang the client.
     request.set_timeout(CALL_DEADLINE);
     let reply = client
@@ -336,6 +341,7 @@ async fn connect_and_register(
         ));
     Ok(Session {
         client,
+        credentials: credentials.clone(),
         run_id: reply.run_id,
         session: reply.session,
         chunk_bytes,
@@ -350,6 +356,7 @@ const CALL_DEADLINE: Duration = Duration::from_secs(120);
 fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
     let period = session.heartbeat;
     let mut client = session.client.clone();
+    let credentials = session.credentials.clone();
     let req = proto::HeartbeatRequest {
         run_id: session.run_id.clone(),
         round: 0,
@@ -359,6 +366,7 @@ fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
         loop {
             tokio::time::sleep(period).await;
             let mut call = tonic::Request::new(req.clone());
+            credentials.authorize(&mut call);
             call.set_timeout(period.max(Duration::from_secs(5)));
             match client.heartbeat(call).await {
                 Ok(r) if !r.get_ref().known => {
@@ -376,6 +384,22 @@ enum Polled {
     Wait,
     Done,
     Task(TaskHeader, Vec<NamedArray>),
+    /// A task this client cannot read or whose payload is malformed: it is answered as a
+    /// failure (so the round does not wait for it) and the client carries on.
+    Refused(proto::ResultHeader),
+}
+
+/// The failure answer to the task `h` announced, without reading anything else of it.
+fn refusal(h: &proto::TaskHeader, session: &str, reason: String) -> proto::ResultHeader {
+    proto::ResultHeader {
+        run_id: h.run_id.clone(),
+        round: h.round,
+        task_id: h.task_id.clone(),
+        session_id: session.to_string(),
+        kind: h.kind,
+        error: reason,
+        ..Default::default()
+    }
 }
 
 async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<Polled, SessionEnd> {
@@ -385,6 +409,7 @@ async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<Polled, Ses
         session_id: s.session.clone(),
     });
     req.set_timeout(s.poll_timeout + Duration::from_secs(30));
+    s.credentials.authorize(&mut req);
     let mut client = s.client.clone();
     let mut stream = client
         .poll_task(req)
@@ -408,19 +433,36 @@ async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<Polled, Ses
         Ok(PolledHeader::Done) => return Ok(Polled::Done),
         Ok(PolledHeader::Task(t)) => t,
         // A task this client cannot read is refused, not trained on.
+        Err(e) if !header.task_id.is_empty() => {
+            let reason = format!("task refused: {e}");
+            tracing::warn!(server = %cfg.server, round = header.round, "{reason}");
+            return Ok(Polled::Refused(refusal(&header, &s.session, reason)));
+        }
         Err(e) => return Err(protocol(&cfg.server, format!("task refused: {e}"))),
     };
-    let mut asm = Assembler::new(&header.arrays)
-        .map_err(|e| protocol(&cfg.server, format!("bad task: {e}")))?
-        .expect_run(task.run_id.clone(), task.round);
+    let mut asm = match Assembler::new(&header.arrays) {
+        Ok(asm) => asm.expect_run(task.run_id.clone(), task.round),
+        Err(e) => {
+            let reason = format!("bad task payload: {e}");
+            tracing::warn!(server = %cfg.server, round = task.round, "{reason}");
+            return Ok(Polled::Refused(refusal(&header, &s.session, reason)));
+        }
+    };
     loop {
         match stream.message().await {
             Ok(Some(proto::TaskChunk {
                 part: Some(task_chunk::Part::Tensor(c)),
-            })) => asm
-                .push(c)
-                .map_err(|e| protocol(&cfg.server, format!("bad task: {e}")))?,
-            Ok(Some(_)) => return Err(protocol(&cfg.server, "unexpected second task header")),
+            })) => {
+                if let Err(e) = asm.push(c) {
+                    let reason = format!("bad task payload: {e}");
+                    tracing::warn!(server = %cfg.server, round = task.round, "{reason}");
+                    return Ok(Polled::Refused(refusal(&header, &s.session, reason)));
+                }
+            }
+            Ok(Some(_)) => {
+                let reason = "unexpected second task header".to_string();
+                return Ok(Polled::Refused(refusal(&header, &s.session, reason)));
+            }
             Ok(None) => break,
             Err(e) => return Err(classify(&cfg.server, "receiving a task", e)),
         }
@@ -455,6 +497,10 @@ async fn run_session<W: ClientWork>(
                 return Ok(());
             }
             Polled::Task(t, a) => (t, a),
+            Polled::Refused(header) => {
+                push_header_only(cfg, s, header).await?;
+                continue;
+            }
         };
         round = task.round;
         tracing::debug!(client = %cfg.name, stage = %task.stage.name, round, kind = task.kind.as_str(), "task");
@@ -519,6 +565,25 @@ async fn run_session<W: ClientWork>(
     }
 }
 
+/// Answers a task with a header alone (a refusal).
+async fn push_header_only(
+    cfg: &ClientConfig,
+    s: &Session,
+    header: proto::ResultHeader,
+) -> Result<(), SessionEnd> {
+    let first = proto::ResultChunk {
+        part: Some(result_chunk::Part::Header(header)),
+    };
+    let mut request = tonic::Request::new(tokio_stream::iter(std::iter::once(first)));
+    s.credentials.authorize(&mut request);
+    request.set_timeout(CALL_DEADLINE);
+    let mut client = s.client.clone();
+    match client.push_result(request).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(classify(&cfg.server, "pushing a refusal", e)),
+    }
+}
+
 /// Streams an answer: header, then its chunks, built one by one as they are sent.
 async fn push(
     cfg: &ClientConfig,
@@ -544,10 +609,9 @@ async fn push(
         }
     });
     let mut client = s.client.clone();
-    match client
-        .push_result(tokio_stream::iter(std::iter::once(first).chain(chunks)))
-        .await
-    {
+    let mut request = tonic::Request::new(tokio_stream::iter(std::iter::once(first).chain(chunks)));
+    s.credentials.authorize(&mut request);
+    match client.push_result(request).await {
         Ok(r) => {
             let r = r.into_inner();
             if r.status != proto::ResultStatus::Accepted as i32 {

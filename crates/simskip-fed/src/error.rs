@@ -31,6 +31,9 @@ pub enum FedError {
     Transport(#[from] tonic::transport::Error),
     #[error("writing the run's outputs: {0}")]
     Output(String),
+    /// The run ended before its last stage (it could no longer reach its minimum clients).
+    #[error("run {run_id} aborted: {reason}")]
+    Aborted { run_id: String, reason: String },
     /// The coordinator could not be reached within the configured attempts.
     #[error("could not reach the coordinator at {server} after {attempts} attempts: {last}")]
     Unreachable {

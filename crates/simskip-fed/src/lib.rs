@@ -11,12 +11,14 @@
 //! * [`client`]: the organisation side ([`client::run_client`] driving a [`ClientWork`]);
 //! * [`chunk`]: named arrays cut into chunks, streamed lazily, reassembled with validation;
 //! * `wire`: every protobuf <-> domain conversion, both directions;
+//! * [`auth`]: who is calling: mTLS, per-organisation tokens or explicit plain text;
 //! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
 //! * [`error`]: the library's error type, [`FedError`].
 //!
 //! Clients only connect out to the coordinator; organisations accept no connections.
 
 pub mod aggregate;
+pub mod auth;
 pub mod chunk;
 pub mod client;
 pub mod coordinator;
@@ -35,6 +37,7 @@ pub mod proto {
 }
 
 pub use aggregate::{fedavg, fede_aggregate, weighted_metrics, AggregateError, EntityTable};
+pub use auth::{ClientAuth, ServerAuth};
 pub use client::{run_client, ClientConfig, ClientWork, EvalOutput, FitOutput};
 pub use coordinator::config::{ServerConfig, StageConfig};
 pub use coordinator::rounds;

@@ -9,9 +9,9 @@ use simskip_data::tensors::read_named_safetensors;
 use simskip_data::NamedArray;
 use simskip_fed::chunk::DEFAULT_MAX_MESSAGE_BYTES;
 use simskip_fed::{
-    run_client, serve, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy, FedEStrategy,
-    FedError, FitOutput, Robustness, ServerConfig, StageConfig, StageInfo, StageKind, StageParams,
-    Strategy, WorkError,
+    run_client, serve, ClientAuth, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy,
+    FedEStrategy, FedError, FitOutput, Robustness, ServerAuth, ServerConfig, StageConfig,
+    StageInfo, StageKind, StageParams, Strategy, WorkError,
 };
 use tokio::net::TcpListener;
 
@@ -136,6 +136,8 @@ fn server_config(out: &Path, stages: Vec<StageConfig>, min: usize, min_fit: usiz
         seed: 3,
         tick_ms: 20,
         done_grace_secs: 1.0,
+        // These tests exercise the rounds; tests/identity.rs runs the same over mTLS/tokens.
+        auth: ServerAuth::insecure(),
         ..ServerConfig::default()
     }
 }
@@ -147,6 +149,7 @@ fn client_config(port: u16, name: &str) -> ClientConfig {
         connect_retries: 20,
         backoff_initial_ms: 50,
         backoff_max_ms: 200,
+        auth: ClientAuth::Insecure {},
         ..ClientConfig::default()
     }
 }
@@ -427,12 +430,14 @@ async fn table_larger_than_4_mib_crosses_grpc_and_client_waits_for_server() {
 }
 
 #[tokio::test]
-async fn bad_token_is_refused_clearly() {
+async fn unlisted_organisation_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 1, 0)], 1, 1);
-    cfg.token = Some("secret".into());
+    cfg.auth = ServerAuth::Insecure {
+        organisations: vec!["org-a".into()],
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![arr(
         "w",
@@ -449,8 +454,7 @@ async fn bad_token_is_refused_clearly() {
         log: Arc::default(),
         block: None,
     };
-    let mut cc = client_config(port, "intruder");
-    cc.token = "guess".into();
+    let cc = client_config(port, "intruder");
     let err = run_client(cc, work).await.unwrap_err();
     assert!(
         matches!(&err, FedError::Refused { what: "registration", server, .. } if server == &format!("http://127.0.0.1:{port}")),
@@ -482,11 +486,21 @@ fn server_config_parses_with_defaults_and_rejects_unknown_fields() {
     .is_err());
     assert!(cfg.run_id.starts_with("run-"));
     assert_eq!(cfg.chunk_bytes, 1 << 20);
-    cfg.validate().unwrap();
+    // Mutual TLS is the default, and it needs the organisations named.
+    assert_eq!(cfg.auth.mode(), "mtls");
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("server.auth.organisations"), "{e}");
     assert!(serde_json::from_str::<ServerConfig>(r#"{"min_client":3}"#).is_err());
     assert!(serde_json::from_str::<ClientConfig>(r#"{"name":"a","tokn":"x"}"#).is_err());
     let cc: ClientConfig = serde_json::from_str(r#"{"name":"a","server":"http://h:1"}"#).unwrap();
     assert_eq!(cc.connect_retries, 30);
+    // Plain text is refused unless asked for by name.
+    let e = cc.validate().unwrap_err().to_string();
+    assert!(e.contains("client.server") && e.contains("https://"), "{e}");
+    let cc: ClientConfig =
+        serde_json::from_str(r#"{"name":"a","server":"http://h:1","auth":{"mode":"insecure"}}"#)
+            .unwrap();
+    cc.validate().unwrap();
 }
 
 /// A rogue organisation on the project's own generated gRPC client, speaking the protocol by

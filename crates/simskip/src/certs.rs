@@ -1,4 +1,5 @@
-//! `simskip certs`: provision the federation's certificates (CA, coordinator, organisations).
+//! `simskip certs`: provision the federation's certificates (CA, coordinator, organisations);
+//! `simskip token`: a per-organisation token for the lighter `tokens` mode.
 
 use std::path::PathBuf;
 
@@ -46,5 +47,54 @@ pub fn run(args: CertsArgs) -> Result<()> {
     for org in &done.organisations {
         println!("organisation {}: {}", org.name, org.files.cert.display());
     }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The organisation the token is for.
+    #[arg(long = "org", value_name = "NAME")]
+    pub organisation: String,
+    /// Write the token to this file (mode 0600) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+pub fn token(args: TokenArgs) -> Result<()> {
+    simskip_fed::tls::validate_organisation_name(&args.organisation)
+        .context("simskip token --org")?;
+    let (token, digest) = simskip_fed::auth::new_token();
+    match &args.out {
+        Some(path) => {
+            write_private(path, &token)?;
+            println!(
+                "token for {}: written to {}",
+                args.organisation,
+                path.display()
+            );
+        }
+        None => println!(
+            "token for {} (give it to that organisation only): {token}",
+            args.organisation
+        ),
+    }
+    println!("for the coordinator's settings:");
+    println!("[[server.auth.organisations]]");
+    println!("name = {:?}", args.organisation);
+    println!("token_sha256 = {digest:?}");
+    Ok(())
+}
+
+/// Creates `path` new with mode 0600, so the token never sits in a file others can read.
+fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    writeln!(file, "{text}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

@@ -45,6 +45,9 @@ pub enum Command {
     Simulate(crate::simulate::SimulateArgs),
     /// Provision the federation CA and the mutual-TLS certificates of every party.
     Certs(crate::certs::CertsArgs),
+    /// Make a per-organisation token (`tokens` mode): prints the token, for the organisation
+    /// only, and its SHA-256, for the coordinator's `[[server.auth.organisations]]`.
+    Token(crate::certs::TokenArgs),
     /// The federation coordinator (the same as the `simskip-server` command).
     Server(crate::node::ServerArgs),
     /// An organisation's daemon (the same as the `simskip-client` command).
@@ -168,6 +171,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => crate::bench::run(&load_settings(cli.config.as_deref())?, args),
         Command::Simulate(args) => crate::simulate::run(args),
         Command::Certs(args) => crate::certs::run(args),
+        Command::Token(args) => crate::certs::token(args),
         // `--config` given before the subcommand counts as the daemon's own.
         Command::Server(mut args) => {
             args.config = args.config.or(cli.config);

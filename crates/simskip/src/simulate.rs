@@ -22,6 +22,9 @@ use simskip_data::partition::{
 };
 use simskip_data::KgDataset;
 
+use simskip_fed::tls::{provision, ProvisionSpec, COORDINATOR_DIR};
+use simskip_fed::{ClientAuth, ServerAuth};
+
 use crate::node::{ClientFile, RunFigures, ServerFile};
 use crate::settings;
 
@@ -45,6 +48,17 @@ pub enum SplitKind {
     Triples,
 }
 
+/// How the simulated organisations prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimulateAuth {
+    /// A federation CA and one certificate per party are made for the run (`OUT/tls`), as
+    /// `simskip certs` would; every call runs mutual TLS.
+    Mtls,
+    /// Plain text on loopback, names as claimed (to measure what TLS costs).
+    Insecure,
+}
+
 /// The `[simulate]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -58,6 +72,7 @@ pub struct SimulateSettings {
     pub out_dir: PathBuf,
     /// The whole run is stopped (and reported as failed) after this long.
     pub timeout_secs: u64,
+    pub auth: SimulateAuth,
 }
 
 impl Default for SimulateSettings {
@@ -69,6 +84,7 @@ impl Default for SimulateSettings {
             seed: 0,
             out_dir: PathBuf::from("runs/simulate"),
             timeout_secs: 1800,
+            auth: SimulateAuth::Mtls,
         }
     }
 }
@@ -81,6 +97,20 @@ pub struct SimulateFile {
     pub simulate: SimulateSettings,
     pub server: ServerFile,
     pub client: ClientFile,
+}
+
+/// The run's certificates, under the output folder: `ca.pem`, `ca.key`, `coordinator/`, and
+/// one folder per organisation.
+pub const TLS_DIR: &str = "tls";
+
+impl SimulateAuth {
+    /// The coordinator's URL at `address` (host:port).
+    fn url(self, address: &str) -> String {
+        match self {
+            SimulateAuth::Mtls => format!("https://{address}"),
+            SimulateAuth::Insecure => format!("http://{address}"),
+        }
+    }
 }
 
 /// The file every folder `simulate` creates holds; only such a folder (or an empty one) is
@@ -209,6 +239,17 @@ impl Plan {
         server.server.address_file = Some(out.join(ADDRESS_FILE));
         server.server.out_dir = out.join("coordinator");
         server.server.min_clients = sim.clients;
+        let names: Vec<String> = (0..sim.clients).map(|k| format!("org-{k}")).collect();
+        let tls = out.join(TLS_DIR);
+        server.server.auth = match sim.auth {
+            SimulateAuth::Mtls => ServerAuth::Mtls {
+                tls_dir: tls.join(COORDINATOR_DIR),
+                organisations: names.clone(),
+            },
+            SimulateAuth::Insecure => ServerAuth::Insecure {
+                organisations: names.clone(),
+            },
+        };
         round_trip(&server, "the coordinator's settings")?;
         // What the coordinator checks when it starts, done here first.
         server
@@ -221,9 +262,20 @@ impl Plan {
         let clients = (0..sim.clients)
             .map(|k| {
                 let mut client = file.client.clone();
+                client.client.name = names[k].clone();
+                client.client.auth = match sim.auth {
+                    SimulateAuth::Mtls => ClientAuth::Mtls {
+                        tls_dir: tls.join(&names[k]),
+                        server_name: None,
+                    },
+                    SimulateAuth::Insecure => ClientAuth::Insecure {},
+                };
                 // Until the coordinator says where it listens.
-                client.client.server = "http://127.0.0.1:1".into();
-                client.client.name = format!("org-{k}");
+                client.client.server = sim.auth.url("127.0.0.1:1");
+                client
+                    .client
+                    .validate()
+                    .context("the organisations' settings ([client.client])")?;
                 client.data.dir = out.join("private").join(format!("client-{k}"));
                 client.data.out_dir = out.join(format!("org-{k}-output"));
                 round_trip(&client, "the organisations' settings ([client])")?;
@@ -413,6 +465,20 @@ pub fn simulate(file: &SimulateFile, program: &NodeProgram) -> Result<RunFigures
     let deadline = Instant::now() + Duration::from_secs(sim.timeout_secs);
 
     prepare_out_dir(out)?;
+    if sim.auth == SimulateAuth::Mtls {
+        let names = plan.clients.iter().map(|c| c.client.name.clone()).collect();
+        provision(
+            &out.join(TLS_DIR),
+            &ProvisionSpec {
+                federation: "simskip-simulate".into(),
+                coordinator_hosts: vec!["127.0.0.1".into(), "localhost".into()],
+                organisations: names,
+                validity_days: 7,
+                overwrite_ca: false,
+            },
+        )
+        .context("making the run's certificates")?;
+    }
     let dirs = write_partitions(&plan.parts, &out.join("private"))?;
     let planned: Vec<&PathBuf> = plan.clients.iter().map(|c| &c.data.dir).collect();
     anyhow::ensure!(
@@ -434,7 +500,7 @@ pub fn simulate(file: &SimulateFile, program: &NodeProgram) -> Result<RunFigures
     for (k, client) in plan.clients.iter().enumerate() {
         let path = out.join(format!("client-{k}.toml"));
         let mut client = client.clone();
-        client.client.server = format!("http://{address}");
+        client.client.server = sim.auth.url(&address);
         write_toml(&path, &client)?;
         daemons.push(Daemon::spawn(
             program.command("client", &path),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use simskip_kge::TransEConfig;
 
+use crate::auth::ServerAuth;
 use crate::chunk::{DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::coordinator::rounds::{RoundsConfig, StageSpec};
 use crate::error::FedError;
@@ -133,8 +134,8 @@ pub struct ServerConfig {
     pub address_file: Option<PathBuf>,
     /// Run id; the default is random.
     pub run_id: String,
-    /// Shared token clients must present; `None` or empty: no check.
-    pub token: Option<String>,
+    /// Who may call and how they prove it (`[server.auth]`): mutual TLS by default.
+    pub auth: ServerAuth,
     /// Alive clients needed before any round starts.
     pub min_clients: usize,
     /// Fraction of alive clients selected per FIT round.
@@ -142,6 +143,9 @@ pub struct ServerConfig {
     /// At least this many clients are selected, and must answer, for a round to count.
     pub min_fit_clients: usize,
     pub round_timeout_secs: f64,
+    /// Longest the run waits for enough alive clients before a round; then it is aborted
+    /// and the coordinator exits non-zero.
+    pub quorum_timeout_secs: f64,
     /// Interval the clients are told to heartbeat at.
     pub heartbeat_interval_secs: f64,
     /// A client silent this long is dead (must register again).
@@ -170,11 +174,12 @@ impl Default for ServerConfig {
             listen: "0.0.0.0:50051".into(),
             address_file: None,
             run_id: format!("run-{:016x}", rand::random::<u64>()),
-            token: None,
+            auth: ServerAuth::default(),
             min_clients: 2,
             fraction_fit: 1.0,
             min_fit_clients: 2,
             round_timeout_secs: 600.0,
+            quorum_timeout_secs: 1800.0,
             heartbeat_interval_secs: 5.0,
             heartbeat_timeout_secs: 30.0,
             poll_timeout_secs: 20.0,
@@ -233,6 +238,7 @@ impl ServerConfig {
         }
         for (key, v) in [
             ("round_timeout_secs", self.round_timeout_secs),
+            ("quorum_timeout_secs", self.quorum_timeout_secs),
             ("heartbeat_interval_secs", self.heartbeat_interval_secs),
             ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
             ("poll_timeout_secs", self.poll_timeout_secs),
@@ -256,6 +262,7 @@ impl ServerConfig {
                 ),
             );
         }
+        self.auth.validate()?;
         if self.stages.is_empty() {
             return bad("stages", &"[]", "at least one stage is needed");
         }
@@ -301,6 +308,7 @@ impl ServerConfig {
             min_fit_clients: self.min_fit_clients,
             round_timeout: secs(self.round_timeout_secs),
             heartbeat_timeout: secs(self.heartbeat_timeout_secs),
+            quorum_timeout: secs(self.quorum_timeout_secs),
             seed: self.seed,
             stages: self
                 .stages
@@ -333,6 +341,8 @@ mod tests {
     fn stages_parse_into_typed_params_and_round_trip() {
         let cfg = parse(
             r#"
+            [auth]
+            mode = "insecure"
             [[stages]]
             name = "fede"
             kind = "fede"
@@ -402,6 +412,8 @@ mod tests {
         let mut cfg = parse(
             r#"
             poll_timeout_secs = 1e300
+            [auth]
+            mode = "insecure"
             [[stages]]
             name = "s"
             kind = "fede"

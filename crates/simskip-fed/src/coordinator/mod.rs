@@ -74,6 +74,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, FedError> {
     cfg.validate()?;
+    // Certificates and keys are read before anything is written or served.
+    let (tls, gatekeeper) = cfg.auth.load()?;
     let rounds = Rounds::new(cfg.rounds_config(), strategies)?;
     let mut sink = Sink::open(&cfg.out_dir, &cfg.run_id)?;
     let (tx, rx) = std::sync::mpsc::channel::<Option<Event>>();
@@ -93,7 +95,7 @@ pub async fn serve(
         notify: Notify::new(),
         start: Instant::now(),
         run_id: cfg.run_id.clone(),
-        token: cfg.token.clone(),
+        gatekeeper,
         chunk_bytes: cfg.chunk_bytes,
         heartbeat_interval: secs(cfg.heartbeat_interval_secs),
         poll_timeout: secs(cfg.poll_timeout_secs),
@@ -114,7 +116,13 @@ pub async fn serve(
             ))
         })?;
     }
-    tracing::info!(run_id = %cfg.run_id, addr = %local, "coordinator listening");
+    tracing::info!(run_id = %cfg.run_id, addr = %local, auth = cfg.auth.mode(), "coordinator listening");
+    if tls.is_none() {
+        tracing::warn!(
+            "server.auth.mode = \"insecure\": plain text, and any caller may claim a name; \
+             use it on one machine only"
+        );
+    }
 
     // Ticker: advances time and decides when the run is over.
     let (finished_tx, finished_rx) = tokio::sync::oneshot::channel::<()>();
@@ -133,7 +141,8 @@ pub async fn serve(
                     shared.advance(&mut r);
                     r.done_at().is_some_and(|at| {
                         r.all_alive_told_done() || now.saturating_sub(at) >= grace
-                    }) || shared.closing.load(Ordering::SeqCst)
+                    }) || r.aborted().is_some()
+                        || shared.closing.load(Ordering::SeqCst)
                 };
                 if over {
                     let _ = finished_tx.send(());
@@ -162,7 +171,11 @@ pub async fn serve(
         }
     };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let served = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(svc)
@@ -170,7 +183,7 @@ pub async fn serve(
         .await;
     ticker.abort();
 
-    let (records, globals, ignored, completed) = {
+    let (records, globals, ignored, completed, aborted) = {
         let mut r = shared.rounds.lock().await;
         // Flush what the last tick produced, then stop the sink.
         shared.advance(&mut r);
@@ -182,7 +195,8 @@ pub async fn serve(
                 .filter_map(|i| r.strategy(i).map(|s| s.global()))
                 .collect(),
             r.ignored_results(),
-            r.is_done(),
+            r.is_done() && r.aborted().is_none(),
+            r.aborted().map(str::to_string),
         )
     };
     let _ = ticker.await;
@@ -193,6 +207,12 @@ pub async fn serve(
     match written {
         Ok(r) => r?,
         Err(_) => return Err(FedError::Output("the output writer panicked".into())),
+    }
+    if let Some(reason) = aborted {
+        return Err(FedError::Aborted {
+            run_id: cfg.run_id,
+            reason,
+        });
     }
     Ok(RunSummary {
         run_id: cfg.run_id,

@@ -73,6 +73,9 @@ pub struct RoundsConfig {
     pub min_fit_clients: usize,
     pub round_timeout: Duration,
     pub heartbeat_timeout: Duration,
+    /// Longest the run may wait, between rounds, for enough alive clients to start the next
+    /// round; past it the run is aborted (it can no longer reach its minimum).
+    pub quorum_timeout: Duration,
     pub seed: u64,
     pub stages: Vec<StageSpec>,
 }
@@ -291,6 +294,10 @@ pub enum Event {
         stage: String,
     },
     Done,
+    /// The run ended without finishing: it waited `quorum_timeout` for enough clients.
+    Aborted {
+        reason: String,
+    },
 }
 
 /// Heartbeat answer.
@@ -343,6 +350,18 @@ enum Next {
     Finish { stage: usize },
 }
 
+impl Next {
+    /// "round 3 (fit) of stage \"fede\"", for messages.
+    fn describe(&self, stages: &[StageSpec]) -> String {
+        let (stage, what) = match *self {
+            Next::Fit { stage, round } => (stage, format!("fit round {round}")),
+            Next::Evaluate { stage, round } => (stage, format!("evaluation after round {round}")),
+            Next::Finish { stage } => (stage, "the end of the stage".to_string()),
+        };
+        format!("{what} of stage {:?}", stages[stage].name)
+    }
+}
+
 #[derive(Debug)]
 enum Phase {
     Idle(Next),
@@ -372,6 +391,10 @@ pub struct Rounds {
     events: Vec<Event>,
     records: Vec<RoundRecord>,
     ignored: u64,
+    /// Since when the run waits for enough alive clients to start a round.
+    short_of_clients_since: Option<Duration>,
+    /// Why the run was aborted, if it was.
+    aborted: Option<String>,
 }
 
 impl Rounds {
@@ -429,6 +452,8 @@ impl Rounds {
             events: Vec::new(),
             records: Vec::new(),
             ignored: 0,
+            short_of_clients_since: None,
+            aborted: None,
         })
     }
 
@@ -493,6 +518,11 @@ impl Rounds {
     pub fn is_aggregating(&self) -> bool {
         matches!(self.phase, Phase::Aggregating(_))
     }
+    /// Why the run was aborted before finishing (see [`RoundsConfig::quorum_timeout`]).
+    pub fn aborted(&self) -> Option<&str> {
+        self.aborted.as_deref()
+    }
+
     pub fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done { .. })
     }
@@ -712,6 +742,12 @@ impl Rounds {
         }))
     }
 
+    /// Counts a result refused before it reached the state machine (a session presented by
+    /// an organisation that does not own it).
+    pub fn note_ignored(&mut self) {
+        self.ignored += 1;
+    }
+
     /// Checks a result's header before its payload is read: the session must be known, the
     /// task the one this client holds in the current round, and the announced payload no
     /// larger than the task's arrays. Returns the client's name.
@@ -875,8 +911,21 @@ impl Rounds {
                         self.cfg.min_clients.max(self.cfg.min_fit_clients)
                     };
                     if alive < needed {
+                        let since = *self.short_of_clients_since.get_or_insert(now);
+                        if now.saturating_sub(since) >= self.cfg.quorum_timeout {
+                            let reason = format!(
+                                "only {alive} of the {needed} clients needed were alive for {:.0} s \
+                                 (server.quorum_timeout_secs) before {}",
+                                self.cfg.quorum_timeout.as_secs_f64(),
+                                next.describe(&self.cfg.stages),
+                            );
+                            self.aborted = Some(reason.clone());
+                            self.phase = Phase::Done { at: now };
+                            self.events.push(Event::Aborted { reason });
+                        }
                         break;
                     }
+                    self.short_of_clients_since = None;
                     self.start(next, now);
                 }
                 Phase::Collect(rs) => {

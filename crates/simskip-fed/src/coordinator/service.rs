@@ -11,8 +11,9 @@ use tokio::sync::{Mutex, Notify};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Caller, Gatekeeper};
 use crate::chunk::{payload_headers, Assembler, PayloadChunks};
-use crate::coordinator::rounds::{Event, Poll, ResultOutcome, Rounds, RoundsError};
+use crate::coordinator::rounds::{Event, IgnoreReason, Poll, ResultOutcome, Rounds, RoundsError};
 use crate::coordinator::sink::log_event;
 use crate::proto::coordinator_server::Coordinator;
 use crate::proto::{self, register_request, result_chunk, task_chunk};
@@ -24,7 +25,8 @@ pub(crate) struct Shared {
     pub(crate) notify: Notify,
     pub(crate) start: Instant,
     pub(crate) run_id: String,
-    pub(crate) token: Option<String>,
+    /// Names the caller of every call.
+    pub(crate) gatekeeper: Gatekeeper,
     pub(crate) chunk_bytes: usize,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) poll_timeout: Duration,
@@ -100,12 +102,35 @@ fn bad_request(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+impl Service {
+    /// The caller of `req`; a refusal is logged without anything the caller sent.
+    fn identify<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        self.shared.gatekeeper.identify(req).inspect_err(|s| {
+            tracing::warn!(peer = ?req.remote_addr(), "call refused: {}", s.message());
+        })
+    }
+}
+
+/// A session may only be used by the organisation that registered it: another one's session
+/// is as unknown as a made-up one (and a session id alone is worth nothing to a thief who
+/// cannot also present the owner's credentials).
+fn owned_session(r: &Rounds, caller: &Caller, session: &str) -> Result<(), Status> {
+    match r.client_by_session(session) {
+        Some(info) if caller.owns(&info.name) => Ok(()),
+        _ => Err(Status::not_found(format!(
+            "unknown session {session:?}: register again"
+        ))),
+    }
+}
+
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn register(
         &self,
         request: Request<Streaming<proto::RegisterRequest>>,
     ) -> Result<Response<proto::RegisterReply>, Status> {
+        // Nothing of the stream is read before the caller is known.
+        let caller = self.identify(&request)?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(proto::RegisterRequest {
@@ -113,12 +138,11 @@ impl Coordinator for Service {
             }) => h,
             _ => return Err(bad_request("registration must start with a header")),
         };
-        if let Some(token) = self.shared.token.as_deref().filter(|t| !t.is_empty()) {
-            if header.credentials != token {
-                tracing::warn!(client = %header.client_name, "registration refused: bad token");
-                return Err(Status::unauthenticated("bad token"));
-            }
-        }
+        let name = self
+            .shared
+            .gatekeeper
+            .registration_name(&caller, &header.client_name)
+            .inspect_err(|s| tracing::warn!(claimed = %header.client_name, "registration refused: {}", s.message()))?;
         if header.num_entity_keys > self.shared.max_entity_keys {
             return Err(bad_request(format!(
                 "{} entity keys announced; this coordinator takes at most {} per organisation",
@@ -157,7 +181,7 @@ impl Coordinator for Service {
             let mut r = self.shared.rounds.lock().await;
             let reg = r
                 .on_register(
-                    &header.client_name,
+                    &name,
                     &header.run_id,
                     header.num_examples,
                     keys,
@@ -183,6 +207,7 @@ impl Coordinator for Service {
         &self,
         request: Request<proto::PollRequest>,
     ) -> Result<Response<TaskStream>, Status> {
+        let caller = self.identify(&request)?;
         let req = request.into_inner();
         if !req.run_id.is_empty() && req.run_id != self.shared.run_id {
             return Err(Status::failed_precondition(format!(
@@ -198,6 +223,7 @@ impl Coordinator for Service {
             let now = self.shared.now();
             let poll = {
                 let mut r = self.shared.rounds.lock().await;
+                owned_session(&r, &caller, &req.session_id)?;
                 r.task_for(&req.session_id, now).map_err(rounds_status)?
             };
             if !matches!(poll, Poll::Wait) || self.shared.closing.load(Ordering::SeqCst) {
@@ -245,6 +271,7 @@ impl Coordinator for Service {
         &self,
         request: Request<Streaming<proto::ResultChunk>>,
     ) -> Result<Response<proto::PushReply>, Status> {
+        let caller = self.identify(&request)?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(proto::ResultChunk {
@@ -257,11 +284,16 @@ impl Coordinator for Service {
             .arrays
             .iter()
             .fold(0u64, |sum, a| sum.saturating_add(a.num_bytes));
-        let admitted = self.shared.rounds.lock().await.admit_push(
-            &header.session_id,
-            &header.task_id,
-            announced,
-        );
+        let admitted = {
+            let mut r = self.shared.rounds.lock().await;
+            match owned_session(&r, &caller, &header.session_id) {
+                Ok(()) => r.admit_push(&header.session_id, &header.task_id, announced),
+                Err(_) => {
+                    r.note_ignored();
+                    Err(IgnoreReason::UnknownSession(header.session_id.clone()))
+                }
+            }
+        };
         if let Err(reason) = admitted {
             tracing::warn!("result refused before reading: {reason}");
             let outcome = ResultOutcome::Ignored(reason);
@@ -332,10 +364,14 @@ impl Coordinator for Service {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        let caller = self.identify(&request)?;
         let req = request.into_inner();
         let now = self.shared.now();
         let (st, round) = {
             let mut r = self.shared.rounds.lock().await;
+            if owned_session(&r, &caller, &req.session_id).is_err() {
+                return Ok(Response::new(proto::HeartbeatReply::default()));
+            }
             (r.on_heartbeat(&req.session_id, now), r.current_round())
         };
         let known = st.known && (req.run_id.is_empty() || req.run_id == self.shared.run_id);

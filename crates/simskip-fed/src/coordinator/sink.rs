@@ -45,6 +45,7 @@ pub(crate) fn log_event(e: &Event) {
         Event::GlobalUpdated { .. } => {}
         Event::StageFinished { stage, .. } => tracing::info!(%stage, "stage finished"),
         Event::Done => tracing::info!("run done"),
+        Event::Aborted { reason } => tracing::error!(%reason, "run aborted"),
     }
 }
 

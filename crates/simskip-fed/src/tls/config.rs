@@ -49,6 +49,12 @@ impl ServerTls {
     pub fn load_dir(dir: &Path) -> Result<ServerTlsConfig, TlsError> {
         Self::load(&PartyFiles::in_dir(dir))
     }
+
+    /// The coordinator's identity only, no client certificate asked (`tokens` mode, where
+    /// each call carries a bearer token instead). `files.ca` is not read.
+    pub fn load_server_only(files: &PartyFiles) -> Result<ServerTlsConfig, TlsError> {
+        Ok(ServerTlsConfig::new().identity(load_identity(files)?))
+    }
 }
 
 /// An organisation's side: its identity, and the federation CA that the coordinator's
@@ -71,6 +77,13 @@ impl ClientTls {
     /// [`Self::load`] on the folder layout of [`PartyFiles::in_dir`].
     pub fn load_dir(dir: &Path, domain_name: &str) -> Result<ClientTlsConfig, TlsError> {
         Self::load(&PartyFiles::in_dir(dir), domain_name)
+    }
+
+    /// Checks the coordinator against `ca` and presents no certificate (`tokens` mode).
+    pub fn load_server_only(ca: &Path, domain_name: &str) -> Result<ClientTlsConfig, TlsError> {
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(load_certificates(ca)?)
+            .domain_name(domain_name))
     }
 }
 

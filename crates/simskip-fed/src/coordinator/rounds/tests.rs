@@ -44,6 +44,7 @@ fn config(
         min_fit_clients: min_fit,
         round_timeout: ms(1000),
         heartbeat_timeout: ms(5000),
+        quorum_timeout: ms(30_000),
         seed: 7,
         stages,
     }
@@ -557,4 +558,49 @@ fn non_finite_weights_are_a_failure_never_a_change_to_the_global_model() {
     let rec = completed(&tick(&mut r, ms(3)));
     assert!(rec[0].failures.contains_key("b"));
     assert_eq!(global(&r), 4.0, "the honest client's update alone");
+}
+
+#[test]
+fn run_is_aborted_when_it_cannot_reach_its_minimum_clients() {
+    // Never enough clients to start: aborted once the quorum deadline passes, not before.
+    let mut r = fedavg_rounds(3, 2, 2, 0);
+    let s = register(&mut r, &["a", "b"], ms(0));
+    tick(&mut r, ms(0));
+    // The two heartbeat; the third never comes.
+    for t in (1000..30_000).step_by(1000) {
+        r.on_heartbeat(&s[0], ms(t));
+        r.on_heartbeat(&s[1], ms(t));
+        tick(&mut r, ms(t));
+        assert!(r.aborted().is_none(), "aborted early at {t} ms");
+    }
+    let ev = tick(&mut r, ms(30_000));
+    assert!(ev.iter().any(|e| matches!(e, Event::Aborted { .. })));
+    let reason = r.aborted().expect("aborted");
+    assert!(reason.contains("2 of the 3"), "{reason}");
+    assert!(r.done_at().is_some());
+
+    // Under way, the deadline counts from the moment the run became short of clients: b
+    // goes silent at 20 ms, is declared dead 5 s later, and the run is aborted 30 s after that.
+    let mut r = fedavg_rounds(2, 2, 1000, 0);
+    let s = register(&mut r, &["a", "b"], ms(0));
+    tick(&mut r, ms(0));
+    for (i, sess) in s.iter().enumerate() {
+        let t = r.task_for(sess, ms(10)).unwrap().into_task().unwrap();
+        r.on_result(report(&t, sess, i as f32, 1), ms(20));
+    }
+    tick(&mut r, ms(20));
+    assert_eq!(r.records().len(), 1);
+    let mut aborted_at = None;
+    for t in (100..=60_000).step_by(100) {
+        r.on_heartbeat(&s[0], ms(t));
+        tick(&mut r, ms(t));
+        if r.aborted().is_some() {
+            aborted_at = Some(t);
+            break;
+        }
+    }
+    let at = aborted_at.expect("aborted within 60 s");
+    assert!((35_000..=36_200).contains(&at), "aborted at {at} ms");
+    let reason = r.aborted().unwrap();
+    assert!(reason.contains("1 of the 2"), "{reason}");
 }
