@@ -13,8 +13,7 @@ use simskip_data::NamedArray;
 use simskip_fed::proto::coordinator_client::CoordinatorClient;
 use simskip_fed::proto::{self, register_request, result_chunk, task_chunk};
 use simskip_fed::{
-    serve, FedAvgStrategy, ServerAuth, ServerConfig, StageConfig, StageKind, StageParams,
-    Strategy,
+    serve, FedAvgStrategy, ServerAuth, ServerConfig, StageConfig, StageKind, StageParams, Strategy,
 };
 use tokio::net::TcpListener;
 
@@ -56,9 +55,12 @@ async fn main() -> anyhow::Result<()> {
         }],
         ..ServerConfig::default()
     };
-    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![
-        NamedArray::new("w", vec![4], vec![0.0; 4]),
-    ]))];
+    let strategies: Vec<Box<dyn Strategy>> =
+        vec![Box::new(FedAvgStrategy::new(vec![NamedArray::new(
+            "w",
+            vec![4],
+            vec![0.0; 4],
+        )]))];
     tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
     let mut c = loop {
         match CoordinatorClient::connect(format!("http://127.0.0.1:{port}")).await {
@@ -98,11 +100,23 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    println!("flood of {gib} GiB in {} KiB chunks; peak RSS before: {:.1} MiB", CHUNK >> 10, vm_hwm_mib());
+    println!(
+        "flood of {gib} GiB in {} KiB chunks; peak RSS before: {:.1} MiB",
+        CHUNK >> 10,
+        vm_hwm_mib()
+    );
     for (case, session_id, announced) in [
-        ("2 GiB announced, no session", "no-such-session".to_string(), total),
+        (
+            "2 GiB announced, no session",
+            "no-such-session".to_string(),
+            total,
+        ),
         ("2 GiB announced, own session", session.clone(), total),
-        ("true size announced, 2 GiB of chunks follow", session.clone(), 16),
+        (
+            "true size announced, 2 GiB of chunks follow",
+            session.clone(),
+            16,
+        ),
     ] {
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = sent.clone();
@@ -144,7 +158,11 @@ async fn main() -> anyhow::Result<()> {
         let outcome = match reply {
             Ok(r) => {
                 let r = r.into_inner();
-                format!("{:?}: {}", proto::ResultStatus::try_from(r.status), r.message)
+                format!(
+                    "{:?}: {}",
+                    proto::ResultStatus::try_from(r.status),
+                    r.message
+                )
             }
             Err(s) => format!("{:?}: {}", s.code(), s.message()),
         };

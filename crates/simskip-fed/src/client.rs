@@ -2,8 +2,9 @@
 //! the tasks it is given on a blocking thread until the run is DONE.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use simskip_data::NamedArray;
@@ -19,6 +20,7 @@ use crate::coordinator::config::MAX_DURATION_SECS;
 use crate::error::{FedError, WorkError};
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{self, register_request, result_chunk, task_chunk};
+use crate::telemetry::{ClientMetrics, MetricsServer};
 use crate::types::{Payload, StageInfo, TaskKind};
 use crate::wire::{self, PolledHeader, TaskHeader};
 
@@ -92,6 +94,12 @@ pub struct ClientConfig {
     pub chunk_bytes: usize,
     /// gRPC max decoding/encoding message size.
     pub max_message_bytes: usize,
+    /// Address of this client's Prometheus endpoint (`GET /metrics`), e.g. "127.0.0.1:9091";
+    /// port 0 picks a free port. `None`: no metrics endpoint (the organisation then accepts
+    /// no connection at all).
+    pub metrics_listen: Option<String>,
+    /// Where to write the metrics endpoint's bound address, once listening.
+    pub metrics_address_file: Option<PathBuf>,
 }
 
 impl Default for ClientConfig {
@@ -108,6 +116,8 @@ impl Default for ClientConfig {
             heartbeat_interval_secs: None,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            metrics_listen: None,
+            metrics_address_file: None,
         }
     }
 }
@@ -122,6 +132,17 @@ impl ClientConfig {
             return bad("server", &self.server, "not a URL like https://host:port");
         }
         self.auth.validate(&self.name, &self.server)?;
+        if let Some(addr) = &self.metrics_listen {
+            if let Err(why) = crate::telemetry::check_listen_address(addr) {
+                return bad("metrics_listen", &format!("{addr:?}"), &why);
+            }
+        } else if let Some(path) = &self.metrics_address_file {
+            return bad(
+                "metrics_address_file",
+                &path.display(),
+                "needs client.metrics_listen",
+            );
+        }
         if self.chunk_bytes < 4
             || self.chunk_bytes.saturating_add(64 << 10) > self.max_message_bytes
         {
@@ -222,13 +243,40 @@ fn protocol(server: &str, message: impl std::fmt::Display) -> SessionEnd {
 /// Runs the client until the coordinator says DONE. Retries (with backoff) while the
 /// coordinator is unreachable, up to `connect_retries` consecutive failures; after a broken
 /// connection or a forgotten session it registers again and carries on with the current
-/// global model.
+/// global model. With `cfg.metrics_listen` set, its progress is served there as Prometheus
+/// metrics (`GET /metrics`) until it returns.
 pub async fn run_client<W: ClientWork>(mut cfg: ClientConfig, work: W) -> Result<(), FedError> {
     cfg.validate()?;
     // Certificates and tokens are read once, before the first connection; the name in use
     // from here on is the one they prove.
     let credentials = Arc::new(cfg.auth.load(&cfg.name, &cfg.server)?);
     cfg.name = credentials.name.clone();
+    let metrics = ClientMetrics::new();
+    let server = match &cfg.metrics_listen {
+        Some(addr) => Some(
+            MetricsServer::start(
+                addr,
+                cfg.metrics_address_file.as_deref(),
+                metrics.registry(),
+                &format!("client {}", cfg.name),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let outcome = drive(&cfg, &credentials, work, &metrics).await;
+    if let Some(server) = server {
+        server.stop().await;
+    }
+    outcome
+}
+
+async fn drive<W: ClientWork>(
+    cfg: &ClientConfig,
+    credentials: &Arc<ClientCredentials>,
+    work: W,
+    metrics: &ClientMetrics,
+) -> Result<(), FedError> {
     let keys = Arc::new(work.entity_keys());
     let num_examples = work.num_examples();
     let mut work = Some(work);
@@ -237,7 +285,7 @@ pub async fn run_client<W: ClientWork>(mut cfg: ClientConfig, work: W) -> Result
     let mut backoff = Duration::from_millis(cfg.backoff_initial_ms);
     let max_backoff = Duration::from_millis(cfg.backoff_max_ms);
     loop {
-        let session = match connect_and_register(&cfg, &credentials, &keys, num_examples).await {
+        let session = match connect_and_register(cfg, credentials, &keys, num_examples).await {
             Ok(s) => s,
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Reconnect(e)) => {
@@ -258,7 +306,8 @@ pub async fn run_client<W: ClientWork>(mut cfg: ClientConfig, work: W) -> Result
         failures = 0;
         backoff = Duration::from_millis(cfg.backoff_initial_ms);
         tracing::info!(client = %cfg.name, run_id = %session.run_id, "registered");
-        match run_session(&cfg, &session, &mut work, &mut unfinished).await {
+        metrics.registered();
+        match run_session(cfg, &session, &mut work, &mut unfinished, metrics).await {
             Ok(()) if unfinished.is_empty() => return Ok(()),
             Ok(()) => {
                 return Err(FedError::Work {
@@ -402,7 +451,12 @@ fn refusal(h: &proto::TaskHeader, session: &str, reason: String) -> proto::Resul
     }
 }
 
-async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<Polled, SessionEnd> {
+async fn poll(
+    cfg: &ClientConfig,
+    s: &Session,
+    round: u32,
+    metrics: &ClientMetrics,
+) -> Result<Polled, SessionEnd> {
     let mut req = tonic::Request::new(proto::PollRequest {
         run_id: s.run_id.clone(),
         round,
@@ -453,6 +507,7 @@ async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<Polled, Ses
             Ok(Some(proto::TaskChunk {
                 part: Some(task_chunk::Part::Tensor(c)),
             })) => {
+                metrics.add_bytes_received(c.data.len());
                 if let Err(e) = asm.push(c) {
                     let reason = format!("bad task payload: {e}");
                     tracing::warn!(server = %cfg.server, round = task.round, "{reason}");
@@ -486,11 +541,12 @@ async fn run_session<W: ClientWork>(
     s: &Session,
     work: &mut Option<W>,
     unfinished: &mut Vec<String>,
+    metrics: &ClientMetrics,
 ) -> Result<(), SessionEnd> {
     let _heartbeat = spawn_heartbeat(s, cfg.name.clone());
     let mut round = 0u32;
     loop {
-        let (task, arrays) = match poll(cfg, s, round).await? {
+        let (task, arrays) = match poll(cfg, s, round, metrics).await? {
             Polled::Wait => continue,
             Polled::Done => {
                 tracing::info!(client = %cfg.name, "run done");
@@ -512,6 +568,8 @@ async fn run_session<W: ClientWork>(
         };
         let (kind, stage) = (task.kind, task.stage.clone());
         let default_examples = w.num_examples();
+        metrics.task_started(kind, task.stage.index, round);
+        let t0 = Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
             let out = match kind {
                 TaskKind::Fit => w.fit(&stage, round, arrays).map(|o| Answer {
@@ -543,6 +601,12 @@ async fn run_session<W: ClientWork>(
             })
         })?;
         *work = Some(w);
+        metrics.task_ended(
+            kind,
+            &task.stage.name,
+            t0.elapsed(),
+            out.as_ref().ok().map(|a| &a.metrics),
+        );
         let answer = match out {
             Ok(a) => a,
             Err(e) => {
@@ -561,7 +625,7 @@ async fn run_session<W: ClientWork>(
                 }
             }
         };
-        push(cfg, s, &task, answer).await?;
+        push(cfg, s, &task, answer, metrics).await?;
     }
 }
 
@@ -590,6 +654,7 @@ async fn push(
     s: &Session,
     task: &TaskHeader,
     answer: Answer,
+    metrics: &ClientMetrics,
 ) -> Result<(), SessionEnd> {
     let payload = Payload::Arrays(Arc::from(answer.arrays));
     let mut header = wire::result_header(
@@ -603,11 +668,14 @@ async fn push(
     let first = proto::ResultChunk {
         part: Some(result_chunk::Part::Header(header)),
     };
-    let chunks = PayloadChunks::new(payload, s.chunk_bytes, &task.run_id, task.round).map(|c| {
-        proto::ResultChunk {
-            part: Some(result_chunk::Part::Tensor(c)),
-        }
-    });
+    let sent = metrics.bytes_sent();
+    let chunks =
+        PayloadChunks::new(payload, s.chunk_bytes, &task.run_id, task.round).map(move |c| {
+            sent.inc_by(c.data.len() as u64);
+            proto::ResultChunk {
+                part: Some(result_chunk::Part::Tensor(c)),
+            }
+        });
     let mut client = s.client.clone();
     let mut request = tonic::Request::new(tokio_stream::iter(std::iter::once(first).chain(chunks)));
     s.credentials.authorize(&mut request);
@@ -615,6 +683,7 @@ async fn push(
         Ok(r) => {
             let r = r.into_inner();
             if r.status != proto::ResultStatus::Accepted as i32 {
+                metrics.result_not_accepted();
                 tracing::warn!(client = %cfg.name, round = task.round, "result not accepted: {}", r.message);
             }
             Ok(())

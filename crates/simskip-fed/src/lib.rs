@@ -13,6 +13,8 @@
 //! * `wire`: every protobuf <-> domain conversion, both directions;
 //! * [`auth`]: who is calling: mTLS, per-organisation tokens or explicit plain text;
 //! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
+//! * [`telemetry`]: the Prometheus metrics of the coordinator and of the clients, and the
+//!   `GET /metrics` endpoint that serves them on a port of its own;
 //! * [`error`]: the library's error type, [`FedError`].
 //!
 //! Clients only connect out to the coordinator; organisations accept no connections.
@@ -26,6 +28,7 @@ pub mod error;
 pub mod params;
 pub mod robust;
 pub mod strategy;
+pub mod telemetry;
 pub mod tls;
 pub mod types;
 mod wire;
@@ -46,4 +49,5 @@ pub use error::{FedError, WorkError};
 pub use params::{SimSkipParams, StageParams};
 pub use robust::{Combine, Robustness};
 pub use strategy::{FedAvgStrategy, FedEStrategy, Strategy};
+pub use telemetry::{ClientMetrics, CoordinatorMetrics, MetricsServer};
 pub use types::{GlobalSnapshot, Payload, StageInfo, StageKind, TaskKind, ENTITIES};

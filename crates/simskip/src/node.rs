@@ -32,6 +32,9 @@ pub struct ServerArgs {
     /// Address to listen on (overrides server.listen).
     #[arg(long)]
     pub listen: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (overrides server.metrics_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Parser)]
@@ -48,6 +51,10 @@ pub struct ClientArgs {
     /// Coordinator URL (overrides client.server).
     #[arg(long)]
     pub server: Option<String>,
+    /// Serve this organisation's progress as Prometheus metrics at http://ADDR/metrics
+    /// (overrides client.metrics_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// `simskip-server`'s settings file: the `[server]` section, stages included. What every
@@ -169,6 +176,9 @@ pub fn run_server(args: ServerArgs) -> Result<()> {
     if let Some(listen) = args.listen {
         file.server.listen = listen;
     }
+    if let Some(addr) = args.metrics_listen {
+        file.server.metrics_listen = Some(addr);
+    }
     file.server.validate()?;
     let strategies = strategies(&file.server)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -188,6 +198,9 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
     let mut file: ClientFile = settings::load(args.config.as_deref())?;
     if let Some(server) = args.server {
         file.client.server = server;
+    }
+    if let Some(addr) = args.metrics_listen {
+        file.client.metrics_listen = Some(addr);
     }
     file.client.validate()?;
     let ds = KgDataset::load(&file.data.dir)

@@ -208,6 +208,18 @@ mod tests {
         let server: crate::node::ServerFile =
             load_with_env(Some(&root.join("deploy/config/server.toml")), []).unwrap();
         assert_eq!(server.server.out_dir, Path::new("/out"));
+        assert_eq!(
+            server.server.metrics_listen.as_deref(),
+            Some("0.0.0.0:9090")
+        );
+        server.server.validate().unwrap();
+        let env = [(
+            "SIMSKIP_SERVER__METRICS_LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        )];
+        let server: crate::node::ServerFile =
+            load_with_env(Some(&root.join("deploy/config/server.toml")), env).unwrap();
+        assert_eq!(server.server.metrics_listen.as_deref(), Some("127.0.0.1:0"));
         let env = [("SIMSKIP_CLIENT__NAME".to_owned(), "org-a".to_owned())];
         let client: crate::node::ClientFile =
             load_with_env(Some(&root.join("deploy/config/client.toml")), env).unwrap();

@@ -132,6 +132,12 @@ pub struct ServerConfig {
     pub listen: String,
     /// Where to write the address actually bound (for port 0), once listening.
     pub address_file: Option<PathBuf>,
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. "0.0.0.0:9090"; port 0 picks
+    /// a free port. `None`: no metrics endpoint.
+    pub metrics_listen: Option<String>,
+    /// Where to write the metrics endpoint's bound address, once listening (before
+    /// `address_file` is written).
+    pub metrics_address_file: Option<PathBuf>,
     /// Run id; the default is random.
     pub run_id: String,
     /// Who may call and how they prove it (`[server.auth]`): mutual TLS by default.
@@ -173,6 +179,8 @@ impl Default for ServerConfig {
         Self {
             listen: "0.0.0.0:50051".into(),
             address_file: None,
+            metrics_listen: None,
+            metrics_address_file: None,
             run_id: format!("run-{:016x}", rand::random::<u64>()),
             auth: ServerAuth::default(),
             min_clients: 2,
@@ -203,6 +211,24 @@ impl ServerConfig {
         };
         if self.run_id.is_empty() {
             return bad("run_id", &"\"\"", "must not be empty");
+        }
+        if let Some(addr) = &self.metrics_listen {
+            if let Err(why) = crate::telemetry::check_listen_address(addr) {
+                return bad("metrics_listen", &format!("{addr:?}"), &why);
+            }
+            if *addr == self.listen {
+                return bad(
+                    "metrics_listen",
+                    &format!("{addr:?}"),
+                    "must differ from server.listen",
+                );
+            }
+        } else if let Some(path) = &self.metrics_address_file {
+            return bad(
+                "metrics_address_file",
+                &path.display(),
+                "needs server.metrics_listen",
+            );
         }
         if self.min_clients == 0 {
             return bad("min_clients", &0, "must be at least 1");
@@ -433,5 +459,38 @@ mod tests {
         });
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("server.stages[1].dim = 7"), "{e}");
+    }
+
+    #[test]
+    fn metrics_endpoint_settings_are_checked() {
+        let mut cfg = parse(
+            r#"
+            metrics_listen = "127.0.0.1:0"
+            metrics_address_file = "metrics.addr"
+            [auth]
+            mode = "insecure"
+            [[stages]]
+            name = "s"
+            kind = "fede"
+            rounds = 1
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.metrics_listen.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(ServerConfig::default().metrics_listen, None);
+        cfg.metrics_listen = Some("9090".into());
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("server.metrics_listen = \"9090\""), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        cfg.metrics_listen = Some(cfg.listen.clone());
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("must differ from server.listen"), "{e}");
+        cfg.metrics_listen = None;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("server.metrics_address_file = metrics.addr"),
+            "{e}"
+        );
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::{Mutex, Notify};
 use crate::error::FedError;
 use crate::proto::coordinator_server::CoordinatorServer;
 use crate::strategy::Strategy;
+use crate::telemetry::{CoordinatorMetrics, MetricsServer};
 use crate::types::GlobalSnapshot;
 use config::{secs, ServerConfig};
 use rounds::{Event, RoundRecord, Rounds};
@@ -43,7 +44,9 @@ pub struct RunSummary {
 /// Binds `cfg.listen` and runs the coordinator until the run is DONE (all stages complete
 /// and every alive client told DONE, or `done_grace_secs` passed) or `shutdown` resolves.
 /// `strategies`: one per stage, in stage order, kinds matching. With `cfg.address_file` set,
-/// the bound address (useful with port 0) is written there once listening.
+/// the bound address (useful with port 0) is written there once listening. With
+/// `cfg.metrics_listen` set, Prometheus metrics are served there (`GET /metrics`) while the
+/// run lasts, and its bound address is written to `cfg.metrics_address_file` first.
 pub async fn run_server(
     cfg: ServerConfig,
     strategies: Vec<Box<dyn Strategy>>,
@@ -103,7 +106,20 @@ pub async fn serve(
         closing: AtomicBool::new(false),
         encode_nanos: AtomicU64::new(0),
         events: tx,
+        telemetry: CoordinatorMetrics::new(),
     });
+    let metrics = match &cfg.metrics_listen {
+        Some(addr) => Some(
+            MetricsServer::start(
+                addr,
+                cfg.metrics_address_file.as_deref(),
+                shared.telemetry.registry(),
+                "coordinator",
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let local = listener.local_addr().map_err(|e| FedError::Listen {
         addr: cfg.listen.clone(),
         reason: e.to_string(),
@@ -200,6 +216,9 @@ pub async fn serve(
         )
     };
     let _ = ticker.await;
+    if let Some(m) = metrics {
+        m.stop().await;
+    }
     let written = tokio::task::spawn_blocking(move || sink_thread.join())
         .await
         .map_err(|e| FedError::Output(format!("joining the output writer: {e}")))?;

@@ -555,6 +555,10 @@ impl Rounds {
             .map(|c| c.info.name.clone())
             .collect()
     }
+    /// How many clients are alive.
+    pub fn num_alive(&self) -> usize {
+        self.clients.values().filter(|c| c.alive).count()
+    }
     /// True when every alive client has been answered DONE.
     pub fn all_alive_told_done(&self) -> bool {
         self.clients.values().all(|c| !c.alive || c.told_done)

@@ -17,6 +17,7 @@ use crate::coordinator::rounds::{Event, IgnoreReason, Poll, ResultOutcome, Round
 use crate::coordinator::sink::log_event;
 use crate::proto::coordinator_server::Coordinator;
 use crate::proto::{self, register_request, result_chunk, task_chunk};
+use crate::telemetry::CoordinatorMetrics;
 use crate::wire;
 
 /// What every call shares.
@@ -36,6 +37,7 @@ pub(crate) struct Shared {
     pub(crate) encode_nanos: AtomicU64,
     /// To the sink's thread; `None` stops it.
     pub(crate) events: std::sync::mpsc::Sender<Option<Event>>,
+    pub(crate) telemetry: CoordinatorMetrics,
 }
 
 impl Shared {
@@ -51,9 +53,12 @@ impl Shared {
         let events = r.tick(self.now());
         for e in events {
             log_event(&e);
+            self.telemetry.observe(&e);
             // The sink only goes away when the server stops.
             let _ = self.events.send(Some(e));
         }
+        self.telemetry
+            .observe_state(r.num_alive(), r.ignored_results());
         if let Some(job) = r.take_aggregation() {
             let shared = self.clone();
             tokio::spawn(async move {
@@ -315,6 +320,7 @@ impl Coordinator for Service {
             {
                 match m.part {
                     Some(result_chunk::Part::Tensor(c)) => {
+                        self.shared.telemetry.add_bytes_in(c.data.len());
                         let t0 = Instant::now();
                         asm.push(c).map_err(|e| e.to_string())?;
                         decode += t0.elapsed();
@@ -403,6 +409,9 @@ impl Iterator for TimedChunks {
         self.shared
             .encode_nanos
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Some(c) = &c {
+            self.shared.telemetry.add_bytes_out(c.data.len());
+        }
         c
     }
 }

@@ -30,15 +30,22 @@ pub(crate) fn log_event(e: &Event) {
             clients = clients.len(),
             "round started"
         ),
+        // The one line of a closed round: its figures as fields, the aggregated metrics as
+        // one JSON object (the same as in metrics.jsonl).
         Event::RoundCompleted(r) => tracing::info!(
+            run_id = %r.run_id,
             stage = %r.stage,
             round = r.round,
             kind = r.kind.as_str(),
-            answers = r.num_clients,
+            clients = r.num_clients,
+            selected = r.selected.len(),
+            failed = r.failures.len(),
+            missing = r.missing.len(),
             aggregated = r.aggregated,
             timed_out = r.timed_out,
             secs = r.ended_secs - r.started_secs,
             aggregate_secs = r.coordinator.aggregate_secs,
+            metrics = %serde_json::to_string(&r.metrics).unwrap_or_default(),
             note = r.note.as_deref().unwrap_or(""),
             "round closed"
         ),
