@@ -98,6 +98,25 @@ fn three_clients_run_both_stages_over_loopback() {
         );
     }
 
+    // The coordinator aligned the organisations' entities by blinded keys only (simulate's
+    // default): its FedE row keys are HMACs, fewer than the organisations' rows together
+    // (shared entities are one row), and no entity name appears among them.
+    let keys = std::fs::read_to_string(coordinator.join("fede/entities.txt")).unwrap();
+    let keys: Vec<&str> = keys.lines().collect();
+    assert!(keys
+        .iter()
+        .all(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit())));
+    let mut held = 0;
+    for k in 0..3 {
+        let org = out.join(format!("org-{k}-output"));
+        let names = simskip_data::Embeddings::read(&org.join("fede/entities.npy"))
+            .unwrap()
+            .names;
+        assert!(names.names().iter().all(|n| !keys.contains(&n.as_str())));
+        held += names.len();
+    }
+    assert!(keys.len() < held, "{} keys for {held} rows", keys.len());
+
     // Each organisation wrote its own stage-1 and refined tables and the gate decision.
     for k in 0..3 {
         let org = out.join(format!("org-{k}-output"));

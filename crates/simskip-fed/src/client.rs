@@ -12,6 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::auth::{ClientAuth, ClientCredentials};
+use crate::blind::{BlindKeys, KeyBlinder};
 use crate::chunk::{
     chunk_keys, payload_headers, Assembler, PayloadChunks, DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -100,6 +101,10 @@ pub struct ClientConfig {
     pub metrics_listen: Option<String>,
     /// Where to write the metrics endpoint's bound address, once listening.
     pub metrics_address_file: Option<PathBuf>,
+    /// Register HMAC-SHA256(federation secret, name) instead of each entity name
+    /// (`[client.blind_keys]`, see [`crate::blind`]). Every organisation of the federation
+    /// must use the same secret, and the coordinator must never have it.
+    pub blind_keys: Option<BlindKeys>,
 }
 
 impl Default for ClientConfig {
@@ -118,6 +123,7 @@ impl Default for ClientConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             metrics_listen: None,
             metrics_address_file: None,
+            blind_keys: None,
         }
     }
 }
@@ -277,7 +283,12 @@ async fn drive<W: ClientWork>(
     work: W,
     metrics: &ClientMetrics,
 ) -> Result<(), FedError> {
-    let keys = Arc::new(work.entity_keys());
+    // Blinded before anything leaves: the coordinator sees only HMACs of the names.
+    let keys = match &cfg.blind_keys {
+        Some(b) => KeyBlinder::from_file(&b.secret_file)?.blind_all(&work.entity_keys()),
+        None => work.entity_keys(),
+    };
+    let keys = Arc::new(keys);
     let num_examples = work.num_examples();
     let mut work = Some(work);
     let mut failures = 0u32;

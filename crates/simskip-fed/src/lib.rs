@@ -12,6 +12,7 @@
 //! * [`chunk`]: named arrays cut into chunks, streamed lazily, reassembled with validation;
 //! * `wire`: every protobuf <-> domain conversion, both directions;
 //! * [`auth`]: who is calling: mTLS, per-organisation tokens or explicit plain text;
+//! * [`blind`]: entity keys blinded with the organisations' federation secret;
 //! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
 //! * [`telemetry`]: the Prometheus metrics of the coordinator and of the clients, and the
 //!   `GET /metrics` endpoint that serves them on a port of its own;
@@ -21,6 +22,7 @@
 
 pub mod aggregate;
 pub mod auth;
+pub mod blind;
 pub mod chunk;
 pub mod client;
 pub mod coordinator;

@@ -454,3 +454,111 @@ async fn a_run_that_cannot_reach_its_minimum_is_aborted_with_an_error() {
         .await
         .expect("the client ends too");
 }
+
+/// Holds a few named entities; FedE rows are its own plus one.
+struct Holder {
+    names: Vec<String>,
+}
+
+impl ClientWork for Holder {
+    fn entity_keys(&self) -> Vec<String> {
+        self.names.clone()
+    }
+    fn num_examples(&self) -> u64 {
+        10
+    }
+    fn fit(
+        &mut self,
+        _: &StageInfo,
+        _: u32,
+        global: Vec<NamedArray>,
+    ) -> Result<FitOutput, WorkError> {
+        Ok(FitOutput {
+            arrays: global,
+            num_examples: 10,
+            metrics: BTreeMap::new(),
+        })
+    }
+    fn evaluate(
+        &mut self,
+        _: &StageInfo,
+        _: u32,
+        _: Vec<NamedArray>,
+    ) -> Result<EvalOutput, WorkError> {
+        Ok(EvalOutput {
+            num_examples: 10,
+            metrics: BTreeMap::new(),
+        })
+    }
+    fn finish_stage(&mut self, _: &StageInfo, _: Vec<NamedArray>) -> Result<(), WorkError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blinded_keys_align_shared_entities_and_hide_every_name_from_the_coordinator() {
+    use simskip_fed::blind::{BlindKeys, KeyBlinder};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("federation.secret");
+    std::fs::write(&secret, simskip_fed::blind::new_secret()).unwrap();
+    let mut cfg = server_config(&dir.path().join("out"), ServerAuth::insecure(), 2);
+    cfg.stages = vec![StageConfig {
+        name: "fede".into(),
+        rounds: 1,
+        eval_every: 0,
+        params: StageParams::defaults(StageKind::FedE, 4),
+        aggregation: Default::default(),
+    }];
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let strategies: Vec<Box<dyn Strategy>> =
+        vec![Box::new(simskip_fed::FedEStrategy::new(4, 0.1, 1))];
+    let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let orgs = [
+        ("org-a", names(&["dog.n.01", "cat.n.01"])),
+        ("org-b", names(&["cat.n.01", "fish.n.01"])),
+    ];
+    let mut clients = Vec::new();
+    for (name, held) in orgs.clone() {
+        let mut c = client_config(port, ClientAuth::Insecure {}, name);
+        c.blind_keys = Some(BlindKeys {
+            secret_file: secret.clone(),
+        });
+        clients.push(tokio::spawn(run_client(c, Holder { names: held })));
+    }
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+    let summary = server.await.unwrap().unwrap();
+    let keys = summary.globals[0].keys.clone().expect("FedE keys its rows");
+    // The shared entity is one row (aligned), and no name reached the coordinator: not in
+    // its global table, not in anything it wrote.
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    let blinder = KeyBlinder::from_file(&secret).unwrap();
+    let mut expected = blinder.blind_all(&names(&["dog.n.01", "cat.n.01", "fish.n.01"]));
+    expected.sort();
+    let mut got = keys.clone();
+    got.sort();
+    assert_eq!(got, expected);
+    for entry in walk(&dir.path().join("out")) {
+        let bytes = std::fs::read(&entry).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for n in ["dog", "cat", "fish"] {
+            assert!(!text.contains(n), "{} holds {n:?}", entry.display());
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

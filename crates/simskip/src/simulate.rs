@@ -22,6 +22,7 @@ use simskip_data::partition::{
 };
 use simskip_data::KgDataset;
 
+use simskip_fed::blind::BlindKeys;
 use simskip_fed::tls::{provision, ProvisionSpec, COORDINATOR_DIR};
 use simskip_fed::{ClientAuth, ServerAuth};
 
@@ -73,6 +74,9 @@ pub struct SimulateSettings {
     /// The whole run is stopped (and reported as failed) after this long.
     pub timeout_secs: u64,
     pub auth: SimulateAuth,
+    /// The organisations register HMAC-SHA256 of their entity names under a federation
+    /// secret made for the run (`OUT/federation.secret`, never given to the coordinator).
+    pub blind_keys: bool,
 }
 
 impl Default for SimulateSettings {
@@ -85,6 +89,7 @@ impl Default for SimulateSettings {
             out_dir: PathBuf::from("runs/simulate"),
             timeout_secs: 1800,
             auth: SimulateAuth::Mtls,
+            blind_keys: true,
         }
     }
 }
@@ -111,6 +116,22 @@ impl SimulateAuth {
             SimulateAuth::Insecure => format!("http://{address}"),
         }
     }
+}
+
+/// The organisations' federation secret for blinded entity keys, under the output folder.
+pub const SECRET_FILE: &str = "federation.secret";
+
+/// Creates `path` with mode 0600 (a secret never sits in a file others can read).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{text}").with_context(|| format!("writing {}", path.display()))
 }
 
 /// The file every folder `simulate` creates holds; only such a folder (or an empty one) is
@@ -270,6 +291,9 @@ impl Plan {
                     },
                     SimulateAuth::Insecure => ClientAuth::Insecure {},
                 };
+                client.client.blind_keys = sim.blind_keys.then(|| BlindKeys {
+                    secret_file: out.join(SECRET_FILE),
+                });
                 // Until the coordinator says where it listens.
                 client.client.server = sim.auth.url("127.0.0.1:1");
                 client
@@ -478,6 +502,9 @@ pub fn simulate(file: &SimulateFile, program: &NodeProgram) -> Result<RunFigures
             },
         )
         .context("making the run's certificates")?;
+    }
+    if sim.blind_keys {
+        write_private(&out.join(SECRET_FILE), &simskip_fed::blind::new_secret())?;
     }
     let dirs = write_partitions(&plan.parts, &out.join("private"))?;
     let planned: Vec<&PathBuf> = plan.clients.iter().map(|c| &c.data.dir).collect();
