@@ -27,6 +27,10 @@ if [ "$(id -u)" = 0 ]; then
     cp /tls-in/*.pem /tls/
     chmod 0644 /tls/*.pem
     chmod 0600 /tls/key.pem
+    if [ -f /tls-in/federation.secret ]; then
+      cp /tls-in/federation.secret /tls/
+      chmod 0600 /tls/federation.secret
+    fi
     chown -R "$SIMSKIP_UID:$SIMSKIP_UID" /tls
   fi
   exec setpriv --reuid="$SIMSKIP_UID" --regid="$SIMSKIP_UID" --clear-groups -- "$@"

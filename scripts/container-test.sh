@@ -94,6 +94,9 @@ done
 # The federation's certificates, as the compose file's header says to make them.
 "$ROOT/target/release/simskip" certs --out "$WORK/deploy/tls" --coordinator-host coordinator \
   --org org-a --org org-b --org org-c --days 2 >/dev/null
+"$ROOT/target/release/simskip" secret --out "$WORK/deploy/tls/org-a/federation.secret" >/dev/null
+cp -p "$WORK/deploy/tls/org-a/federation.secret" "$WORK/deploy/tls/org-b/"
+cp -p "$WORK/deploy/tls/org-a/federation.secret" "$WORK/deploy/tls/org-c/"
 # A short federation: 2 FedE rounds, 1 SimSkip round, a small model and probe.
 cat > "$WORK/deploy/quick-server.toml" <<'TOML'
 [server]
@@ -205,6 +208,12 @@ done
   --org "org-a=$WORK/deploy/orgs/org-a/out" --org "org-b=$WORK/deploy/orgs/org-b/out" \
   --org "org-c=$WORK/deploy/orgs/org-c/out" --out "$WORK/report.html" >/dev/null
 grep -c '<svg' "$WORK/report.html" >/dev/null
+# Blinded keys: the coordinator's FedE row keys are HMACs, none of them an entity name.
+keys="$WORK/deploy/orgs/coordinator/out/fede/entities.txt"
+[ -s "$keys" ] || { echo "no $keys" >&2; exit 1; }
+if grep -qv '^[0-9a-f]\{64\}$' "$keys"; then
+  echo "the coordinator saw entity names: $(grep -v '^[0-9a-f]\{64\}$' "$keys" | head -3)" >&2; exit 1
+fi
 # Mutual TLS: the coordinator's settings ask for it, and an organisation whose settings ask for
 # it (deploy/config/client.toml) cannot register with anything else, so the records above show
 # three organisations admitted by certificate. Check that both sides were configured so.

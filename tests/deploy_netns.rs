@@ -154,6 +154,28 @@ fn compose_services_run_in_network_namespaces() {
         certs.args(["--org", org.as_str()]);
     }
     assert!(certs.status().unwrap().success());
+    // The organisations' federation secret, in each organisation's folder only.
+    let secret = tmp
+        .path()
+        .join("tls")
+        .join(orgs[0].as_str())
+        .join("federation.secret");
+    let made = Command::new(bin_dir.join("simskip"))
+        .args(["secret", "--out"])
+        .arg(&secret)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for org in &orgs[1..] {
+        std::fs::copy(
+            &secret,
+            tmp.path()
+                .join("tls")
+                .join(org.as_str())
+                .join("federation.secret"),
+        )
+        .unwrap();
+    }
 
     // One namespace per service; org K reaches the coordinator over veth 10.203.K.0/30.
     let tag = std::process::id() % 100_000;
@@ -232,6 +254,11 @@ fn compose_services_run_in_network_namespaces() {
                 }
                 (_, "/tls-in") => {
                     host = tmp.path().join(source.trim_start_matches("./"));
+                    // The entrypoint copies the secret beside the certificate.
+                    env.insert(
+                        "SIMSKIP_CLIENT__BLIND_KEYS__SECRET_FILE".into(),
+                        host.join("federation.secret").display().to_string(),
+                    );
                     "SIMSKIP_CLIENT__AUTH__TLS_DIR"
                 }
                 ("coordinator", "/out") => "SIMSKIP_SERVER__OUT_DIR",
@@ -311,6 +338,14 @@ fn compose_services_run_in_network_namespaces() {
             "{org} wrote no stage-1 table"
         );
     }
+    // The deployment blinds entity keys: the coordinator's FedE row keys are all HMACs.
+    let keys =
+        std::fs::read_to_string(tmp.path().join("coordinator/out/fede/entities.txt")).unwrap();
+    assert!(
+        keys.lines()
+            .all(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit())),
+        "the coordinator saw entity names:\n{keys:.300}"
+    );
     let log = std::fs::read_to_string(tmp.path().join("coordinator.log")).unwrap();
     assert!(!log.contains("panicked"), "coordinator log:\n{log}");
     drop(net);

@@ -98,3 +98,21 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
     writeln!(file, "{text}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// Write the secret here (mode 0600; the file must not exist). Copy it to every
+    /// organisation, out of band, and never to the coordinator.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `simskip secret`: a federation secret for blinded entity keys (`[client.blind_keys]`).
+pub fn secret(args: SecretArgs) -> Result<()> {
+    write_private(&args.out, &simskip_fed::blind::new_secret())?;
+    println!(
+        "federation secret written to {} (give it to every organisation, never to the coordinator)",
+        args.out.display()
+    );
+    Ok(())
+}

@@ -48,6 +48,9 @@ pub enum Command {
     /// Make a per-organisation token (`tokens` mode): prints the token, for the organisation
     /// only, and its SHA-256, for the coordinator's `[[server.auth.organisations]]`.
     Token(crate::certs::TokenArgs),
+    /// Make the organisations' federation secret for blinded entity keys (made by an
+    /// organisation, shared among them, never with the coordinator).
+    Secret(crate::certs::SecretArgs),
     /// The federation coordinator (the same as the `simskip-server` command).
     Server(crate::node::ServerArgs),
     /// An organisation's daemon (the same as the `simskip-client` command).
@@ -172,6 +175,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Simulate(args) => crate::simulate::run(args),
         Command::Certs(args) => crate::certs::run(args),
         Command::Token(args) => crate::certs::token(args),
+        Command::Secret(args) => crate::certs::secret(args),
         // `--config` given before the subcommand counts as the daemon's own.
         Command::Server(mut args) => {
             args.config = args.config.or(cli.config);
