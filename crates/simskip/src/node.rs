@@ -203,6 +203,7 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
         file.client.metrics_listen = Some(addr);
     }
     file.client.validate()?;
+    file.gate.validate()?;
     let ds = KgDataset::load(&file.data.dir)
         .with_context(|| format!("loading the private graph {}", file.data.dir.display()))?;
     let settings = WorkSettings {

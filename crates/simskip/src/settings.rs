@@ -97,6 +97,12 @@ pub struct GateSettings {
     /// Off: the last epoch's model is the output, whatever it scores.
     pub enabled: bool,
     pub signal: SignalKind,
+    /// In the federation's final decision, also watch every other task on validation data
+    /// (KNN, probe accuracy and macro-F1, link prediction, graph signal): the refined table
+    /// is kept only if none of them falls by more than `tolerance`.
+    pub watch_all: bool,
+    /// Largest fall (absolute, in the task's own units) tolerated on a watched task.
+    pub tolerance: f64,
 }
 
 impl Default for GateSettings {
@@ -104,7 +110,21 @@ impl Default for GateSettings {
         Self {
             enabled: true,
             signal: SignalKind::Auto,
+            watch_all: true,
+            tolerance: 0.005,
         }
+    }
+}
+
+impl GateSettings {
+    /// One line naming the key and value.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.tolerance.is_finite() && (0.0..=1.0).contains(&self.tolerance),
+            "gate.tolerance = {:?}: must be in [0, 1]",
+            self.tolerance
+        );
+        Ok(())
     }
 }
 

@@ -280,6 +280,10 @@ impl Plan {
         crate::node::strategies(&server.server)
             .context("coordinator settings ([[server.server.stages]])")?;
 
+        file.client
+            .gate
+            .validate()
+            .context("the organisations' settings ([client.gate])")?;
         let clients = (0..sim.clients)
             .map(|k| {
                 let mut client = file.client.clone();

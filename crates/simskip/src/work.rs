@@ -17,9 +17,9 @@ use simskip_eval::TaskFigures;
 use simskip_fed::client::{ClientWork, EvalOutput, FitOutput};
 use simskip_fed::{SimSkipParams, StageInfo, StageParams, WorkError, ENTITIES};
 use simskip_kge::{FilterIndex, Norm, TransE, TransEConfig, TransETrainer};
-use simskip_refine::{beats, Backend, Neighbours, Positives, SimSkipConfig, SimSkipTrainer};
+use simskip_refine::{Backend, Neighbours, Positives, SimSkipConfig, SimSkipTrainer};
 
-use crate::pipeline::refine::{training_neighbours, validation_signal};
+use crate::pipeline::refine::training_neighbours;
 use crate::pipeline::{evaluate_table, EvalContext};
 use crate::settings::{EvalSettings, GateSettings};
 
@@ -371,17 +371,20 @@ impl FederatedWork {
                 // The federated model is shared; whether it helps this organisation's table is
                 // decided here, on this client's own held-out data.
                 let ctx = EvalContext::new(&self.ds, self.settings.eval.clone(), norm);
-                let (signal, score) = validation_signal(&ctx, self.settings.gate.signal)?;
-                let (input_score, refined_score) = (score(input), score(&refined));
-                let keep_refined = !self.settings.gate.enabled || beats(refined_score, input_score);
+                let gate = crate::pipeline::gate::gate(&ctx, &self.settings.gate, input, &refined)?;
+                let keep_refined = !self.settings.gate.enabled || gate.keep_refined;
                 let output = if keep_refined { &refined } else { input };
                 let path = self.write_table(&stage.name, output)?;
+                let primary = &gate.scores[0];
                 let decision = serde_json::json!({
-                    "signal": signal,
-                    "input": input_score,
-                    "refined": refined_score,
+                    "signal": gate.signal,
+                    "input": primary.input,
+                    "refined": primary.refined,
                     "gate": self.settings.gate.enabled,
                     "output": if keep_refined { "refined" } else { "input" },
+                    "reason": gate.reason,
+                    "tolerance": gate.tolerance,
+                    "scores": gate.scores,
                 });
                 crate::report::write_json(
                     &self.out_dir.join(&stage.name).join("gate.json"),

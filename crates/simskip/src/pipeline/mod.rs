@@ -3,6 +3,7 @@
 
 pub mod embed;
 pub mod evaluate;
+pub mod gate;
 pub mod refine;
 
 pub use embed::{train_transe, EmbedOutcome};
