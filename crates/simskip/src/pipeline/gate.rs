@@ -62,7 +62,12 @@ pub fn decide(scores: Vec<TaskScore>, tolerance: f64) -> GateDecision {
         .iter()
         // A task the input could not be scored on cannot be made worse; one the refined
         // table cannot be scored on is a regression.
-        .find(|s| !s.input.is_nan() && !(s.refined >= s.input - tolerance))
+        .find(|s| {
+            !s.input.is_nan()
+                && s.refined
+                    .partial_cmp(&(s.input - tolerance))
+                    .is_none_or(|o| o.is_lt())
+        })
     {
         (
             false,
