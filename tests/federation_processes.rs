@@ -181,6 +181,15 @@ fn three_clients_run_both_stages_over_loopback() {
         table.contains("aggregate") && table.contains("refined"),
         "{table}"
     );
+    // Beside the federated model's figures, what each organisation kept, and its aggregate.
+    assert_eq!(figures.stages["simskip"].kept.len(), 3);
+    assert!(table.contains("kept ("), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("aggregate") && l.contains(" kept ")),
+        "{table}"
+    );
 }
 
 struct Proc(Child);

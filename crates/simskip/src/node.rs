@@ -230,11 +230,60 @@ pub struct RunFigures {
     pub stages: BTreeMap<String, StageFigures>,
 }
 
+const TASKS: [&str; 5] = [
+    "knn_at_10",
+    "probe_accuracy",
+    "probe_macro_f1",
+    "lp_mrr",
+    "lp_hits_at_10",
+];
+
+impl StageFigures {
+    /// Per client with a known gate decision, and for the aggregate when every client's is
+    /// known: the row label ("kept (input)" ...) and the kept table's figures, unprefixed.
+    fn kept_rows(&self) -> BTreeMap<&str, (String, BTreeMap<String, f64>)> {
+        let mut rows = BTreeMap::new();
+        let mut sums: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+        for (client, m) in &self.clients {
+            let Some(kept) = self.kept.get(client) else {
+                continue;
+            };
+            let figures: BTreeMap<String, f64> = TASKS
+                .iter()
+                .filter_map(|t| Some((t.to_string(), *m.get(&format!("{kept}.{t}"))?)))
+                .collect();
+            let w = self.client_examples.get(client).copied().unwrap_or(0) as f64;
+            for (t, v) in &figures {
+                let e = sums
+                    .entry(TASKS.iter().find(|x| *x == t).copied().unwrap_or(""))
+                    .or_default();
+                e.0 += w * v;
+                e.1 += w;
+            }
+            rows.insert(client.as_str(), (format!("kept ({kept})"), figures));
+        }
+        if !self.clients.is_empty() && self.clients.keys().all(|c| self.kept.contains_key(c)) {
+            let figures = sums
+                .into_iter()
+                .filter(|(_, (_, w))| *w > 0.0)
+                .map(|(t, (s, w))| (t.to_string(), s / w))
+                .collect();
+            rows.insert("aggregate", ("kept".to_string(), figures));
+        }
+        rows
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StageFigures {
     pub round: u32,
     pub aggregate: BTreeMap<String, f64>,
     pub clients: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Example weight of each client in that evaluation.
+    pub client_examples: BTreeMap<String, u64>,
+    /// What each organisation's gate kept ("input" or "refined"), when known (see
+    /// [`RunFigures::with_kept`]).
+    pub kept: BTreeMap<String, String>,
     /// (round, aggregated metrics) of every evaluation, in order.
     pub history: Vec<(u32, BTreeMap<String, f64>)>,
 }
@@ -268,13 +317,34 @@ impl RunFigures {
                         .collect()
                 })
                 .unwrap_or_default();
+            let client_examples: BTreeMap<String, u64> = v["clients"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(name, c)| (name.clone(), c["num_examples"].as_u64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default();
             let entry = figures.stages.entry(stage).or_default();
             entry.history.push((round, aggregate.clone()));
             entry.round = round;
             entry.aggregate = aggregate;
             entry.clients = clients;
+            entry.client_examples = client_examples;
         }
         Ok(figures)
+    }
+
+    /// Adds what each organisation's gate kept at the end of `stage`: `kept` maps a client to
+    /// "input" or "refined" (its `gate.json`). The final evaluation scored the same global
+    /// model the organisation refined its table with, so the kept table's figures are that
+    /// evaluation's input or refined figures for the client; the aggregate "kept" row weighs
+    /// them like the other rows.
+    pub fn with_kept(mut self, stage: &str, kept: BTreeMap<String, String>) -> Self {
+        if let Some(f) = self.stages.get_mut(stage) {
+            f.kept = kept;
+        }
+        self
     }
 
     /// Tables: per stage, one row per client and the aggregate.
@@ -291,19 +361,31 @@ impl RunFigures {
             ));
             if has_refined {
                 out.push_str(&format!(
-                    "{:<12} {:<8} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
+                    "{:<12} {:<16} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
                     "client", "table", "KNN@10", "probe acc", "probe F1", "LP MRR", "LP H@10"
                 ));
+                let kept_rows = f.kept_rows();
                 for (name, m) in &rows {
-                    for table in ["input", "refined"] {
+                    let mut tables: Vec<(String, &BTreeMap<String, f64>, &str)> = vec![
+                        ("input".into(), *m, "input"),
+                        ("refined".into(), *m, "refined"),
+                    ];
+                    if let Some((label, km)) = kept_rows.get(name.as_str()) {
+                        tables.push((label.clone(), km, ""));
+                    }
+                    for (label, m, prefix) in tables {
                         let g = |k: &str| {
-                            m.get(&format!("{table}.{k}"))
-                                .map_or("-".to_owned(), |v| format!("{v:.4}"))
+                            let key = if prefix.is_empty() {
+                                k.to_owned()
+                            } else {
+                                format!("{prefix}.{k}")
+                            };
+                            m.get(&key).map_or("-".to_owned(), |v| format!("{v:.4}"))
                         };
                         out.push_str(&format!(
-                            "{:<12} {:<8} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
+                            "{:<12} {:<16} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
                             name,
-                            table,
+                            label,
                             g("knn_at_10"),
                             g("probe_accuracy"),
                             g("probe_macro_f1"),
@@ -332,5 +414,48 @@ impl RunFigures {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_rows_follow_each_gate_and_weigh_the_aggregate_by_examples() {
+        let m = |i: f64, r: f64| {
+            BTreeMap::from([
+                ("input.knn_at_10".to_string(), i),
+                ("refined.knn_at_10".to_string(), r),
+            ])
+        };
+        let mut f = StageFigures {
+            clients: BTreeMap::from([
+                ("a".to_string(), m(0.5, 0.6)),
+                ("b".to_string(), m(0.3, 0.2)),
+            ]),
+            client_examples: BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 3)]),
+            aggregate: m(0.35, 0.3),
+            ..StageFigures::default()
+        };
+        // Until every gate is known there is no aggregate "kept" row.
+        f.kept = BTreeMap::from([("a".to_string(), "refined".to_string())]);
+        let rows = f.kept_rows();
+        assert_eq!(rows["a"].0, "kept (refined)");
+        assert_eq!(rows["a"].1["knn_at_10"], 0.6);
+        assert!(!rows.contains_key("aggregate"));
+        f.kept.insert("b".into(), "input".into());
+        let rows = f.kept_rows();
+        assert_eq!(rows["b"].1["knn_at_10"], 0.3);
+        let agg = rows["aggregate"].1["knn_at_10"];
+        assert!((agg - (0.6 + 3.0 * 0.3) / 4.0).abs() < 1e-12, "{agg}");
+        let figures = RunFigures {
+            stages: BTreeMap::from([("simskip".to_string(), f)]),
+        };
+        let table = figures.render();
+        assert!(
+            table.contains("kept (refined)") && table.contains("kept (input)"),
+            "{table}"
+        );
     }
 }

@@ -540,7 +540,26 @@ pub fn simulate(file: &SimulateFile, program: &NodeProgram) -> Result<RunFigures
         )?);
     }
     watch(&mut daemons, deadline)?;
-    RunFigures::read(&out.join("coordinator"))
+    let mut figures = RunFigures::read(&out.join("coordinator"))?;
+    // What each organisation kept, from its own gate decision, beside the federated model's
+    // raw figures.
+    for stage in &plan.server.server.stages {
+        if stage.kind() != simskip_fed::StageKind::FedAvg {
+            continue;
+        }
+        let kept = plan
+            .clients
+            .iter()
+            .filter_map(|c| {
+                let path = c.data.out_dir.join(&stage.name).join("gate.json");
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+                Some((c.client.name.clone(), v["output"].as_str()?.to_owned()))
+            })
+            .collect();
+        figures = figures.with_kept(&stage.name, kept);
+    }
+    Ok(figures)
 }
 
 #[cfg(test)]
