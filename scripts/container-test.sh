@@ -122,6 +122,8 @@ dim = 32
 epochs = 1
 negatives = 16
 lr = 0.01
+[server.stages.aggregation]
+min_holders = 2
 
 [[server.stages]]
 name = "simskip"

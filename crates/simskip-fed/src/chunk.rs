@@ -83,7 +83,7 @@ fn effective_chunk_bytes(chunk_bytes: usize) -> usize {
 pub fn payload_headers(payload: &Payload) -> Vec<ArrayHeader> {
     match payload {
         Payload::Arrays(arrays) => arrays.iter().map(array_header).collect(),
-        Payload::Rows { table, keys } => {
+        Payload::Rows { table, keys, .. } => {
             let shape = [keys.len() as u64, table.dim() as u64];
             vec![ArrayHeader {
                 name: ENTITIES.to_string(),
@@ -124,7 +124,7 @@ impl PayloadChunks {
     fn array_len(&self, index: usize) -> Option<usize> {
         match &self.payload {
             Payload::Arrays(a) => a.get(index).map(|a| a.data.len()),
-            Payload::Rows { table, keys } => (index == 0).then(|| keys.len() * table.dim()),
+            Payload::Rows { table, keys, .. } => (index == 0).then(|| keys.len() * table.dim()),
         }
     }
 
@@ -137,7 +137,7 @@ impl PayloadChunks {
         };
         match &self.payload {
             Payload::Arrays(a) => put(&a[index].data[start..end]),
-            Payload::Rows { table, keys } => {
+            Payload::Rows { table, keys, .. } => {
                 let dim = table.dim();
                 let mut i = start;
                 while i < end {
@@ -416,6 +416,7 @@ mod tests {
         // A client holding every third entity, in its own order.
         let mine: Arc<Vec<String>> = Arc::new(keys.iter().rev().step_by(3).cloned().collect());
         let payload = Payload::Rows {
+            positions: None,
             table: table.clone(),
             keys: mine.clone(),
         };

@@ -19,10 +19,11 @@ use crate::chunk::{
 };
 use crate::coordinator::config::MAX_DURATION_SECS;
 use crate::error::{FedError, WorkError};
+use crate::params::StageParams;
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{self, register_request, result_chunk, task_chunk};
 use crate::telemetry::{ClientMetrics, MetricsServer};
-use crate::types::{Payload, StageInfo, TaskKind};
+use crate::types::{Payload, StageInfo, TaskKind, ENTITIES};
 use crate::wire::{self, PolledHeader, TaskHeader};
 
 /// What a FIT returns: the updated arrays (for FedE: "entities" `[n_keys, d]` in the order
@@ -289,6 +290,7 @@ async fn drive<W: ClientWork>(
         None => work.entity_keys(),
     };
     let keys = Arc::new(keys);
+    let mut home = HomeRows::new(keys.len());
     let num_examples = work.num_examples();
     let mut work = Some(work);
     let mut failures = 0u32;
@@ -318,7 +320,16 @@ async fn drive<W: ClientWork>(
         backoff = Duration::from_millis(cfg.backoff_initial_ms);
         tracing::info!(client = %cfg.name, run_id = %session.run_id, "registered");
         metrics.registered();
-        match run_session(cfg, &session, &mut work, &mut unfinished, metrics).await {
+        match run_session(
+            cfg,
+            &session,
+            &mut work,
+            &mut unfinished,
+            metrics,
+            &mut home,
+        )
+        .await
+        {
             Ok(()) if unfinished.is_empty() => return Ok(()),
             Ok(()) => {
                 return Err(FedError::Work {
@@ -553,6 +564,7 @@ async fn run_session<W: ClientWork>(
     work: &mut Option<W>,
     unfinished: &mut Vec<String>,
     metrics: &ClientMetrics,
+    home: &mut HomeRows,
 ) -> Result<(), SessionEnd> {
     let _heartbeat = spawn_heartbeat(s, cfg.name.clone());
     let mut round = 0u32;
@@ -571,6 +583,23 @@ async fn run_session<W: ClientWork>(
         };
         round = task.round;
         tracing::debug!(client = %cfg.name, stage = %task.stage.name, round, kind = task.kind.as_str(), "task");
+        // FedE with a row selection: the work sees its whole table (the rows that stayed home
+        // are its own), and only the selected rows go back.
+        let arrays = match home.expand(&task, arrays) {
+            Ok(a) => a,
+            Err(reason) => {
+                tracing::warn!(client = %cfg.name, round, "task refused: {reason}");
+                let header = wire::result_header(
+                    &task,
+                    &s.session,
+                    0,
+                    BTreeMap::new(),
+                    Some(format!("task refused: {reason}")),
+                );
+                push_header_only(cfg, s, header).await?;
+                continue;
+            }
+        };
         let Some(mut w) = work.take() else {
             return Err(SessionEnd::Fatal(FedError::Work {
                 context: "the local work".into(),
@@ -619,7 +648,12 @@ async fn run_session<W: ClientWork>(
             out.as_ref().ok().map(|a| &a.metrics),
         );
         let answer = match out {
-            Ok(a) => a,
+            Ok(mut a) => {
+                if kind == TaskKind::Fit {
+                    a.arrays = home.keep_and_select(&task, a.arrays);
+                }
+                a
+            }
             Err(e) => {
                 tracing::error!(client = %cfg.name, "local {} failed: {e}", kind.as_str());
                 let message = e.to_string();
@@ -637,6 +671,104 @@ async fn run_session<W: ClientWork>(
             }
         };
         push(cfg, s, &task, answer, metrics).await?;
+    }
+}
+
+/// The organisation's whole FedE table between tasks, for stages where only some rows travel
+/// (`row_selection`): the rows that stay home are the ones the work itself produced last.
+struct HomeRows {
+    num_keys: usize,
+    /// Stage index -> its latest full `[num_keys, dim]` rows.
+    tables: BTreeMap<usize, Vec<f32>>,
+}
+
+impl HomeRows {
+    fn new(num_keys: usize) -> Self {
+        Self {
+            num_keys,
+            tables: BTreeMap::new(),
+        }
+    }
+
+    /// The task's arrays with the selected rows placed into the full table. Before the
+    /// work's first rows of the stage, the rows that stay home start as the coordinator's
+    /// would: uniform in the stage's initial bound, seeded by its seed.
+    fn expand(
+        &mut self,
+        task: &TaskHeader,
+        mut arrays: Vec<NamedArray>,
+    ) -> Result<Vec<NamedArray>, String> {
+        let (Some(positions), StageParams::FedE(cfg)) = (&task.rows, &task.stage.params) else {
+            return Ok(arrays);
+        };
+        let dim = cfg.dim;
+        if positions
+            .last()
+            .is_some_and(|&p| p as usize >= self.num_keys)
+        {
+            return Err(format!(
+                "row_selection names position {} of {} rows",
+                positions.last().unwrap_or(&0),
+                self.num_keys
+            ));
+        }
+        let Some(rows) = arrays.iter_mut().find(|a| a.name == ENTITIES) else {
+            return Err(format!("no '{ENTITIES}' array"));
+        };
+        if rows.shape != [positions.len(), dim] || rows.data.len() != positions.len() * dim {
+            return Err(format!(
+                "'{ENTITIES}' of shape {:?} for {} selected rows of width {dim}",
+                rows.shape,
+                positions.len()
+            ));
+        }
+        let full = self
+            .tables
+            .entry(task.stage.index)
+            .or_insert_with(|| {
+                use rand::{Rng, SeedableRng};
+                let b = simskip_kge::init_bound(cfg);
+                let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+                (0..self.num_keys * dim)
+                    .map(|_| rng.random_range(-b..b))
+                    .collect()
+            })
+            .clone();
+        let mut full = full;
+        for (i, &p) in positions.iter().enumerate() {
+            let p = p as usize;
+            full[p * dim..(p + 1) * dim].copy_from_slice(&rows.data[i * dim..(i + 1) * dim]);
+        }
+        *rows = NamedArray::new(ENTITIES, vec![self.num_keys, dim], full);
+        Ok(arrays)
+    }
+
+    /// After a FIT: remembers the work's full rows and keeps only the selected ones to send.
+    fn keep_and_select(
+        &mut self,
+        task: &TaskHeader,
+        mut arrays: Vec<NamedArray>,
+    ) -> Vec<NamedArray> {
+        let (Some(positions), StageParams::FedE(cfg)) = (&task.rows, &task.stage.params) else {
+            return arrays;
+        };
+        let dim = cfg.dim;
+        if let Some(rows) = arrays.iter_mut().find(|a| a.name == ENTITIES) {
+            if rows.shape == [self.num_keys, dim] && rows.data.len() == self.num_keys * dim {
+                self.tables.insert(task.stage.index, rows.data.clone());
+                let data = positions
+                    .iter()
+                    .flat_map(|&p| {
+                        rows.data[p as usize * dim..(p as usize + 1) * dim]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                *rows = NamedArray::new(ENTITIES, vec![positions.len(), dim], data);
+            }
+            // Any other shape goes as it is, and the coordinator refuses it.
+        }
+        arrays
     }
 }
 

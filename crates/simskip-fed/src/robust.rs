@@ -33,6 +33,10 @@ pub struct Robustness {
     /// Scale each client's update (its arrays minus the global model, or a FedE row minus the
     /// global row) down to at most this L2 norm before combining.
     pub clip_norm: Option<f64>,
+    /// FedE: aggregate (and exchange) the rows of entities held by at least this many
+    /// organisations; an entity fewer hold is trained at home and its row never leaves its
+    /// holder. 1: every row travels, as in FedE. Must be 1 for other stages.
+    pub min_holders: u32,
 }
 
 impl Default for Robustness {
@@ -41,6 +45,7 @@ impl Default for Robustness {
             combine: Combine::Mean,
             trim: 0.1,
             clip_norm: None,
+            min_holders: 1,
         }
     }
 }
@@ -53,6 +58,9 @@ impl Robustness {
                 "aggregation.trim = {:?}: must be in [0, 0.5)",
                 self.trim
             ));
+        }
+        if self.min_holders == 0 {
+            return Err("aggregation.min_holders = 0: must be at least 1".into());
         }
         if let Some(c) = self.clip_norm {
             if !(c.is_finite() && c > 0.0) {
@@ -118,7 +126,7 @@ mod tests {
         Robustness {
             combine,
             trim: 0.25,
-            clip_norm: None,
+            ..Robustness::default()
         }
     }
 

@@ -1,6 +1,7 @@
 //! Aggregation strategies: what each client receives and how results are combined. They
 //! depend only on the common types and the pure aggregation functions.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
@@ -171,6 +172,13 @@ pub struct FedEStrategy {
     rng: StdRng,
     init_bound: f32,
     rule: Robustness,
+    /// Rows travel only for entities held by at least this many organisations (1: all).
+    min_holders: u32,
+    /// Every organisation's registered keys, by name (a re-registration replaces its own).
+    members: HashMap<String, Arc<Vec<String>>>,
+    /// Holders per key, as of the last [`Strategy::initial`] or aggregation: fixed during a
+    /// round, so a task and its result select the same rows whoever registers meanwhile.
+    holders: Arc<HashMap<String, u32>>,
 }
 
 impl FedEStrategy {
@@ -189,11 +197,49 @@ impl FedEStrategy {
             rng: StdRng::seed_from_u64(seed),
             init_bound,
             rule: Robustness::default(),
+            min_holders: 1,
+            members: HashMap::new(),
+            holders: Arc::default(),
         }
     }
 
-    /// Combines each entity's rows by `rule` (the plain mean over holders by default).
+    /// Rows travel only for entities held by at least `min_holders` organisations: an entity
+    /// fewer hold is trained at home and never leaves (its row on the coordinator stays at
+    /// its initial value). 1 (the default): every row travels, as in FedE.
+    pub fn with_min_holders(mut self, min_holders: u32) -> Self {
+        self.min_holders = min_holders.max(1);
+        self
+    }
+
+    fn recount_holders(&mut self) {
+        let mut holders: HashMap<String, u32> = HashMap::new();
+        for keys in self.members.values() {
+            for k in keys.iter() {
+                *holders.entry(k.clone()).or_default() += 1;
+            }
+        }
+        self.holders = Arc::new(holders);
+    }
+
+    /// The keys of `client` whose rows travel, and their positions (`None`: all of them).
+    fn travelling(&self, client: &ClientInfo) -> (Arc<Vec<String>>, Option<Arc<[u32]>>) {
+        if self.min_holders <= 1 {
+            return (client.entity_keys.clone(), None);
+        }
+        let (positions, keys): (Vec<u32>, Vec<String>) = client
+            .entity_keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| self.holders.get(*k).copied().unwrap_or(0) >= self.min_holders)
+            .map(|(i, k)| (i as u32, k.clone()))
+            .unzip();
+        (Arc::new(keys), Some(Arc::from(positions)))
+    }
+
+    /// Combines each entity's rows by `rule` (the plain mean over holders by default), over
+    /// the entities held by at least `rule.min_holders` organisations.
     pub fn with_rule(mut self, rule: Robustness) -> Self {
+        self.min_holders = rule.min_holders.max(1);
         self.rule = rule;
         self
     }
@@ -209,6 +255,8 @@ impl Strategy for FedEStrategy {
     }
 
     fn on_client_registered(&mut self, client: &ClientInfo) -> Result<(), AggregateError> {
+        self.members
+            .insert(client.name.clone(), client.entity_keys.clone());
         let b = self.init_bound;
         let table = Arc::make_mut(&mut self.table);
         for k in client.entity_keys.iter() {
@@ -222,18 +270,25 @@ impl Strategy for FedEStrategy {
         Ok(())
     }
 
+    fn initial(&mut self, _clients: &[ClientInfo]) -> Result<(), AggregateError> {
+        self.recount_holders();
+        Ok(())
+    }
+
     fn payload(&self, client: &ClientInfo) -> Result<Payload, AggregateError> {
         if let Some(k) = client.entity_keys.iter().find(|k| !self.table.contains(k)) {
             return Err(AggregateError::UnknownEntity(k.clone()));
         }
+        let (keys, positions) = self.travelling(client);
         Ok(Payload::Rows {
             table: self.table.clone(),
-            keys: client.entity_keys.clone(),
+            keys,
+            positions,
         })
     }
 
     fn fit_result_bytes(&self, client: &ClientInfo) -> u64 {
-        client.entity_keys.len() as u64 * self.table.dim() as u64 * 4
+        self.travelling(client).0.len() as u64 * self.table.dim() as u64 * 4
     }
 
     fn check_fit_result(
@@ -243,7 +298,7 @@ impl Strategy for FedEStrategy {
     ) -> Result<(), AggregateError> {
         match arrays {
             [rows] if rows.name == ENTITIES => {
-                check_fede_update(&self.table, 0, &client.entity_keys, rows)?;
+                check_fede_update(&self.table, 0, &self.travelling(client).0, rows)?;
                 check_finite(rows)
             }
             _ => Err(AggregateError::Names {
@@ -258,14 +313,17 @@ impl Strategy for FedEStrategy {
         let updates: Vec<(Vec<String>, NamedArray)> = results
             .into_iter()
             .filter_map(|r| {
+                let keys = self.travelling(&r.client).0;
                 let rows = r.arrays.into_iter().find(|a| a.name == ENTITIES)?;
-                Some((Arc::unwrap_or_clone(r.client.entity_keys), rows))
+                Some((Arc::unwrap_or_clone(keys), rows))
             })
             .collect();
         if updates.is_empty() {
             return Err(AggregateError::Empty);
         }
         fede_aggregate_robust(Arc::make_mut(&mut self.table), &updates, &self.rule)?;
+        // Members that registered during this round count from the next one.
+        self.recount_holders();
         Ok(())
     }
 
@@ -274,5 +332,83 @@ impl Strategy for FedEStrategy {
             arrays: vec![self.table.to_named_array()],
             keys: Some(self.table.keys().to_vec()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(name: &str, keys: &[&str]) -> ClientInfo {
+        ClientInfo {
+            name: name.into(),
+            session: format!("s-{name}"),
+            num_examples: 1,
+            entity_keys: Arc::new(keys.iter().map(|k| k.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn with_min_holders_only_shared_rows_travel_and_private_rows_stay_untouched() {
+        let mut s = FedEStrategy::new(2, 0.5, 7).with_rule(Robustness {
+            min_holders: 2,
+            ..Robustness::default()
+        });
+        let a = client("a", &["x", "shared", "y"]);
+        let b = client("b", &["shared", "z"]);
+        s.on_client_registered(&a).unwrap();
+        s.on_client_registered(&b).unwrap();
+        s.initial(&[a.clone(), b.clone()]).unwrap();
+        let private_x = s.table().row("x").unwrap().to_vec();
+        let Payload::Rows {
+            keys, positions, ..
+        } = s.payload(&a).unwrap()
+        else {
+            panic!("FedE sends rows")
+        };
+        assert_eq!(*keys, vec!["shared".to_string()]);
+        assert_eq!(positions.as_deref(), Some(&[1u32][..]));
+        assert_eq!(s.fit_result_bytes(&a), 2 * 4);
+        // a's full table is refused: only the shared row may come back.
+        let full = NamedArray::new(ENTITIES, vec![3, 2], vec![1.0; 6]);
+        assert!(s.check_fit_result(&a, &[full]).is_err());
+        let mine = |v: f32| NamedArray::new(ENTITIES, vec![1, 2], vec![v; 2]);
+        s.check_fit_result(&a, &[mine(1.0)]).unwrap();
+        s.aggregate_fit(vec![
+            ClientResult {
+                client: a.clone(),
+                arrays: vec![mine(1.0)],
+                num_examples: 1,
+                metrics: Default::default(),
+            },
+            ClientResult {
+                client: b.clone(),
+                arrays: vec![mine(3.0)],
+                num_examples: 1,
+                metrics: Default::default(),
+            },
+        ])
+        .unwrap();
+        assert_eq!(s.table().row("shared").unwrap(), &[2.0, 2.0]);
+        // The private rows never moved on the coordinator (nobody sent them).
+        assert_eq!(s.table().row("x").unwrap(), &private_x[..]);
+
+        // A third holder of "y" registering makes it shared from the next round on.
+        let c = client("c", &["y"]);
+        s.on_client_registered(&c).unwrap();
+        let before = s.travelling(&a).1.unwrap().to_vec();
+        assert_eq!(before, vec![1]);
+        s.aggregate_fit(vec![ClientResult {
+            client: b.clone(),
+            arrays: vec![mine(3.0)],
+            num_examples: 1,
+            metrics: Default::default(),
+        }])
+        .unwrap();
+        assert_eq!(s.travelling(&a).1.unwrap().to_vec(), vec![1, 2]);
+
+        // min_holders 1 (the default): every row, no selection.
+        let all = FedEStrategy::new(2, 0.5, 7);
+        assert_eq!(all.travelling(&a).1, None);
     }
 }

@@ -100,6 +100,10 @@ pub enum Payload {
     Rows {
         table: Arc<EntityTable>,
         keys: Arc<Vec<String>>,
+        /// When only some of the client's rows travel (entities held by too few
+        /// organisations stay home): their positions in the client's registered key order,
+        /// ascending, one per key of `keys`. `None`: all of them, in that order.
+        positions: Option<Arc<[u32]>>,
     },
 }
 
@@ -113,7 +117,7 @@ impl Payload {
     pub fn to_arrays(&self) -> Result<Vec<NamedArray>, crate::AggregateError> {
         match self {
             Payload::Arrays(a) => Ok(a.to_vec()),
-            Payload::Rows { table, keys } => Ok(vec![table.rows_for(keys)?]),
+            Payload::Rows { table, keys, .. } => Ok(vec![table.rows_for(keys)?]),
         }
     }
 }

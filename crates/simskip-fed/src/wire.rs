@@ -13,7 +13,7 @@ use simskip_refine::{Augmentation, Positives, SimSkipConfig};
 use crate::coordinator::rounds::{Poll, Report, ResultOutcome, Task};
 use crate::params::{ParamsError, SimSkipParams, StageParams, PARAMS_SCHEMA_VERSION};
 use crate::proto;
-use crate::types::{StageInfo, StageKind, TaskKind};
+use crate::types::{Payload, StageInfo, StageKind, TaskKind};
 
 /// A field of a received message that the domain cannot use.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -39,6 +39,8 @@ pub enum WireError {
         expected: &'static str,
         got: &'static str,
     },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn usize_field(field: &'static str, value: u64) -> Result<usize, WireError> {
@@ -286,6 +288,14 @@ pub(crate) fn task_header(task: &Task) -> proto::TaskHeader {
         arrays: Vec::new(),
         stage_rounds: task.stage.rounds,
         params: Some(params_to_proto(&task.stage.params)),
+        row_selection: match &task.payload {
+            Payload::Rows {
+                positions: Some(p), ..
+            } => Some(proto::RowSelection {
+                positions: p.to_vec(),
+            }),
+            _ => None,
+        },
     }
 }
 
@@ -317,6 +327,8 @@ pub(crate) struct TaskHeader {
     pub task_id: String,
     pub round: u32,
     pub kind: TaskKind,
+    /// FedE: positions of the rows the task carries (`None`: all).
+    pub rows: Option<Vec<u32>>,
     pub stage: StageInfo,
 }
 
@@ -336,11 +348,20 @@ pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHead
             got: params.kind().as_str(),
         });
     }
+    let rows = h.row_selection.as_ref().map(|r| r.positions.clone());
+    if let Some(p) = &rows {
+        if p.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(WireError::Invalid(
+                "row_selection.positions must be strictly ascending".into(),
+            ));
+        }
+    }
     Ok(PolledHeader::Task(TaskHeader {
         run_id: h.run_id.clone(),
         task_id: h.task_id.clone(),
         round: h.round,
         kind,
+        rows,
         stage: StageInfo {
             index: h.stage_index as usize,
             name: h.stage_name.clone(),

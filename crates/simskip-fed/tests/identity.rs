@@ -562,3 +562,131 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Sets every row it returns to `mark`; records what it receives.
+struct Marker {
+    names: Vec<String>,
+    mark: f32,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<NamedArray>)>>>,
+}
+
+impl ClientWork for Marker {
+    fn entity_keys(&self) -> Vec<String> {
+        self.names.clone()
+    }
+    fn num_examples(&self) -> u64 {
+        10
+    }
+    fn fit(
+        &mut self,
+        _: &StageInfo,
+        round: u32,
+        global: Vec<NamedArray>,
+    ) -> Result<FitOutput, WorkError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((format!("fit{round}"), global.clone()));
+        let arrays = global
+            .into_iter()
+            .map(|mut a| {
+                a.data.iter_mut().for_each(|v| *v = self.mark);
+                a
+            })
+            .collect();
+        Ok(FitOutput {
+            arrays,
+            num_examples: 10,
+            metrics: BTreeMap::new(),
+        })
+    }
+    fn evaluate(
+        &mut self,
+        _: &StageInfo,
+        _: u32,
+        _: Vec<NamedArray>,
+    ) -> Result<EvalOutput, WorkError> {
+        Ok(EvalOutput {
+            num_examples: 10,
+            metrics: BTreeMap::new(),
+        })
+    }
+    fn finish_stage(&mut self, _: &StageInfo, global: Vec<NamedArray>) -> Result<(), WorkError> {
+        self.seen.lock().unwrap().push(("finish".into(), global));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = server_config(&dir.path().join("out"), ServerAuth::insecure(), 2);
+    let params = StageParams::defaults(StageKind::FedE, 4);
+    let bound = match &params {
+        StageParams::FedE(t) => simskip_kge::init_bound(t),
+        _ => unreachable!(),
+    };
+    cfg.stages = vec![StageConfig {
+        name: "fede".into(),
+        rounds: 2,
+        eval_every: 0,
+        params,
+        aggregation: simskip_fed::Robustness {
+            min_holders: 2,
+            ..Default::default()
+        },
+    }];
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(
+        simskip_fed::FedEStrategy::new(4, bound, 1).with_rule(cfg.stages[0].aggregation.clone()),
+    )];
+    let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let logs: Vec<_> = (0..2).map(|_| std::sync::Arc::default()).collect();
+    let mut clients = Vec::new();
+    for (k, (name, held, mark)) in [
+        ("org-a", names(&["a-only", "shared"]), 100.0),
+        ("org-b", names(&["shared", "b-only"]), 200.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let work = Marker {
+            names: held,
+            mark,
+            seen: std::sync::Arc::clone(&logs[k]),
+        };
+        clients.push(tokio::spawn(run_client(
+            client_config(port, ClientAuth::Insecure {}, name),
+            work,
+        )));
+    }
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+    let summary = server.await.unwrap().unwrap();
+    let global = &summary.globals[0];
+    let keys = global.keys.clone().unwrap();
+    let row = |k: &str| {
+        let i = keys.iter().position(|x| x == k).unwrap();
+        global.arrays[0].data[i * 4..(i + 1) * 4].to_vec()
+    };
+    // The shared entity is the mean of both marks; the private ones never reached the
+    // coordinator: their rows there are still its initial draw, inside the bound.
+    assert_eq!(row("shared"), vec![150.0; 4]);
+    for k in ["a-only", "b-only"] {
+        assert!(row(k).iter().all(|v| v.abs() <= bound), "{k}: {:?}", row(k));
+    }
+    // Each organisation's work still sees its whole table: in round 2 its private row is what
+    // it produced in round 1 (kept at home), its shared row the federation's mean.
+    for (k, mark, private_at) in [(0, 100.0, 0), (1, 200.0, 1)] {
+        let seen = logs[k].lock().unwrap().clone();
+        let (_, round2) = seen.iter().find(|(e, _)| e == "fit2").expect("round 2");
+        let rows = &round2[0];
+        assert_eq!(rows.shape, vec![2, 4]);
+        let shared_at = 1 - private_at;
+        assert_eq!(rows.data[private_at * 4..private_at * 4 + 4], [mark; 4]);
+        assert_eq!(rows.data[shared_at * 4..shared_at * 4 + 4], [150.0; 4]);
+    }
+}

@@ -96,6 +96,12 @@ impl TryFrom<StageTable> for StageConfig {
         t.aggregation
             .validate()
             .map_err(|e| format!("stage {:?}: {e}", t.name))?;
+        if t.kind != StageKind::FedE && t.aggregation.min_holders != 1 {
+            return Err(format!(
+                "stage {:?}: aggregation.min_holders = {}: only FedE stages exchange rows by entity",
+                t.name, t.aggregation.min_holders
+            ));
+        }
         Ok(StageConfig {
             name: t.name,
             rounds: t.rounds,
