@@ -563,11 +563,14 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// (event, arrays received), in order.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<NamedArray>)>>>;
+
 /// Sets every row it returns to `mark`; records what it receives.
 struct Marker {
     names: Vec<String>,
     mark: f32,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<NamedArray>)>>>,
+    seen: Seen,
 }
 
 impl ClientWork for Marker {
@@ -643,7 +646,7 @@ async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
     )];
     let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let logs: Vec<_> = (0..2).map(|_| std::sync::Arc::default()).collect();
+    let logs: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
     let mut clients = Vec::new();
     for (k, (name, held, mark)) in [
         ("org-a", names(&["a-only", "shared"]), 100.0),
