@@ -160,6 +160,16 @@ impl ClientConfig {
     }
 }
 
+/// How a client's part in a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientEnd {
+    /// The coordinator said the run is DONE.
+    Done,
+    /// The coordinator is shutting down on request (SIGTERM/SIGINT): the run is not over
+    /// and can be resumed by restarting the coordinator, then this client.
+    Stopped,
+}
+
 /// Why a session ended.
 enum SessionEnd {
     /// Connection trouble or unknown session: reconnect and register again.
@@ -223,7 +233,10 @@ fn protocol(server: &str, message: impl std::fmt::Display) -> SessionEnd {
 /// coordinator is unreachable, up to `connect_retries` consecutive failures; after a broken
 /// connection or a forgotten session it registers again and carries on with the current
 /// global model.
-pub async fn run_client<W: ClientWork>(mut cfg: ClientConfig, work: W) -> Result<(), FedError> {
+pub async fn run_client<W: ClientWork>(
+    mut cfg: ClientConfig,
+    work: W,
+) -> Result<ClientEnd, FedError> {
     cfg.validate()?;
     // Certificates and tokens are read once, before the first connection; the name in use
     // from here on is the one they prove.
@@ -259,8 +272,15 @@ pub async fn run_client<W: ClientWork>(mut cfg: ClientConfig, work: W) -> Result
         backoff = Duration::from_millis(cfg.backoff_initial_ms);
         tracing::info!(client = %cfg.name, run_id = %session.run_id, "registered");
         match run_session(&cfg, &session, &mut work, &mut unfinished).await {
-            Ok(()) if unfinished.is_empty() => return Ok(()),
-            Ok(()) => {
+            Ok(ClientEnd::Stopped) => {
+                tracing::info!(
+                    client = %cfg.name,
+                    "the coordinator stopped the run on request; it can be resumed"
+                );
+                return Ok(ClientEnd::Stopped);
+            }
+            Ok(ClientEnd::Done) if unfinished.is_empty() => return Ok(ClientEnd::Done),
+            Ok(ClientEnd::Done) => {
                 return Err(FedError::Work {
                     context: format!(
                         "the run is over, but {} stage(s) did not finish here",
@@ -353,7 +373,8 @@ async fn connect_and_register(
 /// Deadline of a call that carries no large payload (register, push acknowledgement).
 const CALL_DEADLINE: Duration = Duration::from_secs(120);
 
-fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
+/// Heartbeats every period; notifies `stop` (once) when the coordinator says it is stopping.
+fn spawn_heartbeat(session: &Session, name: String, stop: Arc<tokio::sync::Notify>) -> AbortOnDrop {
     let period = session.heartbeat;
     let mut client = session.client.clone();
     let credentials = session.credentials.clone();
@@ -369,6 +390,10 @@ fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
             credentials.authorize(&mut call);
             call.set_timeout(period.max(Duration::from_secs(5)));
             match client.heartbeat(call).await {
+                Ok(r) if r.get_ref().stopping => {
+                    stop.notify_one();
+                    break;
+                }
                 Ok(r) if !r.get_ref().known => {
                     tracing::warn!(client = %name, "coordinator forgot our session");
                     break;
@@ -383,6 +408,7 @@ fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
 enum Polled {
     Wait,
     Done,
+    Stop,
     Task(TaskHeader, Vec<NamedArray>),
     /// A task this client cannot read or whose payload is malformed: it is answered as a
     /// failure (so the round does not wait for it) and the client carries on.
@@ -431,6 +457,7 @@ async fn poll(cfg: &ClientConfig, s: &Session, round: u32) -> Result<Polled, Ses
     let task = match wire::task_header_from_proto(&header) {
         Ok(PolledHeader::Wait) => return Ok(Polled::Wait),
         Ok(PolledHeader::Done) => return Ok(Polled::Done),
+        Ok(PolledHeader::Stop) => return Ok(Polled::Stop),
         Ok(PolledHeader::Task(t)) => t,
         // A task this client cannot read is refused, not trained on.
         Err(e) if !header.task_id.is_empty() => {
@@ -486,16 +513,32 @@ async fn run_session<W: ClientWork>(
     s: &Session,
     work: &mut Option<W>,
     unfinished: &mut Vec<String>,
-) -> Result<(), SessionEnd> {
-    let _heartbeat = spawn_heartbeat(s, cfg.name.clone());
+) -> Result<ClientEnd, SessionEnd> {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let _heartbeat = spawn_heartbeat(s, cfg.name.clone(), stop.clone());
+    // A stop heard by the heartbeat ends the session even during local work (which is left
+    // to finish on its thread: the run will redo that round when it resumes).
+    tokio::select! {
+        end = session_loop(cfg, s, work, unfinished) => end,
+        _ = stop.notified() => Ok(ClientEnd::Stopped),
+    }
+}
+
+async fn session_loop<W: ClientWork>(
+    cfg: &ClientConfig,
+    s: &Session,
+    work: &mut Option<W>,
+    unfinished: &mut Vec<String>,
+) -> Result<ClientEnd, SessionEnd> {
     let mut round = 0u32;
     loop {
         let (task, arrays) = match poll(cfg, s, round).await? {
             Polled::Wait => continue,
             Polled::Done => {
                 tracing::info!(client = %cfg.name, "run done");
-                return Ok(());
+                return Ok(ClientEnd::Done);
             }
+            Polled::Stop => return Ok(ClientEnd::Stopped),
             Polled::Task(t, a) => (t, a),
             Polled::Refused(header) => {
                 push_header_only(cfg, s, header).await?;

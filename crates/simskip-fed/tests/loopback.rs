@@ -727,3 +727,68 @@ async fn a_rogue_organisation_cannot_poison_stall_or_probe_the_run() {
     assert_eq!(summary.globals[0].arrays[0].data, vec![3.0; 4]);
     assert!(summary.ignored_results >= 2);
 }
+
+/// A requested shutdown tells every client to stop (the idle one at its poll, the one busy
+/// training at its heartbeat), flushes the run's outputs and ends without completing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requested_shutdown_stops_clients_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 5, 0)], 2, 1);
+    cfg.fraction_fit = 0.5;
+    cfg.round_timeout_secs = 30.0;
+    cfg.stop_grace_secs = 5.0;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![arr(
+        "w",
+        vec![1],
+        vec![0.0],
+    )]))];
+    let server = tokio::spawn(serve(cfg, listener, strategies, async {
+        let _ = stop_rx.await;
+    }));
+    // Both block in FIT of round 2: the one selected is busy when the stop comes, the other
+    // idles in its polls.
+    let gate: Gate = Arc::default();
+    let clients: Vec<_> = ["a", "b"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let work = Fake {
+                id: i as u32 + 1,
+                examples: 1,
+                keys: vec![],
+                log: Arc::default(),
+                block: Some((2, gate.clone())),
+            };
+            tokio::spawn(run_client(client_config(port, name), work))
+        })
+        .collect();
+    let metrics = dir.path().join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 1 {
+        assert!(Instant::now() < deadline, "round 1 did not close");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Round 2 is under way: one client holds its task.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    stop_tx.send(()).unwrap();
+    for c in clients {
+        let end = c.await.unwrap().unwrap();
+        assert_eq!(end, simskip_fed::ClientEnd::Stopped);
+    }
+    let summary = server.await.unwrap().unwrap();
+    assert!(summary.shutdown_requested && !summary.completed);
+    assert_eq!(summary.records.len(), 1, "{:?}", summary.records);
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "stopped in {:?}",
+        asked.elapsed()
+    );
+    // Let the blocked work return so the runtime can shut down.
+    let (m, cv) = &*gate;
+    *m.lock().unwrap() = true;
+    cv.notify_all();
+}

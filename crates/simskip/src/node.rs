@@ -172,16 +172,46 @@ pub fn run_server(args: ServerArgs) -> Result<()> {
     file.server.validate()?;
     let strategies = strategies(&file.server)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let summary = runtime.block_on(simskip_fed::run_server(
-        file.server.clone(),
-        strategies,
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        },
-    ))?;
-    tracing::info!(run_id = %summary.run_id, completed = summary.completed, out = %summary.out_dir.display(), "run finished");
-    anyhow::ensure!(summary.completed, "the run was stopped before it finished");
-    Ok(())
+    let summary = runtime.block_on(async {
+        let signal = shutdown_signal()?;
+        let stop = async move {
+            let name = signal.await;
+            tracing::info!(signal = name, "shutdown requested");
+        };
+        anyhow::Ok(simskip_fed::run_server(file.server.clone(), strategies, stop).await?)
+    })?;
+    if summary.completed {
+        tracing::info!(run_id = %summary.run_id, out = %summary.out_dir.display(), "run finished");
+        return Ok(());
+    }
+    if summary.shutdown_requested {
+        tracing::info!(
+            run_id = %summary.run_id,
+            rounds = summary.records.len(),
+            out = %summary.out_dir.display(),
+            "run stopped on request; restart the coordinator with the same settings to resume it"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "run {} stopped before it finished (see the log); restart the coordinator with the same \
+         settings to resume it",
+        summary.run_id
+    )
+}
+
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C). The handlers are installed before it
+/// returns, so a signal that arrives while the daemon starts is not lost.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }
 
 pub fn run_client(args: ClientArgs) -> Result<()> {
@@ -204,7 +234,22 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
         file.data.input_embeddings.as_deref(),
     )?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(simskip_fed::run_client(file.client.clone(), work))?;
+    let ended = runtime.block_on(async {
+        let signal = shutdown_signal()?;
+        tokio::select! {
+            end = simskip_fed::run_client(file.client.clone(), work) => anyhow::Ok(Ok(end?)),
+            name = signal => anyhow::Ok(Err(name)),
+        }
+    });
+    // Local work interrupted by a stop may still run on a blocking thread: do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match ended? {
+        Ok(simskip_fed::ClientEnd::Done) => tracing::info!("run done"),
+        Ok(simskip_fed::ClientEnd::Stopped) => {
+            tracing::info!("the coordinator stopped the run; restart this client to resume")
+        }
+        Err(signal) => tracing::info!(%signal, "stopped by signal; restart this client to resume"),
+    }
     Ok(())
 }
 

@@ -166,6 +166,10 @@ pub struct ServerConfig {
     pub tick_ms: u64,
     /// After the run is DONE, how long to wait for alive clients to be told so.
     pub done_grace_secs: f64,
+    /// On SIGTERM/SIGINT, how long to wait for the alive clients to be told to stop (at their
+    /// next poll or heartbeat) before the coordinator exits; keep it above
+    /// `heartbeat_interval_secs` so that clients busy training hear it too.
+    pub stop_grace_secs: f64,
 }
 
 impl Default for ServerConfig {
@@ -191,6 +195,7 @@ impl Default for ServerConfig {
             seed: 0,
             tick_ms: 100,
             done_grace_secs: 10.0,
+            stop_grace_secs: 8.0,
         }
     }
 }
@@ -243,6 +248,7 @@ impl ServerConfig {
             ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
             ("poll_timeout_secs", self.poll_timeout_secs),
             ("done_grace_secs", self.done_grace_secs),
+            ("stop_grace_secs", self.stop_grace_secs),
         ] {
             if !(v.is_finite() && (0.0..=MAX_DURATION_SECS).contains(&v)) {
                 return bad(

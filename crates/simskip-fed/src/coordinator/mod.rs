@@ -35,8 +35,11 @@ pub struct RunSummary {
     /// Final global state of each stage.
     pub globals: Vec<GlobalSnapshot>,
     pub ignored_results: u64,
-    /// True when the run reached DONE (false: stopped by the shutdown signal).
+    /// True when the run reached DONE (false: stopped by the shutdown signal, or a fault).
     pub completed: bool,
+    /// The `shutdown` future resolved (SIGTERM/SIGINT): the run was stopped on request and
+    /// can be resumed by restarting the coordinator with the same configuration.
+    pub shutdown_requested: bool,
     pub out_dir: PathBuf,
 }
 
@@ -101,6 +104,8 @@ pub async fn serve(
         poll_timeout: secs(cfg.poll_timeout_secs),
         max_entity_keys: cfg.max_entity_keys,
         closing: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        told_stop: Default::default(),
         encode_nanos: AtomicU64::new(0),
         events: tx,
     });
@@ -160,10 +165,19 @@ pub async fn serve(
     .max_encoding_message_size(m);
     let stop = {
         let shared = shared.clone();
+        let grace = secs(cfg.stop_grace_secs);
         async move {
             tokio::select! {
                 _ = finished_rx => {}
-                _ = shutdown => tracing::info!("shutdown requested"),
+                _ = shutdown => {
+                    tracing::info!(
+                        grace_secs = grace.as_secs_f64(),
+                        "shutdown requested: telling the clients to stop"
+                    );
+                    shared.stopping.store(true, Ordering::SeqCst);
+                    shared.notify.notify_waiters();
+                    tell_clients_to_stop(&shared, grace).await;
+                }
             }
             // Release held long-polls so the graceful shutdown does not wait for them.
             shared.closing.store(true, Ordering::SeqCst);
@@ -183,6 +197,7 @@ pub async fn serve(
         .await;
     ticker.abort();
 
+    let shutdown_requested = shared.stopping.load(Ordering::SeqCst);
     let (records, globals, ignored, completed, aborted) = {
         let mut r = shared.rounds.lock().await;
         // Flush what the last tick produced, then stop the sink.
@@ -220,6 +235,32 @@ pub async fn serve(
         globals,
         ignored_results: ignored,
         completed,
+        shutdown_requested,
         out_dir: cfg.out_dir,
     })
+}
+
+/// Waits until every alive client has been told to stop (at its next poll or heartbeat), or
+/// `grace` has passed.
+async fn tell_clients_to_stop(shared: &Arc<Shared>, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let alive = shared.rounds.lock().await.alive_clients();
+        let all_told = {
+            let told = shared.told_stop.lock().unwrap_or_else(|e| e.into_inner());
+            alive.iter().all(|name| told.contains(name))
+        };
+        if all_told {
+            tracing::info!(clients = alive.len(), "every alive client was told to stop");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                clients = alive.len(),
+                "stop grace over before every client was told to stop"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
