@@ -374,7 +374,11 @@ async fn connect_and_register(
 const CALL_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Heartbeats every period; notifies `stop` (once) when the coordinator says it is stopping.
-fn spawn_heartbeat(session: &Session, name: String, stop: Arc<tokio::sync::Notify>) -> AbortOnDrop {
+fn spawn_heartbeat(
+    session: &Session,
+    name: String,
+    stop: tokio::sync::watch::Sender<bool>,
+) -> AbortOnDrop {
     let period = session.heartbeat;
     let mut client = session.client.clone();
     let credentials = session.credentials.clone();
@@ -391,7 +395,7 @@ fn spawn_heartbeat(session: &Session, name: String, stop: Arc<tokio::sync::Notif
             call.set_timeout(period.max(Duration::from_secs(5)));
             match client.heartbeat(call).await {
                 Ok(r) if r.get_ref().stopping => {
-                    stop.notify_one();
+                    let _ = stop.send(true);
                     break;
                 }
                 Ok(r) if !r.get_ref().known => {
@@ -514,13 +518,19 @@ async fn run_session<W: ClientWork>(
     work: &mut Option<W>,
     unfinished: &mut Vec<String>,
 ) -> Result<ClientEnd, SessionEnd> {
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let _heartbeat = spawn_heartbeat(s, cfg.name.clone(), stop.clone());
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let _heartbeat = spawn_heartbeat(s, cfg.name.clone(), stop_tx);
     // A stop heard by the heartbeat ends the session even during local work (which is left
     // to finish on its thread: the run will redo that round when it resumes).
-    tokio::select! {
+    let end = tokio::select! {
+        biased;
+        _ = stop_rx.wait_for(|stop| *stop) => return Ok(ClientEnd::Stopped),
         end = session_loop(cfg, s, work, unfinished) => end,
-        _ = stop.notified() => Ok(ClientEnd::Stopped),
+    };
+    match end {
+        // The coordinator closed the connection after saying it stops.
+        Err(SessionEnd::Reconnect(_)) if *stop_rx.borrow() => Ok(ClientEnd::Stopped),
+        end => end,
     }
 }
 

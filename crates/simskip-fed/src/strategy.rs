@@ -52,6 +52,10 @@ pub trait Strategy: Send {
 
     /// The current global state.
     fn global(&self) -> GlobalSnapshot;
+
+    /// Replaces the global state with a checkpoint of it (a [`Strategy::global`] saved
+    /// earlier in the same run), to resume the run after a restart.
+    fn restore(&mut self, global: GlobalSnapshot) -> Result<(), AggregateError>;
 }
 
 /// FedAvg over a list of named arrays: every client receives all of them and the new global
@@ -147,6 +151,43 @@ impl Strategy for FedAvgStrategy {
             arrays: self.global.to_vec(),
             keys: None,
         }
+    }
+
+    fn restore(&mut self, global: GlobalSnapshot) -> Result<(), AggregateError> {
+        // A checkpoint may list the arrays in another order (safetensors sorts them).
+        let names = |a: &[NamedArray]| {
+            let mut n: Vec<String> = a.iter().map(|a| a.name.clone()).collect();
+            n.sort();
+            n
+        };
+        if names(&global.arrays) != names(&self.global) {
+            return Err(AggregateError::Names {
+                input: 0,
+                expected: names(&self.global),
+                got: names(&global.arrays),
+            });
+        }
+        let mut by_name: std::collections::HashMap<String, NamedArray> = global
+            .arrays
+            .into_iter()
+            .map(|a| (a.name.clone(), a))
+            .collect();
+        let mut arrays = Vec::with_capacity(self.global.len());
+        for g in self.global.iter() {
+            let a = by_name.remove(&g.name).expect("same names");
+            if g.shape != a.shape {
+                return Err(AggregateError::Shape {
+                    input: 0,
+                    name: g.name.clone(),
+                    expected: g.shape.clone(),
+                    got: a.shape.clone(),
+                });
+            }
+            check_finite(&a)?;
+            arrays.push(a);
+        }
+        self.global = Arc::from(arrays);
+        Ok(())
     }
 }
 
@@ -274,5 +315,33 @@ impl Strategy for FedEStrategy {
             arrays: vec![self.table.to_named_array()],
             keys: Some(self.table.keys().to_vec()),
         }
+    }
+
+    fn restore(&mut self, global: GlobalSnapshot) -> Result<(), AggregateError> {
+        let dim = self.table.dim();
+        let bad = |m: String| Err(AggregateError::Checkpoint(m));
+        let Some(keys) = global.keys else {
+            return bad("a FedE table needs the key of each row".into());
+        };
+        let [rows] = &global.arrays[..] else {
+            return bad(format!(
+                "a FedE table is one array, not {}",
+                global.arrays.len()
+            ));
+        };
+        if rows.name != ENTITIES || rows.shape != [keys.len(), dim] {
+            return bad(format!(
+                "expected {ENTITIES:?} of shape [{}, {dim}], got {:?} of shape {:?}",
+                keys.len(),
+                rows.name,
+                rows.shape
+            ));
+        }
+        check_finite(rows)?;
+        let Some(table) = EntityTable::from_rows(keys, dim, rows.data.clone()) else {
+            return bad("duplicate keys".into());
+        };
+        self.table = Arc::new(table);
+        Ok(())
     }
 }

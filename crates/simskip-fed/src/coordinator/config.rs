@@ -132,7 +132,9 @@ pub struct ServerConfig {
     pub listen: String,
     /// Where to write the address actually bound (for port 0), once listening.
     pub address_file: Option<PathBuf>,
-    /// Run id; the default is random.
+    /// Run id. Empty (the default): resume the out_dir's unfinished run if its stages are
+    /// these, else start a new run with a random id. Set: resume that run if the out_dir's
+    /// database holds it unfinished, else start it (see `coordinator::store::Store::start`).
     pub run_id: String,
     /// Who may call and how they prove it (`[server.auth]`): mutual TLS by default.
     pub auth: ServerAuth,
@@ -177,7 +179,7 @@ impl Default for ServerConfig {
         Self {
             listen: "0.0.0.0:50051".into(),
             address_file: None,
-            run_id: format!("run-{:016x}", rand::random::<u64>()),
+            run_id: String::new(),
             auth: ServerAuth::default(),
             min_clients: 2,
             fraction_fit: 1.0,
@@ -206,8 +208,12 @@ impl ServerConfig {
         let bad = |key: &str, value: &dyn std::fmt::Display, why: &str| {
             Err(FedError::Config(format!("server.{key} = {value}: {why}")))
         };
-        if self.run_id.is_empty() {
-            return bad("run_id", &"\"\"", "must not be empty");
+        if self.run_id.contains(['/', '\\']) || self.run_id == "." || self.run_id == ".." {
+            return bad(
+                "run_id",
+                &format!("{:?}", self.run_id),
+                "cannot name a directory (checkpoints go in out_dir/checkpoints/<run_id>)",
+            );
         }
         if self.min_clients == 0 {
             return bad("min_clients", &0, "must be at least 1");
