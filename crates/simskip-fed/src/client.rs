@@ -524,7 +524,9 @@ async fn run_session<W: ClientWork>(
     // to finish on its thread: the run will redo that round when it resumes).
     let end = tokio::select! {
         biased;
-        _ = stop_rx.wait_for(|stop| *stop) => return Ok(ClientEnd::Stopped),
+        // (An `Err`: the heartbeat ended for another reason, e.g. a forgotten session; the
+        // session loop finds out by itself.)
+        Ok(_) = stop_rx.wait_for(|stop| *stop) => return Ok(ClientEnd::Stopped),
         end = session_loop(cfg, s, work, unfinished) => end,
     };
     match end {

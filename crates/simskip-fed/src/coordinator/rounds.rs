@@ -405,6 +405,9 @@ pub struct Rounds {
     short_of_clients_since: Option<Duration>,
     /// Why the run was aborted, if it was.
     aborted: Option<String>,
+    /// A resumed run waits for `min_clients` again before its first round, so that the
+    /// organisations all have time to reconnect (none misses a stage's end, say).
+    regathering: bool,
 }
 
 impl Rounds {
@@ -464,6 +467,7 @@ impl Rounds {
             ignored: 0,
             short_of_clients_since: None,
             aborted: None,
+            regathering: false,
         })
     }
 
@@ -471,7 +475,8 @@ impl Rounds {
     /// incarnation closed and committed, in order; the strategies must already hold the
     /// global state those rounds left (see [`Strategy::restore`]). The round after the last
     /// record is the next one to run (a round that was open at the crash runs again, from
-    /// scratch). Clients register again; `min_clients` no longer gates a run under way.
+    /// scratch). Clients register again; like a new run, the resumed one waits for
+    /// `min_clients` before its first round (then `min_fit_clients` gates each round).
     pub fn resume(
         cfg: RoundsConfig,
         strategies: Vec<Box<dyn Strategy>>,
@@ -510,6 +515,7 @@ impl Rounds {
                     r.events.push(Event::Done);
                 }
             }
+            r.regathering = true;
             // A different selection sequence from the first incarnation's, still seeded.
             r.rng = StdRng::seed_from_u64(r.cfg.seed ^ ((point.records.len() as u64) << 32));
         }
@@ -965,7 +971,7 @@ impl Rounds {
                     let alive = self.clients.values().filter(|c| c.alive).count();
                     // `min_clients` gates the start of the run only: once under way, a client
                     // that dies must not stall it beyond one round timeout (it may rejoin).
-                    let needed = if self.stage_started.iter().any(|&s| s) {
+                    let needed = if self.stage_started.iter().any(|&s| s) && !self.regathering {
                         self.cfg.min_fit_clients
                     } else {
                         self.cfg.min_clients.max(self.cfg.min_fit_clients)
@@ -986,6 +992,7 @@ impl Rounds {
                         break;
                     }
                     self.short_of_clients_since = None;
+                    self.regathering = false;
                     self.start(next, now);
                 }
                 Phase::Collect(rs) => {
