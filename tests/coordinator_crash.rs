@@ -23,10 +23,10 @@ fn workspace() -> PathBuf {
         .unwrap()
 }
 
-/// The `simskip` program run as the daemons: this build's, or `$SIMSKIP_TEST_PROGRAM` (a
+/// The `simskip` program run as the daemons: this build's, or `$CRASH_TEST_PROGRAM` (a
 /// copy of it, where a shared target folder may be rebuilt by another checkout meanwhile).
 fn program() -> PathBuf {
-    std::env::var_os("SIMSKIP_TEST_PROGRAM")
+    std::env::var_os("CRASH_TEST_PROGRAM")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_simskip")))
 }
