@@ -1200,8 +1200,8 @@ impl Rounds {
         let spec = &self.cfg.stages[stage];
         match kind {
             TaskKind::Fit => {
-                let eval =
-                    round == spec.rounds || (spec.eval_every > 0 && round % spec.eval_every == 0);
+                let eval = round == spec.rounds
+                    || (spec.eval_every > 0 && round.is_multiple_of(spec.eval_every));
                 if eval {
                     Some(Next::Evaluate { stage, round })
                 } else {
