@@ -40,6 +40,9 @@ pub enum AggregateError {
     UnknownEntity(String),
     #[error("array {name:?} holds a non-finite value at index {index}")]
     NonFinite { name: String, index: usize },
+    /// A checkpoint that does not fit the strategy it should restore.
+    #[error("checkpoint does not fit the strategy: {0}")]
+    Checkpoint(String),
 }
 
 /// Checks that FedAvg inputs exist and all hold the same array names with the same shapes.

@@ -188,6 +188,16 @@ impl ClientConfig {
     }
 }
 
+/// How a client's part in a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientEnd {
+    /// The coordinator said the run is DONE.
+    Done,
+    /// The coordinator is shutting down on request (SIGTERM/SIGINT): the run is not over
+    /// and can be resumed by restarting the coordinator, then this client.
+    Stopped,
+}
+
 /// Why a session ended.
 enum SessionEnd {
     /// Connection trouble or unknown session: reconnect and register again.
@@ -252,7 +262,10 @@ fn protocol(server: &str, message: impl std::fmt::Display) -> SessionEnd {
 /// connection or a forgotten session it registers again and carries on with the current
 /// global model. With `cfg.metrics_listen` set, its progress is served there as Prometheus
 /// metrics (`GET /metrics`) until it returns.
-pub async fn run_client<W: ClientWork>(mut cfg: ClientConfig, work: W) -> Result<(), FedError> {
+pub async fn run_client<W: ClientWork>(
+    mut cfg: ClientConfig,
+    work: W,
+) -> Result<ClientEnd, FedError> {
     cfg.validate()?;
     // Certificates and tokens are read once, before the first connection; the name in use
     // from here on is the one they prove.
@@ -283,7 +296,7 @@ async fn drive<W: ClientWork>(
     credentials: &Arc<ClientCredentials>,
     work: W,
     metrics: &ClientMetrics,
-) -> Result<(), FedError> {
+) -> Result<ClientEnd, FedError> {
     // Blinded before anything leaves: the coordinator sees only HMACs of the names.
     let keys = match &cfg.blind_keys {
         Some(b) => KeyBlinder::from_file(&b.secret_file)?.blind_all(&work.entity_keys()),
@@ -330,8 +343,15 @@ async fn drive<W: ClientWork>(
         )
         .await
         {
-            Ok(()) if unfinished.is_empty() => return Ok(()),
-            Ok(()) => {
+            Ok(ClientEnd::Stopped) => {
+                tracing::info!(
+                    client = %cfg.name,
+                    "the coordinator stopped the run on request; it can be resumed"
+                );
+                return Ok(ClientEnd::Stopped);
+            }
+            Ok(ClientEnd::Done) if unfinished.is_empty() => return Ok(ClientEnd::Done),
+            Ok(ClientEnd::Done) => {
                 return Err(FedError::Work {
                     context: format!(
                         "the run is over, but {} stage(s) did not finish here",
@@ -424,7 +444,12 @@ async fn connect_and_register(
 /// Deadline of a call that carries no large payload (register, push acknowledgement).
 const CALL_DEADLINE: Duration = Duration::from_secs(120);
 
-fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
+/// Heartbeats every period; notifies `stop` (once) when the coordinator says it is stopping.
+fn spawn_heartbeat(
+    session: &Session,
+    name: String,
+    stop: tokio::sync::watch::Sender<bool>,
+) -> AbortOnDrop {
     let period = session.heartbeat;
     let mut client = session.client.clone();
     let credentials = session.credentials.clone();
@@ -440,6 +465,10 @@ fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
             credentials.authorize(&mut call);
             call.set_timeout(period.max(Duration::from_secs(5)));
             match client.heartbeat(call).await {
+                Ok(r) if r.get_ref().stopping => {
+                    let _ = stop.send(true);
+                    break;
+                }
                 Ok(r) if !r.get_ref().known => {
                     tracing::warn!(client = %name, "coordinator forgot our session");
                     break;
@@ -454,6 +483,7 @@ fn spawn_heartbeat(session: &Session, name: String) -> AbortOnDrop {
 enum Polled {
     Wait,
     Done,
+    Stop,
     Task(TaskHeader, Vec<NamedArray>),
     /// A task this client cannot read or whose payload is malformed: it is answered as a
     /// failure (so the round does not wait for it) and the client carries on.
@@ -507,6 +537,7 @@ async fn poll(
     let task = match wire::task_header_from_proto(&header) {
         Ok(PolledHeader::Wait) => return Ok(Polled::Wait),
         Ok(PolledHeader::Done) => return Ok(Polled::Done),
+        Ok(PolledHeader::Stop) => return Ok(Polled::Stop),
         Ok(PolledHeader::Task(t)) => t,
         // A task this client cannot read is refused, not trained on.
         Err(e) if !header.task_id.is_empty() => {
@@ -565,16 +596,42 @@ async fn run_session<W: ClientWork>(
     unfinished: &mut Vec<String>,
     metrics: &ClientMetrics,
     home: &mut HomeRows,
-) -> Result<(), SessionEnd> {
-    let _heartbeat = spawn_heartbeat(s, cfg.name.clone());
+) -> Result<ClientEnd, SessionEnd> {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let _heartbeat = spawn_heartbeat(s, cfg.name.clone(), stop_tx);
+    // A stop heard by the heartbeat ends the session even during local work (which is left
+    // to finish on its thread: the run will redo that round when it resumes).
+    let end = tokio::select! {
+        biased;
+        // (An `Err`: the heartbeat ended for another reason, e.g. a forgotten session; the
+        // session loop finds out by itself.)
+        Ok(_) = stop_rx.wait_for(|stop| *stop) => return Ok(ClientEnd::Stopped),
+        end = session_loop(cfg, s, work, unfinished, metrics, home) => end,
+    };
+    match end {
+        // The coordinator closed the connection after saying it stops.
+        Err(SessionEnd::Reconnect(_)) if *stop_rx.borrow() => Ok(ClientEnd::Stopped),
+        end => end,
+    }
+}
+
+async fn session_loop<W: ClientWork>(
+    cfg: &ClientConfig,
+    s: &Session,
+    work: &mut Option<W>,
+    unfinished: &mut Vec<String>,
+    metrics: &ClientMetrics,
+    home: &mut HomeRows,
+) -> Result<ClientEnd, SessionEnd> {
     let mut round = 0u32;
     loop {
         let (task, arrays) = match poll(cfg, s, round, metrics).await? {
             Polled::Wait => continue,
             Polled::Done => {
                 tracing::info!(client = %cfg.name, "run done");
-                return Ok(());
+                return Ok(ClientEnd::Done);
             }
+            Polled::Stop => return Ok(ClientEnd::Stopped),
             Polled::Task(t, a) => (t, a),
             Polled::Refused(header) => {
                 push_header_only(cfg, s, header).await?;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::coordinator::rounds::RoundsError;
+use crate::coordinator::store::StoreError;
 use crate::params::ParamsError;
 
 /// An error of the client's local work ([`crate::ClientWork`]): whatever the organisation's
@@ -18,6 +19,9 @@ pub enum FedError {
     Params(#[from] ParamsError),
     #[error(transparent)]
     Rounds(#[from] RoundsError),
+    /// The coordinator's database (see [`crate::coordinator::store`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,

@@ -43,7 +43,7 @@ pub mod proto {
 
 pub use aggregate::{fedavg, fede_aggregate, weighted_metrics, AggregateError, EntityTable};
 pub use auth::{ClientAuth, ServerAuth};
-pub use client::{run_client, ClientConfig, ClientWork, EvalOutput, FitOutput};
+pub use client::{run_client, ClientConfig, ClientEnd, ClientWork, EvalOutput, FitOutput};
 pub use coordinator::config::{ServerConfig, StageConfig};
 pub use coordinator::rounds;
 pub use coordinator::{run_server, serve, RunSummary};

@@ -31,6 +31,10 @@ pub trait Strategy: Send {
         Ok(())
     }
 
+    /// A round (FIT, EVALUATE or FINISH_STAGE) of this stage starts: what the strategy decides
+    /// per round is fixed here, for every task and result of the round (also after a resume).
+    fn on_round_start(&mut self) {}
+
     /// What a task for `client` carries (the current global model or its part of it), for
     /// FIT, EVALUATE and FINISH_STAGE alike. Cheap: it shares the global state, never copies it.
     fn payload(&self, client: &ClientInfo) -> Result<Payload, AggregateError>;
@@ -53,6 +57,10 @@ pub trait Strategy: Send {
 
     /// The current global state.
     fn global(&self) -> GlobalSnapshot;
+
+    /// Replaces the global state with a checkpoint of it (a [`Strategy::global`] saved
+    /// earlier in the same run), to resume the run after a restart.
+    fn restore(&mut self, global: GlobalSnapshot) -> Result<(), AggregateError>;
 }
 
 /// FedAvg over a list of named arrays: every client receives all of them and the new global
@@ -149,6 +157,43 @@ impl Strategy for FedAvgStrategy {
             keys: None,
         }
     }
+
+    fn restore(&mut self, global: GlobalSnapshot) -> Result<(), AggregateError> {
+        // A checkpoint may list the arrays in another order (safetensors sorts them).
+        let names = |a: &[NamedArray]| {
+            let mut n: Vec<String> = a.iter().map(|a| a.name.clone()).collect();
+            n.sort();
+            n
+        };
+        if names(&global.arrays) != names(&self.global) {
+            return Err(AggregateError::Names {
+                input: 0,
+                expected: names(&self.global),
+                got: names(&global.arrays),
+            });
+        }
+        let mut by_name: std::collections::HashMap<String, NamedArray> = global
+            .arrays
+            .into_iter()
+            .map(|a| (a.name.clone(), a))
+            .collect();
+        let mut arrays = Vec::with_capacity(self.global.len());
+        for g in self.global.iter() {
+            let a = by_name.remove(&g.name).expect("same names");
+            if g.shape != a.shape {
+                return Err(AggregateError::Shape {
+                    input: 0,
+                    name: g.name.clone(),
+                    expected: g.shape.clone(),
+                    got: a.shape.clone(),
+                });
+            }
+            check_finite(&a)?;
+            arrays.push(a);
+        }
+        self.global = Arc::from(arrays);
+        Ok(())
+    }
 }
 
 /// A non-finite value would poison the global model for every organisation.
@@ -176,8 +221,8 @@ pub struct FedEStrategy {
     min_holders: u32,
     /// Every organisation's registered keys, by name (a re-registration replaces its own).
     members: HashMap<String, Arc<Vec<String>>>,
-    /// Holders per key, as of the last [`Strategy::initial`] or aggregation: fixed during a
-    /// round, so a task and its result select the same rows whoever registers meanwhile.
+    /// Holders per key, counted when the current round started: fixed during a round, so a
+    /// task and its result select the same rows whoever registers meanwhile.
     holders: Arc<HashMap<String, u32>>,
 }
 
@@ -270,9 +315,8 @@ impl Strategy for FedEStrategy {
         Ok(())
     }
 
-    fn initial(&mut self, _clients: &[ClientInfo]) -> Result<(), AggregateError> {
+    fn on_round_start(&mut self) {
         self.recount_holders();
-        Ok(())
     }
 
     fn payload(&self, client: &ClientInfo) -> Result<Payload, AggregateError> {
@@ -322,8 +366,6 @@ impl Strategy for FedEStrategy {
             return Err(AggregateError::Empty);
         }
         fede_aggregate_robust(Arc::make_mut(&mut self.table), &updates, &self.rule)?;
-        // Members that registered during this round count from the next one.
-        self.recount_holders();
         Ok(())
     }
 
@@ -332,6 +374,34 @@ impl Strategy for FedEStrategy {
             arrays: vec![self.table.to_named_array()],
             keys: Some(self.table.keys().to_vec()),
         }
+    }
+
+    fn restore(&mut self, global: GlobalSnapshot) -> Result<(), AggregateError> {
+        let dim = self.table.dim();
+        let bad = |m: String| Err(AggregateError::Checkpoint(m));
+        let Some(keys) = global.keys else {
+            return bad("a FedE table needs the key of each row".into());
+        };
+        let [rows] = &global.arrays[..] else {
+            return bad(format!(
+                "a FedE table is one array, not {}",
+                global.arrays.len()
+            ));
+        };
+        if rows.name != ENTITIES || rows.shape != [keys.len(), dim] {
+            return bad(format!(
+                "expected {ENTITIES:?} of shape [{}, {dim}], got {:?} of shape {:?}",
+                keys.len(),
+                rows.name,
+                rows.shape
+            ));
+        }
+        check_finite(rows)?;
+        let Some(table) = EntityTable::from_rows(keys, dim, rows.data.clone()) else {
+            return bad("duplicate keys".into());
+        };
+        self.table = Arc::new(table);
+        Ok(())
     }
 }
 
@@ -358,7 +428,7 @@ mod tests {
         let b = client("b", &["shared", "z"]);
         s.on_client_registered(&a).unwrap();
         s.on_client_registered(&b).unwrap();
-        s.initial(&[a.clone(), b.clone()]).unwrap();
+        s.on_round_start();
         let private_x = s.table().row("x").unwrap().to_vec();
         let Payload::Rows {
             keys, positions, ..
@@ -393,18 +463,11 @@ mod tests {
         // The private rows never moved on the coordinator (nobody sent them).
         assert_eq!(s.table().row("x").unwrap(), &private_x[..]);
 
-        // A third holder of "y" registering makes it shared from the next round on.
+        // A third holder of "y" registering mid-round makes it shared from the next round on.
         let c = client("c", &["y"]);
         s.on_client_registered(&c).unwrap();
-        let before = s.travelling(&a).1.unwrap().to_vec();
-        assert_eq!(before, vec![1]);
-        s.aggregate_fit(vec![ClientResult {
-            client: b.clone(),
-            arrays: vec![mine(3.0)],
-            num_examples: 1,
-            metrics: Default::default(),
-        }])
-        .unwrap();
+        assert_eq!(s.travelling(&a).1.unwrap().to_vec(), vec![1]);
+        s.on_round_start();
         assert_eq!(s.travelling(&a).1.unwrap().to_vec(), vec![1, 2]);
 
         // min_holders 1 (the default): every row, no selection.

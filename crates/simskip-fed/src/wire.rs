@@ -299,6 +299,15 @@ pub(crate) fn task_header(task: &Task) -> proto::TaskHeader {
     }
 }
 
+/// The header of a STOP answer to a poll: the coordinator is shutting down on request.
+pub(crate) fn stop_header(run_id: &str) -> proto::TaskHeader {
+    proto::TaskHeader {
+        run_id: run_id.to_string(),
+        kind: proto::TaskKind::Stop as i32,
+        ..Default::default()
+    }
+}
+
 /// The header of a WAIT or DONE answer to a poll.
 pub(crate) fn idle_header(poll: &Poll, run_id: &str) -> proto::TaskHeader {
     let kind = match poll {
@@ -317,6 +326,8 @@ pub(crate) fn idle_header(poll: &Poll, run_id: &str) -> proto::TaskHeader {
 pub(crate) enum PolledHeader {
     Wait,
     Done,
+    /// The coordinator shuts down on request.
+    Stop,
     Task(TaskHeader),
 }
 
@@ -336,6 +347,7 @@ pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHead
     match proto::TaskKind::try_from(h.kind) {
         Ok(proto::TaskKind::Wait) => return Ok(PolledHeader::Wait),
         Ok(proto::TaskKind::Done) => return Ok(PolledHeader::Done),
+        Ok(proto::TaskKind::Stop) => return Ok(PolledHeader::Stop),
         _ => {}
     }
     let kind = task_kind_from_proto("TaskHeader", h.kind)?;

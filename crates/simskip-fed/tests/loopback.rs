@@ -484,7 +484,8 @@ fn server_config_parses_with_defaults_and_rejects_unknown_fields() {
         r#"{"stages":[{"name":"s","kind":"fedavg","rounds":1,"config":{"lr":"0.01"}}]}"#
     )
     .is_err());
-    assert!(cfg.run_id.starts_with("run-"));
+    // No run id by default: the coordinator's database gives one (new, or the run to resume).
+    assert!(cfg.run_id.is_empty());
     assert_eq!(cfg.chunk_bytes, 1 << 20);
     // Mutual TLS is the default, and it needs the organisations named.
     assert_eq!(cfg.auth.mode(), "mtls");
@@ -726,4 +727,409 @@ async fn a_rogue_organisation_cannot_poison_stall_or_probe_the_run() {
     // Exactly the honest-only aggregate: each round adds (1 + 2) / 2.
     assert_eq!(summary.globals[0].arrays[0].data, vec![3.0; 4]);
     assert!(summary.ignored_results >= 2);
+}
+
+/// A requested shutdown tells every client to stop (the idle one at its poll, the one busy
+/// training at its heartbeat), flushes the run's outputs and ends without completing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requested_shutdown_stops_clients_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 5, 0)], 2, 1);
+    cfg.fraction_fit = 0.5;
+    cfg.round_timeout_secs = 30.0;
+    cfg.stop_grace_secs = 5.0;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![arr(
+        "w",
+        vec![1],
+        vec![0.0],
+    )]))];
+    let server = tokio::spawn(serve(cfg, listener, strategies, async {
+        let _ = stop_rx.await;
+    }));
+    // Both block in FIT of round 2: the one selected is busy when the stop comes, the other
+    // idles in its polls.
+    let gate: Gate = Arc::default();
+    let clients: Vec<_> = ["a", "b"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let work = Fake {
+                id: i as u32 + 1,
+                examples: 1,
+                keys: vec![],
+                log: Arc::default(),
+                block: Some((2, gate.clone())),
+            };
+            tokio::spawn(run_client(client_config(port, name), work))
+        })
+        .collect();
+    let metrics = dir.path().join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 1 {
+        assert!(Instant::now() < deadline, "round 1 did not close");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Round 2 is under way: one client holds its task.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    stop_tx.send(()).unwrap();
+    for c in clients {
+        let end = c.await.unwrap().unwrap();
+        assert_eq!(end, simskip_fed::ClientEnd::Stopped);
+    }
+    let summary = server.await.unwrap().unwrap();
+    assert!(summary.shutdown_requested && !summary.completed);
+    assert_eq!(summary.records.len(), 1, "{:?}", summary.records);
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "stopped in {:?}",
+        asked.elapsed()
+    );
+    // Let the blocked work return so the runtime can shut down.
+    let (m, cv) = &*gate;
+    *m.lock().unwrap() = true;
+    cv.notify_all();
+}
+
+/// Two clients, a (FedAvg +1 per round) and b (+2), equal weights: every FIT round adds 1.5
+/// to the FedAvg global.
+/// A [`Fake`] that blocks in FIT of one round of one stage until its gate opens.
+struct HeldAt {
+    inner: Fake,
+    stage: &'static str,
+    round: u32,
+    gate: Gate,
+}
+
+impl ClientWork for HeldAt {
+    fn entity_keys(&self) -> Vec<String> {
+        self.inner.entity_keys()
+    }
+    fn num_examples(&self) -> u64 {
+        self.inner.num_examples()
+    }
+    fn fit(
+        &mut self,
+        stage: &StageInfo,
+        round: u32,
+        global: Vec<NamedArray>,
+    ) -> Result<FitOutput, WorkError> {
+        if (stage.name.as_str(), round) == (self.stage, self.round) {
+            let (m, cv) = &*self.gate;
+            let mut open = m.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+        }
+        self.inner.fit(stage, round, global)
+    }
+    fn evaluate(
+        &mut self,
+        stage: &StageInfo,
+        round: u32,
+        global: Vec<NamedArray>,
+    ) -> Result<EvalOutput, WorkError> {
+        self.inner.evaluate(stage, round, global)
+    }
+    fn finish_stage(
+        &mut self,
+        stage: &StageInfo,
+        global: Vec<NamedArray>,
+    ) -> Result<(), WorkError> {
+        self.inner.finish_stage(stage, global)
+    }
+}
+
+/// With `block`, both block in FIT of that (stage, round) until the gate opens.
+fn resumable_clients(
+    port: u16,
+    block: Option<(&'static str, u32, Gate)>,
+) -> Vec<tokio::task::JoinHandle<Result<simskip_fed::ClientEnd, FedError>>> {
+    [("a", 1, keys(&["e0", "e1"])), ("b", 2, keys(&["e1", "e2"]))]
+        .into_iter()
+        .map(|(name, id, k)| {
+            let work = Fake {
+                id,
+                examples: 1,
+                keys: k,
+                log: Arc::default(),
+                block: None,
+            };
+            let (stage, round, gate) = block.clone().unwrap_or(("", 0, Arc::default()));
+            let work = HeldAt {
+                inner: work,
+                stage,
+                round,
+                gate,
+            };
+            tokio::spawn(run_client(client_config(port, name), work))
+        })
+        .collect()
+}
+
+fn open_gate(gate: &Gate) {
+    let (m, cv) = &**gate;
+    *m.lock().unwrap() = true;
+    cv.notify_all();
+}
+
+fn resumable_strategies() -> Vec<Box<dyn Strategy>> {
+    vec![
+        Box::new(FedEStrategy::new(4, 3.0, 11)),
+        Box::new(FedAvgStrategy::new(vec![arr("w", vec![2], vec![0.0; 2])])),
+    ]
+}
+
+fn resumable_config(out: &Path) -> ServerConfig {
+    let mut cfg = server_config(
+        out,
+        vec![
+            stage("kge", StageKind::FedE, 3, 0),
+            stage("simskip", StageKind::FedAvg, 4, 2),
+        ],
+        2,
+        2,
+    );
+    // The default: the run id comes from the database (a new one, or the run to resume).
+    cfg.run_id = String::new();
+    cfg.round_timeout_secs = 10.0;
+    cfg
+}
+
+/// Runs the coordinator until `rounds` rounds are in metrics.jsonl, then stops it on request.
+/// The clients hold FIT of round `block.1` of stage `block.0` until the stop.
+async fn run_until(
+    out: &Path,
+    rounds: usize,
+    block: (&'static str, u32),
+) -> simskip_fed::RunSummary {
+    let gate: Gate = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        resumable_config(out),
+        listener,
+        resumable_strategies(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let clients = resumable_clients(port, Some((block.0, block.1, gate.clone())));
+    let metrics = out.join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < rounds {
+        assert!(Instant::now() < deadline, "{rounds} rounds did not close");
+        if server.is_finished() {
+            panic!("the coordinator ended early: {:?}", server.await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop_tx.send(()).unwrap();
+    for c in clients {
+        assert_eq!(c.await.unwrap().unwrap(), simskip_fed::ClientEnd::Stopped);
+    }
+    open_gate(&gate);
+    server.await.unwrap().unwrap()
+}
+
+fn metrics_records(out: &Path) -> Vec<simskip_fed::rounds::RoundRecord> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (stage, round, kind) of every round, in order, as an uninterrupted run closes them.
+fn expected_rounds() -> Vec<(String, u32, simskip_fed::TaskKind)> {
+    use simskip_fed::TaskKind::*;
+    let mut v: Vec<(&str, u32, simskip_fed::TaskKind)> = vec![
+        ("kge", 1, Fit),
+        ("kge", 2, Fit),
+        ("kge", 3, Fit),
+        ("kge", 3, Evaluate),
+        ("kge", 3, FinishStage),
+        ("simskip", 1, Fit),
+        ("simskip", 2, Fit),
+        ("simskip", 2, Evaluate),
+        ("simskip", 3, Fit),
+        ("simskip", 4, Fit),
+        ("simskip", 4, Evaluate),
+    ];
+    v.push(("simskip", 4, FinishStage));
+    v.into_iter()
+        .map(|(s, r, k)| (s.to_string(), r, k))
+        .collect()
+}
+
+fn keys_of(
+    records: &[simskip_fed::rounds::RoundRecord],
+) -> Vec<(String, u32, simskip_fed::TaskKind)> {
+    records
+        .iter()
+        .map(|r| (r.stage.clone(), r.round, r.kind))
+        .collect()
+}
+
+/// Stopped twice (once in each stage) and restarted with the same configuration, the
+/// coordinator continues the same run: same run id, every round exactly once in the database
+/// and in metrics.jsonl, none recomputed, and the same final model as an uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_coordinator_resumes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    let first = run_until(out, 2, ("kge", 3)).await;
+    assert!(first.shutdown_requested && first.resumed.is_none());
+    let committed = first.records.len();
+    assert_eq!(committed, 2);
+    let second = run_until(out, 8, ("simskip", 3)).await;
+    assert_eq!(second.run_id, first.run_id, "the same run goes on");
+    let resumed = second.resumed.clone().expect("resumed");
+    assert_eq!(
+        (resumed.from_rounds, resumed.discarded_rounds),
+        (committed, 0),
+        "no committed round lost"
+    );
+    assert!(resumed.fallbacks.is_empty());
+    // The last incarnation runs to the end.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(serve(
+        resumable_config(out),
+        listener,
+        resumable_strategies(),
+        std::future::pending(),
+    ));
+    for c in resumable_clients(port, None) {
+        assert_eq!(c.await.unwrap().unwrap(), simskip_fed::ClientEnd::Done);
+    }
+    let last = server.await.unwrap().unwrap();
+    assert!(last.completed);
+    assert_eq!(last.run_id, first.run_id);
+    assert_eq!(
+        last.resumed.as_ref().unwrap().from_rounds,
+        second.records.len()
+    );
+    // Each round once, in order, in the files and in the state machine's history; times
+    // go on across restarts.
+    let records = metrics_records(out);
+    assert_eq!(keys_of(&records), expected_rounds());
+    // (Floats read back from JSON may differ in the last bit.)
+    assert_eq!(keys_of(&records), keys_of(&last.records));
+    assert!(records.iter().all(|r| r.run_id == first.run_id));
+    assert!(records
+        .windows(2)
+        .all(|w| w[0].ended_secs <= w[1].started_secs + 1e-9));
+    let store = simskip_fed::coordinator::store::Store::open_existing(out).unwrap();
+    let runs = store.runs().unwrap();
+    assert_eq!(runs.len(), 1);
+    assert!(runs[0].finished);
+    assert_eq!(runs[0].rounds as usize, expected_rounds().len());
+    assert_eq!(store.resumes(&first.run_id).unwrap().len(), 2);
+    // 4 FIT rounds of +1.5 each, as without the restarts.
+    assert_eq!(last.globals[1].arrays[0].data, vec![6.0, 6.0]);
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(
+        csv.lines()
+            .filter(|l| l.contains(",aggregate,num_clients,"))
+            .count(),
+        expected_rounds().len()
+    );
+    // A finished run is not resumed: the same configuration starts a new run.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        resumable_config(out),
+        listener,
+        resumable_strategies(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    stop_tx.send(()).unwrap();
+    let fresh = server.await.unwrap().unwrap();
+    assert_ne!(fresh.run_id, first.run_id);
+    assert!(fresh.resumed.is_none());
+}
+
+/// Other stages than the stored unfinished run's are refused with one line naming the run.
+#[tokio::test]
+async fn resume_with_other_stages_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    let first = run_until(out, 1, ("kge", 2)).await;
+    let mut cfg = resumable_config(out);
+    cfg.stages[1].rounds = 9;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = serve(
+        cfg,
+        listener,
+        resumable_strategies(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, FedError::Store(simskip_fed::coordinator::store::StoreError::StagesDiffer { run_id, .. }) if run_id == &first.run_id),
+        "{err}"
+    );
+    assert_eq!(err.to_string().lines().count(), 1, "{err}");
+}
+
+/// A corrupted last checkpoint is detected by its hash: the run resumes from the checkpoint
+/// before it, re-runs the rounds after that one, and says so in its typed outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_checkpoint_falls_back_to_the_one_before() {
+    use simskip_fed::coordinator::store::{CheckpointFault, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    // Into stage 2, with two of its FIT checkpoints (round 4 held until the stop).
+    let first = run_until(out, 9, ("simskip", 4)).await;
+    assert_eq!(first.records.len(), 9);
+    let store = Store::open_existing(out).unwrap();
+    let checkpoints = store.checkpoints(&first.run_id).unwrap();
+    let last = checkpoints.last().unwrap().clone();
+    assert_eq!((last.stage.as_str(), last.round), ("simskip", 3));
+    let path = store.checkpoint_path(&last);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    drop(store);
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(serve(
+        resumable_config(out),
+        listener,
+        resumable_strategies(),
+        std::future::pending(),
+    ));
+    for c in resumable_clients(port, None) {
+        c.await.unwrap().unwrap();
+    }
+    let summary = server.await.unwrap().unwrap();
+    assert!(summary.completed);
+    let resumed = summary.resumed.unwrap();
+    assert_eq!(resumed.fallbacks.len(), 1);
+    let f = &resumed.fallbacks[0];
+    assert_eq!(
+        (f.stage.as_str(), f.round, f.resumed_from),
+        ("simskip", 3, Some(2))
+    );
+    assert!(
+        matches!(f.fault, CheckpointFault::HashMismatch { .. }),
+        "{:?}",
+        f.fault
+    );
+    // simskip round 3 and what followed it ran again; nothing appears twice.
+    assert_eq!(resumed.from_rounds, 8);
+    assert_eq!(resumed.discarded_rounds, first.records.len() - 8);
+    let records = metrics_records(out);
+    assert_eq!(keys_of(&records), expected_rounds());
+    assert_eq!(summary.globals[1].arrays[0].data, vec![6.0, 6.0]);
 }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use simskip_data::KgDataset;
+use simskip_fed::coordinator::store::Store;
 use simskip_fed::{
     ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, StageConfig, StageKind, StageParams,
     Strategy,
@@ -35,6 +36,47 @@ pub struct ServerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (overrides server.metrics_listen).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Operator commands on the coordinator's database (server.out_dir/coordinator.db);
+    /// without one, the coordinator runs (or resumes its unfinished run).
+    #[command(subcommand)]
+    pub command: Option<ServerCommand>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ServerCommand {
+    /// List the runs in the coordinator's database and their rounds.
+    Runs(RunsArgs),
+    /// Write the global model of a run after a given FIT round (its checkpoint) to a file.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunsArgs {
+    /// The coordinator's settings file (its server.out_dir holds the database).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Only this run.
+    #[arg(long)]
+    pub run: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The coordinator's settings file (its server.out_dir holds the database).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Run id (see `runs`).
+    #[arg(long)]
+    pub run: String,
+    /// FIT round whose aggregated model to export.
+    #[arg(long)]
+    pub round: u32,
+    /// Stage name; needed only when several stages have that round.
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Output .safetensors file; a FedE table's row keys go to FILE.keys.txt beside it.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Parser)]
@@ -178,6 +220,22 @@ pub fn strategies(server: &ServerConfig) -> Result<Vec<Box<dyn Strategy>>> {
 }
 
 pub fn run_server(args: ServerArgs) -> Result<()> {
+    match args.command {
+        Some(ServerCommand::Runs(r)) => {
+            let out_dir = server_out_dir(r.config.as_deref().or(args.config.as_deref()))?;
+            print!("{}", list_runs(&out_dir, r.run.as_deref())?);
+            return Ok(());
+        }
+        Some(ServerCommand::Export(e)) => {
+            let out_dir = server_out_dir(e.config.as_deref().or(args.config.as_deref()))?;
+            let written = export_model(&out_dir, &e.run, e.stage.as_deref(), e.round, &e.out)?;
+            for path in written {
+                println!("{}", path.display());
+            }
+            return Ok(());
+        }
+        None => {}
+    }
     let mut file: ServerFile = settings::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         file.server.listen = listen;
@@ -188,16 +246,153 @@ pub fn run_server(args: ServerArgs) -> Result<()> {
     file.server.validate()?;
     let strategies = strategies(&file.server)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let summary = runtime.block_on(simskip_fed::run_server(
-        file.server.clone(),
-        strategies,
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        },
-    ))?;
-    tracing::info!(run_id = %summary.run_id, completed = summary.completed, out = %summary.out_dir.display(), "run finished");
-    anyhow::ensure!(summary.completed, "the run was stopped before it finished");
-    Ok(())
+    let summary = runtime.block_on(async {
+        let signal = shutdown_signal()?;
+        let stop = async move {
+            let name = signal.await;
+            tracing::info!(signal = name, "shutdown requested");
+        };
+        anyhow::Ok(simskip_fed::run_server(file.server.clone(), strategies, stop).await?)
+    })?;
+    if summary.completed {
+        tracing::info!(run_id = %summary.run_id, out = %summary.out_dir.display(), "run finished");
+        return Ok(());
+    }
+    if summary.shutdown_requested {
+        tracing::info!(
+            run_id = %summary.run_id,
+            rounds = summary.records.len(),
+            out = %summary.out_dir.display(),
+            "run stopped on request; restart the coordinator with the same settings to resume it"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "run {} stopped before it finished (see the log); restart the coordinator with the same \
+         settings to resume it",
+        summary.run_id
+    )
+}
+
+/// The coordinator's output folder, from its settings file.
+fn server_out_dir(config: Option<&Path>) -> Result<PathBuf> {
+    let file: ServerFile = settings::load(config)?;
+    Ok(file.server.out_dir)
+}
+
+/// `simskip server runs`: every run in the database (or only `only`), with its rounds.
+pub fn list_runs(out_dir: &Path, only: Option<&str>) -> Result<String> {
+    use std::fmt::Write;
+    let store = Store::open_existing(out_dir)?;
+    let mut out = format!("database {}\n", store.path().display());
+    let runs = store.runs()?;
+    if let Some(run) = only {
+        anyhow::ensure!(
+            runs.iter().any(|r| r.run_id == run),
+            "no run {run:?} in {}",
+            store.path().display()
+        );
+    }
+    for run in runs.iter().filter(|r| only.is_none_or(|o| o == r.run_id)) {
+        let resumes = store.resumes(&run.run_id)?;
+        let orgs = store.organisations(&run.run_id)?;
+        let _ = writeln!(
+            out,
+            "\nrun {}: {}, {} rounds, created {} (unix), stages {:.12}, resumed {}x, \
+             organisations {}",
+            run.run_id,
+            if run.finished {
+                "finished"
+            } else {
+                "unfinished"
+            },
+            run.rounds,
+            run.created_unix,
+            run.fingerprint,
+            resumes.len(),
+            orgs.iter()
+                .map(|(n, k)| format!("{n} ({k} registrations)"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        let _ = writeln!(
+            out,
+            "{:>4} {:<12} {:>5} {:<12} {:>7} {:<10} {:>9} {:<10} checkpoint",
+            "seq", "stage", "round", "kind", "answers", "aggregated", "secs", "closed"
+        );
+        for r in store.rounds(&run.run_id)? {
+            let rec = &r.record;
+            let checkpoint = r.checkpoint.as_ref().map_or(String::from("-"), |c| {
+                format!("{} ({:.1} MB)", c.path.display(), c.bytes as f64 / 1e6)
+            });
+            let _ = writeln!(
+                out,
+                "{:>4} {:<12} {:>5} {:<12} {:>7} {:<10} {:>9.2} {:<10} {}",
+                r.seq,
+                rec.stage,
+                rec.round,
+                rec.kind.as_str(),
+                rec.num_clients,
+                if rec.aggregated { "yes" } else { "no" },
+                rec.ended_secs - rec.started_secs,
+                r.closed_unix,
+                checkpoint
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// `simskip server export`: the checkpoint of `run` after FIT round `round` (of `stage`),
+/// verified against its hash, copied to `out` (and its row keys to `out.keys.txt`). Returns
+/// the files written.
+pub fn export_model(
+    out_dir: &Path,
+    run: &str,
+    stage: Option<&str>,
+    round: u32,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    let store = Store::open_existing(out_dir)?;
+    let c = store.checkpoint_at(run, stage, round)?;
+    let global = store.load_checkpoint(&c).map_err(|fault| {
+        anyhow::anyhow!(
+            "checkpoint {} of run {run:?}: {fault}",
+            store.checkpoint_path(&c).display()
+        )
+    })?;
+    let meta = BTreeMap::from([
+        ("run_id".to_string(), run.to_string()),
+        ("stage".to_string(), c.stage.clone()),
+        ("round".to_string(), c.round.to_string()),
+    ]);
+    simskip_data::tensors::write_named_safetensors(out, &global.arrays, &meta)
+        .with_context(|| format!("writing {}", out.display()))?;
+    let mut written = vec![out.to_path_buf()];
+    if let Some(keys) = &global.keys {
+        let mut path = out.as_os_str().to_owned();
+        path.push(".keys.txt");
+        let path = PathBuf::from(path);
+        let mut text = keys.join("\n");
+        text.push('\n');
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C). The handlers are installed before it
+/// returns, so a signal that arrives while the daemon starts is not lost.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }
 
 pub fn run_client(args: ClientArgs) -> Result<()> {
@@ -224,7 +419,22 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
         file.data.input_embeddings.as_deref(),
     )?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(simskip_fed::run_client(file.client.clone(), work))?;
+    let ended = runtime.block_on(async {
+        let signal = shutdown_signal()?;
+        tokio::select! {
+            end = simskip_fed::run_client(file.client.clone(), work) => anyhow::Ok(Ok(end?)),
+            name = signal => anyhow::Ok(Err(name)),
+        }
+    });
+    // Local work interrupted by a stop may still run on a blocking thread: do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match ended? {
+        Ok(simskip_fed::ClientEnd::Done) => tracing::info!("run done"),
+        Ok(simskip_fed::ClientEnd::Stopped) => {
+            tracing::info!("the coordinator stopped the run; restart this client to resume")
+        }
+        Err(signal) => tracing::info!(%signal, "stopped by signal; restart this client to resume"),
+    }
     Ok(())
 }
 

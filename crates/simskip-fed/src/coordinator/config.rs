@@ -144,7 +144,9 @@ pub struct ServerConfig {
     /// Where to write the metrics endpoint's bound address, once listening (before
     /// `address_file` is written).
     pub metrics_address_file: Option<PathBuf>,
-    /// Run id; the default is random.
+    /// Run id. Empty (the default): resume the out_dir's unfinished run if its stages are
+    /// these, else start a new run with a random id. Set: resume that run if the out_dir's
+    /// database holds it unfinished, else start it (see `coordinator::store::Store::start`).
     pub run_id: String,
     /// Who may call and how they prove it (`[server.auth]`): mutual TLS by default.
     pub auth: ServerAuth,
@@ -178,6 +180,10 @@ pub struct ServerConfig {
     pub tick_ms: u64,
     /// After the run is DONE, how long to wait for alive clients to be told so.
     pub done_grace_secs: f64,
+    /// On SIGTERM/SIGINT, how long to wait for the alive clients to be told to stop (at their
+    /// next poll or heartbeat) before the coordinator exits; keep it above
+    /// `heartbeat_interval_secs` so that clients busy training hear it too.
+    pub stop_grace_secs: f64,
 }
 
 impl Default for ServerConfig {
@@ -187,7 +193,7 @@ impl Default for ServerConfig {
             address_file: None,
             metrics_listen: None,
             metrics_address_file: None,
-            run_id: format!("run-{:016x}", rand::random::<u64>()),
+            run_id: String::new(),
             auth: ServerAuth::default(),
             min_clients: 2,
             fraction_fit: 1.0,
@@ -205,6 +211,7 @@ impl Default for ServerConfig {
             seed: 0,
             tick_ms: 100,
             done_grace_secs: 10.0,
+            stop_grace_secs: 8.0,
         }
     }
 }
@@ -215,8 +222,12 @@ impl ServerConfig {
         let bad = |key: &str, value: &dyn std::fmt::Display, why: &str| {
             Err(FedError::Config(format!("server.{key} = {value}: {why}")))
         };
-        if self.run_id.is_empty() {
-            return bad("run_id", &"\"\"", "must not be empty");
+        if self.run_id.contains(['/', '\\']) || self.run_id == "." || self.run_id == ".." {
+            return bad(
+                "run_id",
+                &format!("{:?}", self.run_id),
+                "cannot name a directory (checkpoints go in out_dir/checkpoints/<run_id>)",
+            );
         }
         if let Some(addr) = &self.metrics_listen {
             if let Err(why) = crate::telemetry::check_listen_address(addr) {
@@ -275,6 +286,7 @@ impl ServerConfig {
             ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
             ("poll_timeout_secs", self.poll_timeout_secs),
             ("done_grace_secs", self.done_grace_secs),
+            ("stop_grace_secs", self.stop_grace_secs),
         ] {
             if !(v.is_finite() && (0.0..=MAX_DURATION_SECS).contains(&v)) {
                 return bad(

@@ -6,6 +6,7 @@ pub mod config;
 pub mod rounds;
 mod service;
 mod sink;
+pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,9 +24,10 @@ use crate::strategy::Strategy;
 use crate::telemetry::{CoordinatorMetrics, MetricsServer};
 use crate::types::GlobalSnapshot;
 use config::{secs, ServerConfig};
-use rounds::{Event, RoundRecord, Rounds};
+use rounds::{Event, ResumePoint, RoundRecord, Rounds};
 use service::{Service, Shared};
 use sink::Sink;
+use store::{CheckpointFallback, Start, Store};
 
 /// What a finished run leaves behind.
 #[derive(Debug, Clone)]
@@ -36,9 +38,27 @@ pub struct RunSummary {
     /// Final global state of each stage.
     pub globals: Vec<GlobalSnapshot>,
     pub ignored_results: u64,
-    /// True when the run reached DONE (false: stopped by the shutdown signal).
+    /// True when the run reached DONE (false: stopped by the shutdown signal, or a fault).
     pub completed: bool,
+    /// The `shutdown` future resolved (SIGTERM/SIGINT): the run was stopped on request and
+    /// can be resumed by restarting the coordinator with the same configuration.
+    pub shutdown_requested: bool,
     pub out_dir: PathBuf,
+    /// Set when this run continued an earlier incarnation's (see [`store::Store::start`]).
+    pub resumed: Option<Resumed>,
+    /// Per round this incarnation committed: (checkpoint ms, transaction ms).
+    pub commit_ms: Vec<(f64, f64)>,
+}
+
+/// How a restarted coordinator continued its run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resumed {
+    /// Committed rounds it continued after.
+    pub from_rounds: usize,
+    /// Committed rounds dropped because they came after a bad checkpoint.
+    pub discarded_rounds: usize,
+    /// Bad checkpoints skipped.
+    pub fallbacks: Vec<CheckpointFallback>,
 }
 
 /// Binds `cfg.listen` and runs the coordinator until the run is DONE (all stages complete
@@ -76,13 +96,15 @@ pub async fn serve(
     strategies: Vec<Box<dyn Strategy>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, FedError> {
+    let mut cfg = cfg;
     cfg.validate()?;
     // Certificates and keys are read before anything is written or served.
     let (tls, gatekeeper) = cfg.auth.load()?;
-    let rounds = Rounds::new(cfg.rounds_config(), strategies)?;
-    let mut sink = Sink::open(&cfg.out_dir, &cfg.run_id)?;
+    let (rounds, store, resumed, clock) = open_run(&mut cfg, strategies)?;
+    let sink = Sink::open(&cfg.out_dir, &cfg.run_id, store)?;
     let (tx, rx) = std::sync::mpsc::channel::<Option<Event>>();
-    let sink_thread = std::thread::spawn(move || -> Result<(), FedError> {
+    let sink_thread = std::thread::spawn(move || -> (Result<(), FedError>, Vec<(f64, f64)>) {
+        let mut sink = sink;
         let mut first_err = None;
         while let Ok(Some(e)) = rx.recv() {
             if let Err(err) = sink.handle(e) {
@@ -90,13 +112,21 @@ pub async fn serve(
                 first_err.get_or_insert(err);
             }
         }
-        first_err.map_or(Ok(()), Err)
+        let costs = sink
+            .costs
+            .iter()
+            .map(|c| (c.checkpoint_ms, c.transaction_ms))
+            .collect();
+        (first_err.map_or(Ok(()), Err), costs)
     });
 
     let shared = Arc::new(Shared {
         rounds: Mutex::new(rounds),
         notify: Notify::new(),
-        start: Instant::now(),
+        // A resumed run's clock goes on from where the last committed round ended.
+        start: Instant::now()
+            .checked_sub(clock)
+            .unwrap_or_else(Instant::now),
         run_id: cfg.run_id.clone(),
         gatekeeper,
         chunk_bytes: cfg.chunk_bytes,
@@ -104,6 +134,8 @@ pub async fn serve(
         poll_timeout: secs(cfg.poll_timeout_secs),
         max_entity_keys: cfg.max_entity_keys,
         closing: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        told_stop: Default::default(),
         encode_nanos: AtomicU64::new(0),
         events: tx,
         telemetry: CoordinatorMetrics::new(),
@@ -176,10 +208,19 @@ pub async fn serve(
     .max_encoding_message_size(m);
     let stop = {
         let shared = shared.clone();
+        let grace = secs(cfg.stop_grace_secs);
         async move {
             tokio::select! {
                 _ = finished_rx => {}
-                _ = shutdown => tracing::info!("shutdown requested"),
+                _ = shutdown => {
+                    tracing::info!(
+                        grace_secs = grace.as_secs_f64(),
+                        "shutdown requested: telling the clients to stop"
+                    );
+                    shared.stopping.store(true, Ordering::SeqCst);
+                    shared.notify.notify_waiters();
+                    tell_clients_to_stop(&shared, grace).await;
+                }
             }
             // Release held long-polls so the graceful shutdown does not wait for them.
             shared.closing.store(true, Ordering::SeqCst);
@@ -199,6 +240,7 @@ pub async fn serve(
         .await;
     ticker.abort();
 
+    let shutdown_requested = shared.stopping.load(Ordering::SeqCst);
     let (records, globals, ignored, completed, aborted) = {
         let mut r = shared.rounds.lock().await;
         // Flush what the last tick produced, then stop the sink.
@@ -223,10 +265,13 @@ pub async fn serve(
         .await
         .map_err(|e| FedError::Output(format!("joining the output writer: {e}")))?;
     served?;
-    match written {
-        Ok(r) => r?,
+    let commit_ms = match written {
+        Ok((r, costs)) => {
+            r?;
+            costs
+        }
         Err(_) => return Err(FedError::Output("the output writer panicked".into())),
-    }
+    };
     if let Some(reason) = aborted {
         return Err(FedError::Aborted {
             run_id: cfg.run_id,
@@ -239,6 +284,104 @@ pub async fn serve(
         globals,
         ignored_results: ignored,
         completed,
+        shutdown_requested,
         out_dir: cfg.out_dir,
+        resumed,
+        commit_ms,
     })
+}
+
+/// Opens the out_dir's database and decides the run (see [`Store::start`]): a new one, or the
+/// one to resume, whose strategies get their checkpointed global models back and whose
+/// metrics files are rewritten from the database. Resolves `cfg.run_id`. Returns the state
+/// machine, the store, how the run resumed, and the run's clock to continue from.
+fn open_run(
+    cfg: &mut ServerConfig,
+    mut strategies: Vec<Box<dyn Strategy>>,
+) -> Result<(Rounds, Store, Option<Resumed>, Duration), FedError> {
+    let mut store = Store::open(&cfg.out_dir)?;
+    match store.start(&cfg.run_id, &cfg.stages)? {
+        Start::New { run_id } => {
+            cfg.run_id = run_id;
+            let rounds = Rounds::new(cfg.rounds_config(), strategies)?;
+            Ok((rounds, store, None, Duration::ZERO))
+        }
+        Start::Resumed(resume) => {
+            cfg.run_id = resume.run_id.clone();
+            for (stage, (round, global)) in resume.globals {
+                let name = cfg.stages.get(stage).map_or("?", |s| s.name.as_str());
+                let Some(strategy) = strategies.get_mut(stage) else {
+                    return Err(FedError::Config(format!(
+                        "the database holds a checkpoint of stage #{stage}, which this \
+                         configuration does not have"
+                    )));
+                };
+                strategy.restore(global).map_err(|e| {
+                    FedError::Config(format!(
+                        "the checkpoint of round {round} of stage {name:?} does not fit: {e}"
+                    ))
+                })?;
+            }
+            for f in &resume.fallbacks {
+                tracing::warn!(
+                    stage = %f.stage,
+                    round = f.round,
+                    path = %f.path.display(),
+                    fault = %f.fault,
+                    resumed_from = ?f.resumed_from,
+                    "bad checkpoint: resuming from the one before"
+                );
+            }
+            let clock = resume.records.last().map_or(Duration::ZERO, |r| {
+                Duration::from_secs_f64(r.ended_secs.max(0.0))
+            });
+            let resumed = Resumed {
+                from_rounds: resume.records.len(),
+                discarded_rounds: resume.discarded_rounds,
+                fallbacks: resume.fallbacks,
+            };
+            tracing::info!(
+                run_id = %cfg.run_id,
+                rounds = resumed.from_rounds,
+                discarded = resumed.discarded_rounds,
+                "resuming the run from the database"
+            );
+            // The files may miss the last committed round, or hold discarded ones.
+            sink::export_metrics(&cfg.out_dir, &store.all_records()?)?;
+            let rounds = Rounds::resume(
+                cfg.rounds_config(),
+                strategies,
+                ResumePoint {
+                    records: resume.records,
+                    now: clock,
+                },
+            )?;
+            Ok((rounds, store, Some(resumed), clock))
+        }
+    }
+}
+
+/// Waits until every alive client has been told to stop (at its next poll or heartbeat), or
+/// `grace` has passed.
+async fn tell_clients_to_stop(shared: &Arc<Shared>, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let alive = shared.rounds.lock().await.alive_clients();
+        let all_told = {
+            let told = shared.told_stop.lock().unwrap_or_else(|e| e.into_inner());
+            alive.iter().all(|name| told.contains(name))
+        };
+        if all_told {
+            tracing::info!(clients = alive.len(), "every alive client was told to stop");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                clients = alive.len(),
+                "stop grace over before every client was told to stop"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

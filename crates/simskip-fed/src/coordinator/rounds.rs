@@ -303,6 +303,16 @@ pub enum Event {
     },
 }
 
+/// Where a resumed run continues from (see [`Rounds::resume`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResumePoint {
+    /// The committed rounds, in the order they closed.
+    pub records: Vec<RoundRecord>,
+    /// The run's clock at the restart (the last record's end): the resumed run's times
+    /// continue from it.
+    pub now: Duration,
+}
+
 /// Heartbeat answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatStatus {
@@ -398,6 +408,9 @@ pub struct Rounds {
     short_of_clients_since: Option<Duration>,
     /// Why the run was aborted, if it was.
     aborted: Option<String>,
+    /// A resumed run waits for `min_clients` again before its first round, so that the
+    /// organisations all have time to reconnect (none misses a stage's end, say).
+    regathering: bool,
 }
 
 impl Rounds {
@@ -457,7 +470,60 @@ impl Rounds {
             ignored: 0,
             short_of_clients_since: None,
             aborted: None,
+            regathering: false,
         })
+    }
+
+    /// Continues a run after a restart: `point.records` are the rounds the previous
+    /// incarnation closed and committed, in order; the strategies must already hold the
+    /// global state those rounds left (see [`Strategy::restore`]). The round after the last
+    /// record is the next one to run (a round that was open at the crash runs again, from
+    /// scratch). Clients register again; like a new run, the resumed one waits for
+    /// `min_clients` before its first round (then `min_fit_clients` gates each round).
+    pub fn resume(
+        cfg: RoundsConfig,
+        strategies: Vec<Box<dyn Strategy>>,
+        point: ResumePoint,
+    ) -> Result<Self, RoundsError> {
+        let mut r = Self::new(cfg, strategies)?;
+        for (i, rec) in point.records.iter().enumerate() {
+            let fits = r
+                .cfg
+                .stages
+                .get(rec.stage_index)
+                .is_some_and(|s| s.name == rec.stage && rec.round <= s.rounds.max(1));
+            if !fits || rec.run_id != r.cfg.run_id {
+                return Err(RoundsError::Config(format!(
+                    "record {i} (stage {:?} #{}, round {}, run {:?}) does not belong to this run",
+                    rec.stage, rec.stage_index, rec.round, rec.run_id
+                )));
+            }
+        }
+        if let Some(last) = point.records.last() {
+            let next = r.next_after(last.stage_index, last.round, last.kind);
+            let current = match next {
+                Some(Next::Fit { stage, .. })
+                | Some(Next::Evaluate { stage, .. })
+                | Some(Next::Finish { stage }) => stage,
+                None => r.cfg.stages.len(),
+            };
+            for s in 0..r.cfg.stages.len() {
+                r.stage_started[s] = s < current
+                    || (s == current && point.records.iter().any(|rec| rec.stage_index == s));
+            }
+            match next {
+                Some(n) => r.phase = Phase::Idle(n),
+                None => {
+                    r.phase = Phase::Done { at: point.now };
+                    r.events.push(Event::Done);
+                }
+            }
+            r.regathering = true;
+            // A different selection sequence from the first incarnation's, still seeded.
+            r.rng = StdRng::seed_from_u64(r.cfg.seed ^ ((point.records.len() as u64) << 32));
+        }
+        r.records = point.records;
+        Ok(r)
     }
 
     pub fn config(&self) -> &RoundsConfig {
@@ -912,7 +978,7 @@ impl Rounds {
                     let alive = self.clients.values().filter(|c| c.alive).count();
                     // `min_clients` gates the start of the run only: once under way, a client
                     // that dies must not stall it beyond one round timeout (it may rejoin).
-                    let needed = if self.stage_started.iter().any(|&s| s) {
+                    let needed = if self.stage_started.iter().any(|&s| s) && !self.regathering {
                         self.cfg.min_fit_clients
                     } else {
                         self.cfg.min_clients.max(self.cfg.min_fit_clients)
@@ -933,6 +999,7 @@ impl Rounds {
                         break;
                     }
                     self.short_of_clients_since = None;
+                    self.regathering = false;
                     self.start(next, now);
                 }
                 Phase::Collect(rs) => {
@@ -976,6 +1043,9 @@ impl Rounds {
                 self.phase = Phase::Idle(Next::Finish { stage });
                 return;
             }
+        }
+        if let Some(strategy) = self.strategies[stage].as_mut() {
+            strategy.on_round_start();
         }
         let mut alive = self.alive_clients();
         let selected = if kind == TaskKind::Fit {
@@ -1120,10 +1190,28 @@ impl Rounds {
         self.records.push(record.clone());
         self.events.push(Event::RoundCompleted(record));
         self.events.extend(updated);
-        let next = match kind {
+        if kind == TaskKind::FinishStage {
+            self.events.push(Event::StageFinished {
+                stage_index: stage,
+                stage: spec.name.clone(),
+            });
+        }
+        match self.next_after(stage, round, kind) {
+            Some(n) => self.phase = Phase::Idle(n),
+            None => {
+                self.phase = Phase::Done { at: now };
+                self.events.push(Event::Done);
+            }
+        }
+    }
+
+    /// What follows the round `(stage, round, kind)`; `None`: the run is over.
+    fn next_after(&self, stage: usize, round: u32, kind: TaskKind) -> Option<Next> {
+        let spec = &self.cfg.stages[stage];
+        match kind {
             TaskKind::Fit => {
-                let eval =
-                    round == spec.rounds || (spec.eval_every > 0 && round % spec.eval_every == 0);
+                let eval = round == spec.rounds
+                    || (spec.eval_every > 0 && round.is_multiple_of(spec.eval_every));
                 if eval {
                     Some(Next::Evaluate { stage, round })
                 } else {
@@ -1143,23 +1231,10 @@ impl Rounds {
                     Some(Next::Finish { stage })
                 }
             }
-            TaskKind::FinishStage => {
-                self.events.push(Event::StageFinished {
-                    stage_index: stage,
-                    stage: spec.name.clone(),
-                });
-                (stage + 1 < self.cfg.stages.len()).then_some(Next::Fit {
-                    stage: stage + 1,
-                    round: 1,
-                })
-            }
-        };
-        match next {
-            Some(n) => self.phase = Phase::Idle(n),
-            None => {
-                self.phase = Phase::Done { at: now };
-                self.events.push(Event::Done);
-            }
+            TaskKind::FinishStage => (stage + 1 < self.cfg.stages.len()).then_some(Next::Fit {
+                stage: stage + 1,
+                round: 1,
+            }),
         }
     }
 }

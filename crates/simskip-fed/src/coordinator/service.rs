@@ -33,6 +33,10 @@ pub(crate) struct Shared {
     pub(crate) poll_timeout: Duration,
     pub(crate) max_entity_keys: u64,
     pub(crate) closing: AtomicBool,
+    /// A shutdown was requested: polls answer STOP and heartbeats say `stopping`.
+    pub(crate) stopping: AtomicBool,
+    /// The clients told to stop so far (by a poll or a heartbeat).
+    pub(crate) told_stop: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Nanoseconds spent encoding task chunks since the last round accounting.
     pub(crate) encode_nanos: AtomicU64,
     /// To the sink's thread; `None` stops it.
@@ -43,6 +47,18 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn now(&self) -> Duration {
         self.start.elapsed()
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Notes that the client holding `session` has been told to stop.
+    fn told_to_stop(&self, r: &Rounds, session: &str) {
+        if let Some(info) = r.client_by_session(session) {
+            let mut told = self.told_stop.lock().unwrap_or_else(|e| e.into_inner());
+            told.insert(info.name.clone());
+        }
     }
 
     /// Call with the state machine locked, after any call that may have changed it: logs and
@@ -229,6 +245,15 @@ impl Coordinator for Service {
             let poll = {
                 let mut r = self.shared.rounds.lock().await;
                 owned_session(&r, &caller, &req.session_id)?;
+                if self.shared.is_stopping() {
+                    self.shared.told_to_stop(&r, &req.session_id);
+                    let message = proto::TaskChunk {
+                        part: Some(task_chunk::Part::Header(wire::stop_header(
+                            &self.shared.run_id,
+                        ))),
+                    };
+                    return Ok(Response::new(Box::pin(tokio_stream::once(Ok(message)))));
+                }
                 r.task_for(&req.session_id, now).map_err(rounds_status)?
             };
             if !matches!(poll, Poll::Wait) || self.shared.closing.load(Ordering::SeqCst) {
@@ -373,12 +398,20 @@ impl Coordinator for Service {
         let caller = self.identify(&request)?;
         let req = request.into_inner();
         let now = self.shared.now();
-        let (st, round) = {
+        let (st, round, stopping) = {
             let mut r = self.shared.rounds.lock().await;
             if owned_session(&r, &caller, &req.session_id).is_err() {
                 return Ok(Response::new(proto::HeartbeatReply::default()));
             }
-            (r.on_heartbeat(&req.session_id, now), r.current_round())
+            let stopping = self.shared.is_stopping();
+            if stopping {
+                self.shared.told_to_stop(&r, &req.session_id);
+            }
+            (
+                r.on_heartbeat(&req.session_id, now),
+                r.current_round(),
+                stopping,
+            )
         };
         let known = st.known && (req.run_id.is_empty() || req.run_id == self.shared.run_id);
         // A caller without a session learns nothing about the run.
@@ -390,6 +423,7 @@ impl Coordinator for Service {
             round,
             known,
             done: st.done,
+            stopping,
         }))
     }
 }
