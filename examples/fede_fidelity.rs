@@ -8,7 +8,8 @@
 //! of its training triples), filtered by its own train/valid/test triples, as FedE's
 //! evaluation does.
 //!
-//! Settings start from `TransEConfig::fede_defaults()`; each flag switches one of them:
+//! Settings start from `TransEConfig::fede_defaults()` (head-or-tail corruption, negatives
+//! filtered against known triples, Adam kept across rounds); each flag switches one of them:
 //!
 //! cargo run --release -p simskip --example fede_fidelity -- \
 //!     [--dataset DIR] [--clients 3] [--seed 0] [--rounds 10] [--eval-rounds 1,2,3,5,10] \
@@ -127,7 +128,7 @@ fn parse_args() -> Result<Args> {
             "--local-epochs" => a.cfg.epochs = value()?.parse()?,
             "--json" => a.json = Some(value()?.into()),
             other => {
-                bail!("unknown argument {other:?} (see the header of crates/simskip-kge/examples/fede_fidelity.rs)")
+                bail!("unknown argument {other:?} (see the header of examples/fede_fidelity.rs)")
             }
         }
     }
