@@ -1,6 +1,7 @@
 //! A coordinator that survives crashes, as real processes on loopback: one `simskip server`,
 //! three `simskip client`s over mutual TLS on the bundled WordNet-5k. The coordinator is
-//! killed (SIGKILL) at three moments and restarted on the same address, then stopped once by
+//! killed (SIGKILL) at three moments and restarted on the same address (and one organisation
+//! killed and restarted between the first two), then stopped once by
 //! SIGTERM (everyone exits 0) and restarted with its clients: the run completes, every round
 //! is in metrics.jsonl exactly once, and no committed round is lost or computed again. The
 //! operator commands read the database afterwards. Prints the durability figures.
@@ -268,6 +269,13 @@ fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
         wait_for_rounds(&coordinator, before + 1, deadline, &server_log);
         extra_secs.push(killed_at.elapsed().as_secs_f64());
         crashes.push(before);
+        if n == 2 {
+            // And one organisation killed (SIGKILL) at another moment of FedE and restarted at
+            // once: it registers again and carries on from the coordinator's current round.
+            drop(clients.remove(1));
+            clients.insert(1, spawn("client", &configs[1], &client_logs[1]));
+            wait_for_rounds(&coordinator, before + 2, deadline, &server_log);
+        }
     }
 
     // A requested stop in the SimSkip stage: the coordinator tells the clients, everyone
