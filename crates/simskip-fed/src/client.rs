@@ -899,3 +899,69 @@ impl std::fmt::Debug for Session {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fede_task(rows: Option<Vec<u32>>) -> TaskHeader {
+        TaskHeader {
+            run_id: "r".into(),
+            task_id: "t".into(),
+            round: 1,
+            kind: TaskKind::Fit,
+            rows,
+            stage: StageInfo {
+                index: 0,
+                name: "fede".into(),
+                rounds: 1,
+                params: StageParams::defaults(crate::types::StageKind::FedE, 2),
+            },
+        }
+    }
+
+    #[test]
+    fn home_rows_fill_the_unselected_rows_and_send_back_only_the_selected() {
+        let mut home = HomeRows::new(3);
+        // A coordinator's selection that the organisation cannot use is refused, not trained.
+        let bad = [
+            (vec![3], vec![1, 2]),    // position out of range
+            (vec![0, 2], vec![1, 2]), // fewer rows than positions
+        ];
+        for (pos, shape) in bad {
+            let rows = NamedArray::new(ENTITIES, shape.clone(), vec![0.0; shape.iter().product()]);
+            assert!(home.expand(&fede_task(Some(pos)), vec![rows]).is_err());
+        }
+        // Rows 0 and 2 arrive; row 1 starts inside the stage's initial bound.
+        let task = fede_task(Some(vec![0, 2]));
+        let rows = NamedArray::new(ENTITIES, vec![2, 2], vec![5.0, 5.0, 7.0, 7.0]);
+        let full = home.expand(&task, vec![rows]).unwrap();
+        assert_eq!(full[0].shape, vec![3, 2]);
+        assert_eq!(&full[0].data[0..2], &[5.0, 5.0]);
+        assert_eq!(&full[0].data[4..6], &[7.0, 7.0]);
+        let StageParams::FedE(cfg) = &task.stage.params else {
+            unreachable!()
+        };
+        let b = simskip_kge::init_bound(cfg);
+        assert!(full[0].data[2..4].iter().all(|v| v.abs() <= b));
+        // After the work's FIT: only rows 0 and 2 go back; row 1 is remembered at home.
+        let trained = vec![NamedArray::new(
+            ENTITIES,
+            vec![3, 2],
+            vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0],
+        )];
+        let sent = home.keep_and_select(&task, trained);
+        assert_eq!(sent[0].shape, vec![2, 2]);
+        assert_eq!(sent[0].data, vec![1.0, 1.0, 3.0, 3.0]);
+        let next = home
+            .expand(
+                &task,
+                vec![NamedArray::new(ENTITIES, vec![2, 2], vec![9.0; 4])],
+            )
+            .unwrap();
+        assert_eq!(next[0].data, vec![9.0, 9.0, 2.0, 2.0, 9.0, 9.0]);
+        // Without a selection, nothing changes.
+        let all = vec![NamedArray::new(ENTITIES, vec![3, 2], vec![0.5; 6])];
+        assert_eq!(home.expand(&fede_task(None), all.clone()).unwrap(), all);
+    }
+}
