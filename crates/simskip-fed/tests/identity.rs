@@ -455,46 +455,6 @@ async fn a_run_that_cannot_reach_its_minimum_is_aborted_with_an_error() {
         .expect("the client ends too");
 }
 
-/// Holds a few named entities; FedE rows are its own plus one.
-struct Holder {
-    names: Vec<String>,
-}
-
-impl ClientWork for Holder {
-    fn entity_keys(&self) -> Vec<String> {
-        self.names.clone()
-    }
-    fn num_examples(&self) -> u64 {
-        10
-    }
-    fn fit(
-        &mut self,
-        _: &StageInfo,
-        _: u32,
-        global: Vec<NamedArray>,
-    ) -> Result<FitOutput, WorkError> {
-        Ok(FitOutput {
-            arrays: global,
-            num_examples: 10,
-            metrics: BTreeMap::new(),
-        })
-    }
-    fn evaluate(
-        &mut self,
-        _: &StageInfo,
-        _: u32,
-        _: Vec<NamedArray>,
-    ) -> Result<EvalOutput, WorkError> {
-        Ok(EvalOutput {
-            num_examples: 10,
-            metrics: BTreeMap::new(),
-        })
-    }
-    fn finish_stage(&mut self, _: &StageInfo, _: Vec<NamedArray>) -> Result<(), WorkError> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn blinded_keys_align_shared_entities_and_hide_every_name_from_the_coordinator() {
     use simskip_fed::blind::{BlindKeys, KeyBlinder};
@@ -525,7 +485,12 @@ async fn blinded_keys_align_shared_entities_and_hide_every_name_from_the_coordin
         c.blind_keys = Some(BlindKeys {
             secret_file: secret.clone(),
         });
-        clients.push(tokio::spawn(run_client(c, Holder { names: held })));
+        let work = Marker {
+            names: held,
+            mark: 0.5,
+            seen: Seen::default(),
+        };
+        clients.push(tokio::spawn(run_client(c, work)));
     }
     for c in clients {
         c.await.unwrap().unwrap();
