@@ -52,6 +52,13 @@ pub trait ClientWork: Send + 'static {
     fn entity_keys(&self) -> Vec<String>;
     /// Local training examples (the FedAvg weight).
     fn num_examples(&self) -> u64;
+    /// The whole FedE table (`[n_keys, d]`, row-major, in the order of
+    /// [`ClientWork::entity_keys`]) this client kept for `stage` before a restart of its
+    /// process, if any: the rows a stage's row selection leaves at home start from it rather
+    /// than from the stage's initial draw.
+    fn kept_rows(&self, _stage: &StageInfo) -> Option<Vec<f32>> {
+        None
+    }
     fn fit(
         &mut self,
         stage: &StageInfo,
@@ -642,7 +649,8 @@ async fn session_loop<W: ClientWork>(
         tracing::debug!(client = %cfg.name, stage = %task.stage.name, round, kind = task.kind.as_str(), "task");
         // FedE with a row selection: the work sees its whole table (the rows that stayed home
         // are its own), and only the selected rows go back.
-        let arrays = match home.expand(&task, arrays) {
+        let kept = || work.as_ref().and_then(|w| w.kept_rows(&task.stage));
+        let arrays = match home.expand(&task, arrays, kept) {
             Ok(a) => a,
             Err(reason) => {
                 tracing::warn!(client = %cfg.name, round, "task refused: {reason}");
@@ -748,12 +756,14 @@ impl HomeRows {
     }
 
     /// The task's arrays with the selected rows placed into the full table. Before the
-    /// work's first rows of the stage, the rows that stay home start as the coordinator's
-    /// would: uniform in the stage's initial bound, seeded by its seed.
+    /// work's first rows of the stage, the rows that stay home are those the work `kept`
+    /// before a restart, or else start as the coordinator's would: uniform in the stage's
+    /// initial bound, seeded by its seed.
     fn expand(
         &mut self,
         task: &TaskHeader,
         mut arrays: Vec<NamedArray>,
+        kept: impl FnOnce() -> Option<Vec<f32>>,
     ) -> Result<Vec<NamedArray>, String> {
         let (Some(positions), StageParams::FedE(cfg)) = (&task.rows, &task.stage.params) else {
             return Ok(arrays);
@@ -779,14 +789,18 @@ impl HomeRows {
                 positions.len()
             ));
         }
+        let num_keys = self.num_keys;
         let full = self
             .tables
             .entry(task.stage.index)
             .or_insert_with(|| {
                 use rand::{Rng, SeedableRng};
+                if let Some(rows) = kept().filter(|r| r.len() == num_keys * dim) {
+                    return rows;
+                }
                 let b = simskip_kge::init_bound(cfg);
                 let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-                (0..self.num_keys * dim)
+                (0..num_keys * dim)
                     .map(|_| rng.random_range(-b..b))
                     .collect()
             })
@@ -930,12 +944,14 @@ mod tests {
         ];
         for (pos, shape) in bad {
             let rows = NamedArray::new(ENTITIES, shape.clone(), vec![0.0; shape.iter().product()]);
-            assert!(home.expand(&fede_task(Some(pos)), vec![rows]).is_err());
+            assert!(home
+                .expand(&fede_task(Some(pos)), vec![rows], || None)
+                .is_err());
         }
         // Rows 0 and 2 arrive; row 1 starts inside the stage's initial bound.
         let task = fede_task(Some(vec![0, 2]));
         let rows = NamedArray::new(ENTITIES, vec![2, 2], vec![5.0, 5.0, 7.0, 7.0]);
-        let full = home.expand(&task, vec![rows]).unwrap();
+        let full = home.expand(&task, vec![rows], || None).unwrap();
         assert_eq!(full[0].shape, vec![3, 2]);
         assert_eq!(&full[0].data[0..2], &[5.0, 5.0]);
         assert_eq!(&full[0].data[4..6], &[7.0, 7.0]);
@@ -957,11 +973,35 @@ mod tests {
             .expand(
                 &task,
                 vec![NamedArray::new(ENTITIES, vec![2, 2], vec![9.0; 4])],
+                || panic!("the table of the stage is known"),
             )
             .unwrap();
         assert_eq!(next[0].data, vec![9.0, 9.0, 2.0, 2.0, 9.0, 9.0]);
         // Without a selection, nothing changes.
         let all = vec![NamedArray::new(ENTITIES, vec![3, 2], vec![0.5; 6])];
-        assert_eq!(home.expand(&fede_task(None), all.clone()).unwrap(), all);
+        assert_eq!(
+            home.expand(&fede_task(None), all.clone(), || None).unwrap(),
+            all
+        );
+    }
+
+    #[test]
+    fn home_rows_after_a_restart_start_from_the_kept_table() {
+        let task = fede_task(Some(vec![1]));
+        let arrived = || vec![NamedArray::new(ENTITIES, vec![1, 2], vec![5.0, 5.0])];
+        // The table the work kept before its restart fills the rows that stay home.
+        let mut home = HomeRows::new(3);
+        let kept = vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0];
+        let full = home
+            .expand(&task, arrived(), || Some(kept.clone()))
+            .unwrap();
+        assert_eq!(full[0].data, vec![1.0, 1.0, 5.0, 5.0, 3.0, 3.0]);
+        // A kept table of another size is not used: the initial draw is.
+        let mut home = HomeRows::new(3);
+        let full = home
+            .expand(&task, arrived(), || Some(vec![1.0; 4]))
+            .unwrap();
+        assert_ne!(&full[0].data[0..2], &[1.0, 1.0]);
+        assert_eq!(&full[0].data[2..4], &[5.0, 5.0]);
     }
 }
