@@ -239,6 +239,8 @@ pub(crate) fn params_from_proto(p: Option<&proto::StageParams>) -> Result<StageP
             } else {
                 AdamAcrossRounds::Keep
             },
+            // How an organisation computes, not on the wire (see above).
+            threads: 1,
         }),
         Kind::Simskip(s) => StageParams::SimSkip(SimSkipParams {
             dim: s.dim as usize,
