@@ -331,7 +331,7 @@ fn coordinator_view(
 
 /// What organisation `a` infers of victim `v`'s rows for the entities both hold and upload.
 fn organisation_view(run: &Run, orgs: &[Org], a: usize, v: usize) -> Result<(Vec<u32>, Vec<f32>)> {
-    let dim = run.table.dim;
+    let dim = run.table.dim();
     let (a_ids, a_up) = &run.uploads[a];
     let v_ids: HashSet<u32> = run.uploads[v].0.iter().copied().collect();
     let v_index: HashMap<&str, u32> = orgs[v]
