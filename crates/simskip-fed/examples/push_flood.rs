@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
             eval_every: 0,
             params: StageParams::defaults(StageKind::FedAvg, 4),
             aggregation: Default::default(),
+            privacy: None,
         }],
         ..ServerConfig::default()
     };

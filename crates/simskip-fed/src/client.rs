@@ -647,6 +647,10 @@ async fn session_loop<W: ClientWork>(
         };
         round = task.round;
         tracing::debug!(client = %cfg.name, stage = %task.stage.name, round, kind = task.kind.as_str(), "task");
+        // With DP, the update is measured against what the task carried: the global model,
+        // or exactly the FedE rows that go back.
+        let received =
+            (task.kind == TaskKind::Fit && task.stage.privacy.is_some()).then(|| arrays.clone());
         // FedE with a row selection: the work sees its whole table (the rows that stayed home
         // are its own), and only the selected rows go back.
         let kept = || work.as_ref().and_then(|w| w.kept_rows(&task.stage));
@@ -717,7 +721,10 @@ async fn session_loop<W: ClientWork>(
                 if kind == TaskKind::Fit {
                     a.arrays = home.keep_and_select(&task, a.arrays);
                 }
-                a
+                match (&task.stage.privacy, &received) {
+                    (Some(dp), Some(received)) => privatise(&task, dp, received, a),
+                    _ => a,
+                }
             }
             Err(e) => {
                 tracing::error!(client = %cfg.name, "local {} failed: {e}", kind.as_str());
@@ -738,6 +745,44 @@ async fn session_loop<W: ClientWork>(
         push(cfg, s, &task, answer, metrics).await?;
     }
 }
+
+/// Clips and noises a FIT answer before it leaves (the organisation's own randomness, which
+/// the coordinator cannot predict). An upload that cannot be privatised is not sent: the
+/// answer becomes an error.
+fn privatise(
+    task: &TaskHeader,
+    dp: &crate::privacy::ClientDp,
+    received: &[NamedArray],
+    mut answer: Answer,
+) -> Answer {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    match crate::privacy::privatise_upload(
+        task.stage.kind(),
+        dp,
+        received,
+        &mut answer.arrays,
+        &mut rng,
+    ) {
+        Ok(p) => {
+            answer.metrics.insert(
+                DP_CLIPPED_FRACTION.to_owned(),
+                p.clipped as f64 / p.updates.max(1) as f64,
+            );
+            answer
+        }
+        Err(e) => Answer {
+            num_examples: 0,
+            metrics: BTreeMap::new(),
+            arrays: Vec::new(),
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+/// The FIT metric of a DP stage: the fraction of updates (FedAvg: the one update; FedE: the
+/// rows) whose norm exceeded the clip bound, for tuning the bound.
+pub const DP_CLIPPED_FRACTION: &str = "dp_clipped_fraction";
 
 /// The organisation's whole FedE table between tasks, for stages where only some rows travel
 /// (`row_selection`): the rows that stay home are the ones the work itself produced last.
@@ -930,6 +975,7 @@ mod tests {
                 name: "fede".into(),
                 rounds: 1,
                 params: StageParams::defaults(crate::types::StageKind::FedE, 2),
+                privacy: None,
             },
         }
     }

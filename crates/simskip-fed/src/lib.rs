@@ -12,6 +12,8 @@
 //! * [`chunk`]: named arrays cut into chunks, streamed lazily, reassembled with validation;
 //! * `wire`: every protobuf <-> domain conversion, both directions;
 //! * [`auth`]: who is calling: mTLS, per-organisation tokens or explicit plain text;
+//! * [`privacy`]: differential privacy of uploads (clipping, Gaussian noise), applied by
+//!   each organisation; [`accountant`]: the Rényi-DP accountant that reports epsilon;
 //! * [`blind`]: entity keys blinded with the organisations' federation secret;
 //! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
 //! * [`telemetry`]: the Prometheus metrics of the coordinator and of the clients, and the
@@ -20,6 +22,7 @@
 //!
 //! Clients only connect out to the coordinator; organisations accept no connections.
 
+pub mod accountant;
 pub mod aggregate;
 pub mod auth;
 pub mod blind;
@@ -28,6 +31,7 @@ pub mod client;
 pub mod coordinator;
 pub mod error;
 pub mod params;
+pub mod privacy;
 pub mod robust;
 pub mod strategy;
 pub mod telemetry;

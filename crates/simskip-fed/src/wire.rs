@@ -12,6 +12,7 @@ use simskip_refine::{Augmentation, Positives, SimSkipConfig};
 
 use crate::coordinator::rounds::{Poll, Report, ResultOutcome, Task};
 use crate::params::{ParamsError, SimSkipParams, StageParams, PARAMS_SCHEMA_VERSION};
+use crate::privacy::ClientDp;
 use crate::proto;
 use crate::types::{Payload, StageInfo, StageKind, TaskKind};
 
@@ -166,7 +167,27 @@ pub(crate) fn params_to_proto(p: &StageParams) -> proto::StageParams {
     proto::StageParams {
         schema_version: PARAMS_SCHEMA_VERSION,
         kind: Some(kind),
+        privacy: None,
     }
+}
+
+fn privacy_to_proto(p: &ClientDp) -> proto::PrivacyParams {
+    proto::PrivacyParams {
+        noise_multiplier: p.noise_multiplier,
+        clip_norm: p.clip_norm,
+        noise_shares: p.noise_shares,
+    }
+}
+
+/// Received DP settings, validated (an organisation never applies a NaN or zero bound).
+fn privacy_from_proto(p: &proto::PrivacyParams) -> Result<ClientDp, WireError> {
+    let dp = ClientDp {
+        noise_multiplier: p.noise_multiplier,
+        clip_norm: p.clip_norm,
+        noise_shares: p.noise_shares,
+    };
+    dp.validate()?;
+    Ok(dp)
 }
 
 /// Parses and validates received stage parameters. The fields that say how an organisation
@@ -289,7 +310,10 @@ pub(crate) fn task_header(task: &Task) -> proto::TaskHeader {
         task_id: task.task_id.clone(),
         arrays: Vec::new(),
         stage_rounds: task.stage.rounds,
-        params: Some(params_to_proto(&task.stage.params)),
+        params: Some(proto::StageParams {
+            privacy: task.stage.privacy.as_ref().map(privacy_to_proto),
+            ..params_to_proto(&task.stage.params)
+        }),
         row_selection: match &task.payload {
             Payload::Rows {
                 positions: Some(p), ..
@@ -362,6 +386,12 @@ pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHead
             got: params.kind().as_str(),
         });
     }
+    let privacy = h
+        .params
+        .as_ref()
+        .and_then(|p| p.privacy.as_ref())
+        .map(privacy_from_proto)
+        .transpose()?;
     let rows = h.row_selection.as_ref().map(|r| r.positions.clone());
     if let Some(p) = &rows {
         if p.windows(2).any(|w| w[0] >= w[1]) {
@@ -381,6 +411,7 @@ pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHead
             name: h.stage_name.clone(),
             rounds: h.stage_rounds,
             params,
+            privacy,
         },
     }))
 }
@@ -512,5 +543,39 @@ mod tests {
             Err(WireError::Params(ParamsError::Version { .. }))
         ));
         assert!(params_from_proto(None).is_err());
+    }
+
+    /// The DP settings travel with the task, and an organisation refuses unusable ones.
+    #[test]
+    fn privacy_settings_travel_with_the_task_and_are_validated() {
+        let dp = ClientDp {
+            noise_multiplier: 1.5,
+            clip_norm: 0.25,
+            noise_shares: 3,
+        };
+        let task = Task {
+            run_id: "r".into(),
+            task_id: "t1".into(),
+            kind: TaskKind::Fit,
+            stage: StageInfo {
+                index: 0,
+                name: "s".into(),
+                rounds: 2,
+                params: StageParams::defaults(StageKind::FedAvg, 8),
+                privacy: Some(dp),
+            },
+            round: 1,
+            payload: Payload::empty(),
+        };
+        let mut header = task_header(&task);
+        let PolledHeader::Task(back) = task_header_from_proto(&header).unwrap() else {
+            panic!("not a task")
+        };
+        assert_eq!(back.stage, task.stage);
+        if let Some(p) = header.params.as_mut().and_then(|p| p.privacy.as_mut()) {
+            p.clip_norm = f64::NAN;
+        }
+        let e = task_header_from_proto(&header).unwrap_err().to_string();
+        assert!(e.contains("privacy.clip_norm = NaN"), "{e}");
     }
 }

@@ -546,6 +546,7 @@ mod tests {
             name: "simskip".into(),
             rounds: 1,
             params: StageParams::defaults(StageKind::FedAvg, dim),
+            privacy: None,
         }
     }
 

@@ -12,6 +12,7 @@ use crate::chunk::{DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::coordinator::rounds::{RoundsConfig, StageSpec};
 use crate::error::FedError;
 use crate::params::StageParams;
+use crate::privacy::{DpConfig, SecureAggregation};
 use crate::robust::Robustness;
 use crate::types::StageKind;
 
@@ -31,6 +32,10 @@ pub const MAX_DURATION_SECS: f64 = 7.0 * 24.0 * 3600.0;
 /// eval_every = 5
 /// [server.stages.transe]
 /// lr = 0.01
+/// [server.stages.privacy]   # optional: DP of the uploads (see `crate::privacy`)
+/// noise_multiplier = 1.0
+/// clip_norm = 0.5
+/// delta = 1e-5
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "StageTable", into = "StageTable")]
@@ -43,6 +48,8 @@ pub struct StageConfig {
     pub params: StageParams,
     /// How the coordinator combines the clients' updates; never sent to clients.
     pub aggregation: Robustness,
+    /// Differential privacy of the uploads, applied by each organisation (`None`: none).
+    pub privacy: Option<DpConfig>,
 }
 
 impl StageConfig {
@@ -69,6 +76,8 @@ struct StageTable {
     simskip: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     aggregation: Robustness,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    privacy: Option<DpConfig>,
 }
 
 /// The run's table width by default: FedE's.
@@ -102,12 +111,17 @@ impl TryFrom<StageTable> for StageConfig {
                 t.name, t.aggregation.min_holders
             ));
         }
+        if let Some(p) = &t.privacy {
+            p.validate()
+                .map_err(|e| format!("stage {:?}: {e}", t.name))?;
+        }
         Ok(StageConfig {
             name: t.name,
             rounds: t.rounds,
             eval_every: t.eval_every,
             params,
             aggregation: t.aggregation,
+            privacy: t.privacy,
         })
     }
 }
@@ -126,6 +140,7 @@ impl From<StageConfig> for StageTable {
             transe: table.clone().filter(|_| kind == StageKind::FedE),
             simskip: table.filter(|_| kind == StageKind::FedAvg),
             aggregation: s.aggregation,
+            privacy: s.privacy,
         }
     }
 }
@@ -362,6 +377,10 @@ impl ServerConfig {
                     rounds: s.rounds,
                     eval_every: s.eval_every,
                     params: s.params.clone(),
+                    privacy: s.privacy.clone(),
+                    // Secure aggregation is not part of this configuration yet: the
+                    // coordinator sees each upload, so each carries the whole noise.
+                    secure_aggregation: SecureAggregation::Off,
                 })
                 .collect(),
         }
@@ -474,6 +493,7 @@ mod tests {
             eval_every: 0,
             params: StageParams::defaults(StageKind::FedAvg, 7),
             aggregation: Robustness::default(),
+            privacy: None,
         });
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("server.stages[1].dim = 7"), "{e}");

@@ -28,6 +28,11 @@
 //! * A client re-registering under the same name gets a new session; a task issued to its
 //!   old session no longer holds the round up, and it receives the current global model
 //!   with its next task.
+//! * A stage with differential privacy charges every FIT round to its Rényi-DP accountant,
+//!   at sampling rate q = selected / registered organisations, and records q
+//!   ([`DP_SAMPLING_RATE`]) and the epsilon spent so far at the stage's delta
+//!   ([`DP_EPSILON`]) among the round's metrics. A resumed run recharges its accountants
+//!   from the recorded rates.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -39,8 +44,10 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use simskip_data::NamedArray;
 
+use crate::accountant::RdpAccountant;
 use crate::aggregate::{weighted_metrics, AggregateError};
 use crate::params::StageParams;
+use crate::privacy::{DpConfig, SecureAggregation};
 use crate::strategy::Strategy;
 use crate::types::{
     ClientInfo, ClientResult, GlobalSnapshot, Payload, StageInfo, StageKind, TaskKind,
@@ -56,6 +63,11 @@ pub struct StageSpec {
     pub eval_every: u32,
     /// Sent to the clients with every task of the stage; its kind is the stage's kind.
     pub params: StageParams,
+    /// Differential privacy of the uploads (`None`: none); sent with every task.
+    pub privacy: Option<DpConfig>,
+    /// Whether the coordinator sees only the sum of a round's uploads: each organisation
+    /// then adds only its share of the DP noise.
+    pub secure_aggregation: SecureAggregation,
 }
 
 impl StageSpec {
@@ -79,6 +91,13 @@ pub struct RoundsConfig {
     pub seed: u64,
     pub stages: Vec<StageSpec>,
 }
+
+/// The round metric holding the epsilon a DP stage has spent so far (at its delta).
+pub const DP_EPSILON: &str = "dp_epsilon";
+/// The round metric holding the delta at which [`DP_EPSILON`] holds.
+pub const DP_DELTA: &str = "dp_delta";
+/// The round metric holding the sampling rate a DP stage's FIT round was charged at.
+pub const DP_SAMPLING_RATE: &str = "dp_sampling_rate";
 
 /// A task for one client.
 #[derive(Debug, Clone)]
@@ -411,6 +430,8 @@ pub struct Rounds {
     /// A resumed run waits for `min_clients` again before its first round, so that the
     /// organisations all have time to reconnect (none misses a stage's end, say).
     regathering: bool,
+    /// Privacy spent by each stage with DP (`None`: a stage without).
+    accountants: Vec<Option<RdpAccountant>>,
 }
 
 impl Rounds {
@@ -453,9 +474,14 @@ impl Rounds {
             return bad(format!("fraction_fit {} not in (0, 1]", cfg.fraction_fit));
         }
         let n = cfg.stages.len();
+        for s in &cfg.stages {
+            if let Some(p) = &s.privacy {
+                p.validate()
+                    .map_err(|e| RoundsError::Config(format!("stage {:?}: {e}", s.name)))?;
+            }
+        }
         Ok(Self {
             rng: StdRng::seed_from_u64(cfg.seed),
-            cfg,
             strategies: strategies.into_iter().map(Some).collect(),
             pending_registrations: Vec::new(),
             job: None,
@@ -471,6 +497,12 @@ impl Rounds {
             short_of_clients_since: None,
             aborted: None,
             regathering: false,
+            accountants: cfg
+                .stages
+                .iter()
+                .map(|s| s.privacy.as_ref().map(|_| RdpAccountant::default()))
+                .collect(),
+            cfg,
         })
     }
 
@@ -522,8 +554,24 @@ impl Rounds {
             // A different selection sequence from the first incarnation's, still seeded.
             r.rng = StdRng::seed_from_u64(r.cfg.seed ^ ((point.records.len() as u64) << 32));
         }
+        for rec in &point.records {
+            if let Some(q) = rec.metrics.get(DP_SAMPLING_RATE) {
+                r.charge_privacy(rec.stage_index, *q);
+            }
+        }
         r.records = point.records;
         Ok(r)
+    }
+
+    /// Charges one FIT round of `stage` at sampling rate `q` to its accountant; the epsilon
+    /// spent so far and the stage's delta it holds at (`None`: the stage has no DP).
+    fn charge_privacy(&mut self, stage: usize, q: f64) -> Option<(f64, f64)> {
+        let dp = self.cfg.stages.get(stage)?.privacy.as_ref()?;
+        let acc = self.accountants.get_mut(stage)?.as_mut()?;
+        // Both validated: the settings in `new`, q as a ratio clamped to [0, 1].
+        acc.compose_subsampled_gaussian(q.clamp(0.0, 1.0), dp.noise_multiplier, 1)
+            .ok()?;
+        acc.epsilon(dp.delta).ok().map(|(eps, _)| (eps, dp.delta))
     }
 
     pub fn config(&self) -> &RoundsConfig {
@@ -809,6 +857,10 @@ impl Rounds {
                 name: stage.name.clone(),
                 rounds: stage.rounds,
                 params: stage.params.clone(),
+                privacy: stage
+                    .privacy
+                    .as_ref()
+                    .map(|p| p.for_client(stage.secure_aggregation, rs.selected.len())),
             },
             round: rs.round,
             payload,
@@ -1121,6 +1173,17 @@ impl Rounds {
             .filter(|n| !answered.contains(n.as_str()))
             .cloned()
             .collect();
+        let mut metrics = weighted_metrics(&metric_inputs);
+        if rs.kind == TaskKind::Fit && spec.privacy.is_some() {
+            // Every FIT round is charged, aggregated or not: the uploads were made.
+            let q = (rs.selected.len() as f64 / self.clients.len().max(1) as f64).min(1.0);
+            if let Some((eps, delta)) = self.charge_privacy(rs.stage, q) {
+                metrics.insert(DP_SAMPLING_RATE.to_owned(), q);
+                metrics.insert(DP_EPSILON.to_owned(), eps);
+                metrics.insert(DP_DELTA.to_owned(), delta);
+            }
+        }
+        let spec = &self.cfg.stages[rs.stage];
         let record = RoundRecord {
             run_id: self.cfg.run_id.clone(),
             stage_index: rs.stage,
@@ -1147,7 +1210,7 @@ impl Rounds {
             // FIT: set once the aggregation succeeds. EVALUATE: enough answers to count.
             aggregated: rs.kind == TaskKind::Evaluate && enough,
             note,
-            metrics: weighted_metrics(&metric_inputs),
+            metrics,
             timed_out,
             started_secs: rs.started.as_secs_f64(),
             ended_secs: now.as_secs_f64(),
