@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
             eval_every: 0,
             params: StageParams::defaults(StageKind::FedAvg, 4),
             aggregation: Default::default(),
+            secure_aggregation: None,
         }],
         ..ServerConfig::default()
     };

@@ -13,6 +13,7 @@
 //! * `wire`: every protobuf <-> domain conversion, both directions;
 //! * [`auth`]: who is calling: mTLS, per-organisation tokens or explicit plain text;
 //! * [`blind`]: entity keys blinded with the organisations' federation secret;
+//! * [`secagg`]: secure aggregation (Bonawitz et al. 2017): masks, Shamir shares, fixed point;
 //! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
 //! * [`telemetry`]: the Prometheus metrics of the coordinator and of the clients, and the
 //!   `GET /metrics` endpoint that serves them on a port of its own;
@@ -29,6 +30,7 @@ pub mod coordinator;
 pub mod error;
 pub mod params;
 pub mod robust;
+pub mod secagg;
 pub mod strategy;
 pub mod telemetry;
 pub mod tls;

@@ -17,6 +17,7 @@ fn stages(fede_rounds: u32) -> Vec<StageConfig> {
             eval_every: 5,
             params: StageParams::defaults(StageKind::FedE, 128),
             aggregation: Robustness::default(),
+            secure_aggregation: None,
         },
         StageConfig {
             name: "simskip".into(),
@@ -24,6 +25,7 @@ fn stages(fede_rounds: u32) -> Vec<StageConfig> {
             eval_every: 5,
             params: StageParams::defaults(StageKind::FedAvg, 128),
             aggregation: Robustness::default(),
+            secure_aggregation: None,
         },
     ]
 }

@@ -142,6 +142,7 @@ impl Default for ServerFile {
                         min_holders: 2,
                         ..Default::default()
                     },
+                    secure_aggregation: None,
                 },
                 StageConfig {
                     name: "simskip".into(),
@@ -149,6 +150,7 @@ impl Default for ServerFile {
                     eval_every: 5,
                     params: simskip,
                     aggregation: Default::default(),
+                    secure_aggregation: None,
                 },
             ],
             ..ServerConfig::default()

@@ -12,6 +12,7 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageSpec
         rounds,
         eval_every,
         params: StageParams::defaults(kind, 4),
+        secure: None,
     }
 }
 
@@ -90,6 +91,7 @@ fn report(task: &Task, session: &str, value: f32, n: u64) -> Report {
             vec![]
         },
         error: None,
+        secagg: None,
     }
 }
 
