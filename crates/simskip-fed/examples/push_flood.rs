@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
             params: StageParams::defaults(StageKind::FedAvg, 4),
             aggregation: Default::default(),
             privacy: None,
+            secure_aggregation: None,
         }],
         ..ServerConfig::default()
     };

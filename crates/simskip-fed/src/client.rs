@@ -22,6 +22,7 @@ use crate::error::{FedError, WorkError};
 use crate::params::StageParams;
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{self, register_request, result_chunk, task_chunk};
+use crate::secagg::{self, ClientRound, SecAggReply, SecAggTask};
 use crate::telemetry::{ClientMetrics, MetricsServer};
 use crate::types::{Payload, StageInfo, TaskKind, ENTITIES};
 use crate::wire::{self, PolledHeader, TaskHeader};
@@ -594,6 +595,65 @@ struct Answer {
     metrics: BTreeMap<String, f64>,
     arrays: Vec<NamedArray>,
     error: Option<String>,
+    /// Secure aggregation: the answer to the task's protocol step.
+    secagg: Option<SecAggReply>,
+}
+
+/// After training in a secure round: the update stays here, and the answer carries the
+/// training's examples and metrics with the organisation's fresh public keys instead.
+fn secure_begin(
+    secure: &mut SecureState,
+    task: &TaskHeader,
+    begin: &SecAggTask,
+    layout: &[(String, Vec<usize>)],
+    answer: Answer,
+) -> Answer {
+    *secure = None;
+    if answer.error.is_some() {
+        return answer;
+    }
+    let context = secagg::context(&task.run_id, task.stage.index, task.round);
+    match ClientRound::begin(begin, &context, layout, &answer.arrays, answer.num_examples) {
+        Ok((state, keys)) => {
+            *secure = Some(((task.stage.index, task.round), state));
+            Answer {
+                arrays: Vec::new(),
+                secagg: Some(keys),
+                ..answer
+            }
+        }
+        Err(e) => Answer {
+            num_examples: 0,
+            metrics: BTreeMap::new(),
+            arrays: Vec::new(),
+            error: Some(format!("secure aggregation: {e}")),
+            secagg: None,
+        },
+    }
+}
+
+/// This organisation's part in the secure FIT round under way: (stage, round) and state.
+type SecureState = Option<((usize, u32), ClientRound)>;
+
+/// Answers a secure-aggregation step after the first (no local work: protocol only).
+fn secure_step(secure: &mut SecureState, task: &TaskHeader, step: &SecAggTask) -> Answer {
+    let reply = match secure {
+        Some((at, round)) if *at == (task.stage.index, task.round) => {
+            round.step(step).map_err(|e| e.to_string())
+        }
+        _ => Err("no secure aggregation of this round under way here".to_string()),
+    };
+    let (secagg, error) = match reply {
+        Ok(r) => (Some(r), None),
+        Err(e) => (None, Some(format!("secure aggregation: {e}"))),
+    };
+    Answer {
+        num_examples: 0,
+        metrics: BTreeMap::new(),
+        arrays: Vec::new(),
+        error,
+        secagg,
+    }
 }
 
 async fn run_session<W: ClientWork>(
@@ -631,6 +691,7 @@ async fn session_loop<W: ClientWork>(
     home: &mut HomeRows,
 ) -> Result<ClientEnd, SessionEnd> {
     let mut round = 0u32;
+    let mut secure: SecureState = None;
     loop {
         let (task, arrays) = match poll(cfg, s, round, metrics).await? {
             Polled::Wait => continue,
@@ -647,6 +708,26 @@ async fn session_loop<W: ClientWork>(
         };
         round = task.round;
         tracing::debug!(client = %cfg.name, stage = %task.stage.name, round, kind = task.kind.as_str(), "task");
+        if let Some(step) = task
+            .secagg
+            .as_ref()
+            .filter(|s| !matches!(s, SecAggTask::Begin { .. }))
+        {
+            let answer = secure_step(&mut secure, &task, step);
+            if answer.error.is_some() || matches!(step, SecAggTask::Unmask(_)) {
+                secure = None;
+            }
+            push(cfg, s, &task, answer, metrics).await?;
+            continue;
+        }
+        // A secure round starts: the update will be masked against the global model's layout.
+        let layout: Vec<(String, Vec<usize>)> = match task.secagg {
+            Some(_) => arrays
+                .iter()
+                .map(|a| (a.name.clone(), a.shape.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
         // With DP, the update is measured against what the task carried: the global model,
         // or exactly the FedE rows that go back.
         let received =
@@ -686,18 +767,21 @@ async fn session_loop<W: ClientWork>(
                     metrics: o.metrics,
                     arrays: o.arrays,
                     error: None,
+                    secagg: None,
                 }),
                 TaskKind::Evaluate => w.evaluate(&stage, round, arrays).map(|o| Answer {
                     num_examples: o.num_examples,
                     metrics: o.metrics,
                     arrays: Vec::new(),
                     error: None,
+                    secagg: None,
                 }),
                 TaskKind::FinishStage => w.finish_stage(&stage, arrays).map(|()| Answer {
                     num_examples: default_examples,
                     metrics: BTreeMap::new(),
                     arrays: Vec::new(),
                     error: None,
+                    secagg: None,
                 }),
             };
             (w, out)
@@ -739,8 +823,13 @@ async fn session_loop<W: ClientWork>(
                     metrics: BTreeMap::new(),
                     arrays: Vec::new(),
                     error: Some(message),
+                    secagg: None,
                 }
             }
+        };
+        let answer = match &task.secagg {
+            Some(begin) => secure_begin(&mut secure, &task, begin, &layout, answer),
+            None => answer,
         };
         push(cfg, s, &task, answer, metrics).await?;
     }
@@ -776,6 +865,7 @@ fn privatise(
             metrics: BTreeMap::new(),
             arrays: Vec::new(),
             error: Some(e.to_string()),
+            secagg: None,
         },
     }
 }
@@ -923,6 +1013,7 @@ async fn push(
         answer.metrics,
         answer.error,
     );
+    header.secagg = answer.secagg.as_ref().map(wire::secagg_reply_to_proto);
     header.arrays = payload_headers(&payload);
     let first = proto::ResultChunk {
         part: Some(result_chunk::Part::Header(header)),
@@ -977,6 +1068,7 @@ mod tests {
                 params: StageParams::defaults(crate::types::StageKind::FedE, 2),
                 privacy: None,
             },
+            secagg: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //! * [`privacy`]: differential privacy of uploads (clipping, Gaussian noise), applied by
 //!   each organisation; [`accountant`]: the Rényi-DP accountant that reports epsilon;
 //! * [`blind`]: entity keys blinded with the organisations' federation secret;
+//! * [`secagg`]: secure aggregation (Bonawitz et al. 2017): masks, Shamir shares, fixed point;
 //! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
 //! * [`telemetry`]: the Prometheus metrics of the coordinator and of the clients, and the
 //!   `GET /metrics` endpoint that serves them on a port of its own;
@@ -33,6 +34,7 @@ pub mod error;
 pub mod params;
 pub mod privacy;
 pub mod robust;
+pub mod secagg;
 pub mod strategy;
 pub mod telemetry;
 pub mod tls;

@@ -25,18 +25,6 @@ use simskip_data::NamedArray;
 use crate::params::ParamsError;
 use crate::types::{StageKind, ENTITIES};
 
-/// Whether the coordinator sees only the sum of the updates of a round. The secure
-/// aggregation protocol decides it; DP only needs to know, to split its noise.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SecureAggregation {
-    /// The coordinator sees each organisation's upload.
-    #[default]
-    Off,
-    /// The coordinator sees only the (weighted) sum of a round's uploads.
-    On,
-}
-
 /// A stage's DP settings, as configured (`[server.stages.privacy]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,14 +72,13 @@ impl DpConfig {
     }
 
     /// What an organisation of a round of `selected` organisations is told to apply.
-    pub fn for_client(&self, secure: SecureAggregation, selected: usize) -> ClientDp {
+    /// `sum_only`: the coordinator sees only the round's sum (secure aggregation), so each
+    /// organisation adds its share of the noise and the sum carries all of it.
+    pub fn for_client(&self, sum_only: bool, selected: usize) -> ClientDp {
         ClientDp {
             noise_multiplier: self.noise_multiplier,
             clip_norm: self.clip_norm,
-            noise_shares: match secure {
-                SecureAggregation::Off => 1,
-                SecureAggregation::On => selected.max(1) as u32,
-            },
+            noise_shares: if sum_only { selected.max(1) as u32 } else { 1 },
         }
     }
 }
@@ -438,7 +425,7 @@ mod tests {
             clip_norm: 1.0,
             delta: 1e-5,
         };
-        assert_eq!(ok.for_client(SecureAggregation::On, 4).noise_shares, 4);
-        assert_eq!(ok.for_client(SecureAggregation::Off, 4).noise_shares, 1);
+        assert_eq!(ok.for_client(true, 4).noise_shares, 4);
+        assert_eq!(ok.for_client(false, 4).noise_shares, 1);
     }
 }

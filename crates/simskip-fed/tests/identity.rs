@@ -115,6 +115,7 @@ fn server_config(out: &Path, auth: ServerAuth, min_clients: usize) -> ServerConf
             params,
             aggregation: Default::default(),
             privacy: None,
+            secure_aggregation: None,
         }],
         tick_ms: 20,
         done_grace_secs: 2.0,
@@ -470,6 +471,7 @@ async fn blinded_keys_align_shared_entities_and_hide_every_name_from_the_coordin
         params: StageParams::defaults(StageKind::FedE, 4),
         aggregation: Default::default(),
         privacy: None,
+        secure_aggregation: None,
     }];
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -606,6 +608,7 @@ async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
             ..Default::default()
         },
         privacy: None,
+        secure_aggregation: None,
     }];
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -120,6 +120,7 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageConf
         params: stage_params(name, kind),
         aggregation: Robustness::default(),
         privacy: None,
+        secure_aggregation: None,
     }
 }
 

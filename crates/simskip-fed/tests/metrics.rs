@@ -103,6 +103,7 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageConf
         params: StageParams::defaults(kind, 4),
         aggregation: Robustness::default(),
         privacy: None,
+        secure_aggregation: None,
     }
 }
 

@@ -18,6 +18,7 @@ fn stages(fede_rounds: u32) -> Vec<StageConfig> {
             params: StageParams::defaults(StageKind::FedE, 128),
             aggregation: Robustness::default(),
             privacy: None,
+            secure_aggregation: None,
         },
         StageConfig {
             name: "simskip".into(),
@@ -26,6 +27,7 @@ fn stages(fede_rounds: u32) -> Vec<StageConfig> {
             params: StageParams::defaults(StageKind::FedAvg, 128),
             aggregation: Robustness::default(),
             privacy: None,
+            secure_aggregation: None,
         },
     ]
 }

@@ -144,6 +144,7 @@ impl Default for ServerFile {
                         ..Default::default()
                     },
                     privacy: None,
+                    secure_aggregation: None,
                 },
                 StageConfig {
                     name: "simskip".into(),
@@ -152,6 +153,7 @@ impl Default for ServerFile {
                     params: simskip,
                     aggregation: Default::default(),
                     privacy: None,
+                    secure_aggregation: None,
                 },
             ],
             ..ServerConfig::default()

@@ -592,6 +592,7 @@ mod tests {
             name: "fede".into(),
             rounds: 1,
             params: StageParams::FedE(cfg),
+            privacy: None,
         }
     }
 

@@ -12,8 +12,9 @@ use crate::chunk::{DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::coordinator::rounds::{RoundsConfig, StageSpec};
 use crate::error::FedError;
 use crate::params::StageParams;
-use crate::privacy::{DpConfig, SecureAggregation};
-use crate::robust::Robustness;
+use crate::privacy::DpConfig;
+use crate::robust::{Combine, Robustness};
+use crate::secagg::SecureAggregation;
 use crate::types::StageKind;
 
 /// The longest duration any setting may ask for: a week. Longer values are typos (and
@@ -50,6 +51,9 @@ pub struct StageConfig {
     pub aggregation: Robustness,
     /// Differential privacy of the uploads, applied by each organisation (`None`: none).
     pub privacy: Option<DpConfig>,
+    /// `[server.stages.secure_aggregation]`: FIT rounds sum the updates under masks, so the
+    /// coordinator sees only the example-weighted sum (FedAvg stages).
+    pub secure_aggregation: Option<SecureAggregation>,
 }
 
 impl StageConfig {
@@ -78,6 +82,7 @@ struct StageTable {
     aggregation: Robustness,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     privacy: Option<DpConfig>,
+    secure_aggregation: Option<SecureAggregation>,
 }
 
 /// The run's table width by default: FedE's.
@@ -115,6 +120,12 @@ impl TryFrom<StageTable> for StageConfig {
             p.validate()
                 .map_err(|e| format!("stage {:?}: {e}", t.name))?;
         }
+        if let Some(secure) = &t.secure_aggregation {
+            secure
+                .validate()
+                .map_err(|e| format!("stage {:?}: {e}", t.name))?;
+            check_secure_combination(&t.name, t.kind, &t.aggregation)?;
+        }
         Ok(StageConfig {
             name: t.name,
             rounds: t.rounds,
@@ -122,6 +133,7 @@ impl TryFrom<StageTable> for StageConfig {
             params,
             aggregation: t.aggregation,
             privacy: t.privacy,
+            secure_aggregation: t.secure_aggregation,
         })
     }
 }
@@ -141,8 +153,36 @@ impl From<StageConfig> for StageTable {
             simskip: table.filter(|_| kind == StageKind::FedAvg),
             aggregation: s.aggregation,
             privacy: s.privacy,
+            secure_aggregation: s.secure_aggregation,
         }
     }
+}
+
+/// Secure aggregation hides every update from the coordinator, so nothing that needs to see
+/// them can run with it.
+fn check_secure_combination(
+    stage: &str,
+    kind: StageKind,
+    aggregation: &Robustness,
+) -> Result<(), String> {
+    if kind != StageKind::FedAvg {
+        return Err(format!(
+            "stage {stage:?}: secure_aggregation is for fedavg stages (this one is {})",
+            kind.as_str()
+        ));
+    }
+    if aggregation.combine != Combine::Mean {
+        return Err(format!(
+            "stage {stage:?}: aggregation.combine = {:?} needs the updates, which secure_aggregation hides: use \"mean\"",
+            aggregation.combine
+        ));
+    }
+    if let Some(c) = aggregation.clip_norm {
+        return Err(format!(
+            "stage {stage:?}: aggregation.clip_norm = {c} needs the updates, which secure_aggregation hides"
+        ));
+    }
+    Ok(())
 }
 
 /// Coordinator settings. Every field has a default, so a config file only needs what differs.
@@ -342,6 +382,25 @@ impl ServerConfig {
             s.aggregation
                 .validate()
                 .map_err(|e| FedError::Config(format!("server.stages[{i}] ({}): {e}", s.name)))?;
+            if let Some(secure) = &s.secure_aggregation {
+                let key = |k: &str| format!("server.stages[{i}] ({}): {k}", s.name);
+                secure.validate().map_err(|e| FedError::Config(key(&e)))?;
+                check_secure_combination(&s.name, s.kind(), &s.aggregation)
+                    .map_err(FedError::Config)?;
+                // A round must be able to select at least `threshold` organisations.
+                let needed = secure.threshold.map_or(2, |t| t as usize);
+                if self.min_fit_clients < needed {
+                    return bad(
+                        "min_fit_clients",
+                        &self.min_fit_clients,
+                        &format!(
+                            "stage {:?} aggregates securely and needs at least {needed} \
+                             organisations per round (its secure_aggregation.threshold, or 2)",
+                            s.name
+                        ),
+                    );
+                }
+            }
             // A SimSkip stage refines the table an earlier FedE stage produced: same width.
             match (s.kind(), table_dim) {
                 (StageKind::FedE, _) => table_dim = Some(s.params.dim()),
@@ -378,9 +437,7 @@ impl ServerConfig {
                     eval_every: s.eval_every,
                     params: s.params.clone(),
                     privacy: s.privacy.clone(),
-                    // Secure aggregation is not part of this configuration yet: the
-                    // coordinator sees each upload, so each carries the whole noise.
-                    secure_aggregation: SecureAggregation::Off,
+                    secure: s.secure_aggregation,
                 })
                 .collect(),
         }
@@ -494,6 +551,7 @@ mod tests {
             params: StageParams::defaults(StageKind::FedAvg, 7),
             aggregation: Robustness::default(),
             privacy: None,
+            secure_aggregation: None,
         });
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("server.stages[1].dim = 7"), "{e}");

@@ -14,7 +14,7 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageSpec
         eval_every,
         params: StageParams::defaults(kind, 4),
         privacy: None,
-        secure_aggregation: SecureAggregation::Off,
+        secure: None,
     }
 }
 
@@ -93,6 +93,7 @@ fn report(task: &Task, session: &str, value: f32, n: u64) -> Report {
             vec![]
         },
         error: None,
+        secagg: None,
     }
 }
 
