@@ -74,10 +74,11 @@ fn play_step(r: &mut Rounds, orgs: &mut [Org], now: &mut Duration) -> Vec<Event>
         let Poll::Task(task) = r.task_for(&org.session, *now).unwrap() else {
             continue;
         };
-        let step = task
-            .secagg
-            .clone()
-            .expect("a secure round's task names its step");
+        // Once the secure round has closed (for instance failed early), later tasks are the
+        // stage's EVALUATE or FINISH: not part of the protocol played here.
+        let Some(step) = task.secagg.clone() else {
+            continue;
+        };
         let (reply, examples, metrics) = match &step {
             SecAggTask::Begin { .. } => {
                 let global = task.payload.to_arrays().unwrap();
