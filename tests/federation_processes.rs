@@ -234,7 +234,7 @@ fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     // restarted: it registers again, builds its stage-1 table from the FedE rows it kept at
     // its last task, and refines it with the others.
     let fede_finished = |r: &RoundRecord| r.stage == "fede" && r.kind == TaskKind::FinishStage;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(600);
     while !records().iter().any(fede_finished) {
         assert!(
             Instant::now() < deadline,

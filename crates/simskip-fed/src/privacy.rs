@@ -298,8 +298,8 @@ mod tests {
             assert!(before > bound);
             assert!((norm(&v) - bound).abs() < 1e-5 * bound, "{}", norm(&v));
         }
-        let mut small = vec![0.1f32, -0.2, 0.05];
-        let copy = small.clone();
+        let mut small = [0.1f32, -0.2, 0.05];
+        let copy = small;
         clip_to_norm(&mut small, 1.0);
         assert_eq!(small, copy);
     }
@@ -308,8 +308,8 @@ mod tests {
     fn a_noiseless_privatised_update_is_the_clipped_update_on_the_global_model() {
         // A tiny noise multiplier leaves (almost) only the clipping to see.
         let d = dp(1e-9, 0.5);
-        let g1 = vec![1.0f32; 6];
-        let g2 = vec![-2.0f32; 4];
+        let g1 = [1.0f32; 6];
+        let g2 = [-2.0f32; 4];
         let mut l1: Vec<f32> = (0..6).map(|i| 1.0 + i as f32).collect();
         let mut l2: Vec<f32> = (0..4).map(|i| -2.0 - i as f32).collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -323,7 +323,7 @@ mod tests {
             .collect();
         assert!((norm(&delta) - 0.5).abs() < 1e-5, "{}", norm(&delta));
         // Rows are clipped one by one.
-        let global = vec![0f32; 3 * 4];
+        let global = [0f32; 3 * 4];
         let mut rows: Vec<f32> = (0..12).map(|i| i as f32).collect();
         // The first row's update is within the bound: it is left as it is.
         rows[..4].copy_from_slice(&[0.1, 0.0, 0.0, 0.0]);
