@@ -11,6 +11,7 @@
 //!
 //! cargo run --release -p simskip --example federation_figures -- [--json PATH]
 //!     [--dataset DIR] [--large DIR] [--epochs N] [--rounds N] [--patience N] [--reps N]
+//!     [--figures 1,2,3] [--overhead-clients 3,10,50]
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -51,6 +52,10 @@ struct Args {
     /// Repetitions of the overhead measurement.
     reps: usize,
     clients: usize,
+    /// Which figures to measure.
+    figures: Vec<u32>,
+    /// Federation sizes of figure 2.
+    overhead_clients: Vec<usize>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -64,6 +69,8 @@ fn parse_args() -> Result<Args> {
         patience: 10,
         reps: 25,
         clients: 3,
+        figures: vec![1, 2, 3],
+        overhead_clients: vec![3, 10, 50],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +85,20 @@ fn parse_args() -> Result<Args> {
             "--patience" => a.patience = value()?.parse()?,
             "--reps" => a.reps = value()?.parse()?,
             "--clients" => a.clients = value()?.parse()?,
+            "--figures" => {
+                a.figures = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse())
+                    .collect::<Result<_, _>>()
+                    .context("--figures: comma-separated figure numbers")?
+            }
+            "--overhead-clients" => {
+                a.overhead_clients = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse())
+                    .collect::<Result<_, _>>()
+                    .context("--overhead-clients: comma-separated client counts")?
+            }
             other => bail!(
                 "unknown argument {other:?} (see the header of examples/federation_figures.rs)"
             ),
@@ -164,9 +185,15 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut out = serde_json::Map::new();
 
-    out.insert("figure_1_fede_vs_baselines".into(), figure_1(&args)?);
-    out.insert("figure_2_coordinator_overhead".into(), figure_2(&args)?);
-    out.insert("figure_3_fede_bytes".into(), figure_3(&args)?);
+    if args.figures.contains(&1) {
+        out.insert("figure_1_fede_vs_baselines".into(), figure_1(&args)?);
+    }
+    if args.figures.contains(&2) {
+        out.insert("figure_2_coordinator_overhead".into(), figure_2(&args)?);
+    }
+    if args.figures.contains(&3) {
+        out.insert("figure_3_fede_bytes".into(), figure_3(&args)?);
+    }
 
     let total = started.elapsed().as_secs_f64();
     println!("\ntotal wall time: {total:.1} s");
@@ -476,7 +503,7 @@ fn figure_2(args: &Args) -> Result<Value> {
         chunks.len()
     );
     let mut rows = Vec::new();
-    for clients in [3usize, 10] {
+    for &clients in &args.overhead_clients {
         let mut rng = StdRng::seed_from_u64(SEED + clients as u64);
         let infos: Vec<ClientInfo> = (0..clients)
             .map(|k| ClientInfo {

@@ -305,6 +305,7 @@ fn federated_simskip(
         name: "simskip".into(),
         rounds: stages.simskip_rounds,
         params: StageParams::SimSkip(params.clone()),
+        privacy: None,
     };
     let tmp = tempfile::tempdir()?;
     let settings = WorkSettings {

@@ -1,28 +1,24 @@
 //! A coordinator that survives crashes, as real processes on loopback: one `simskip server`,
 //! three `simskip client`s over mutual TLS on the bundled WordNet-5k. The coordinator is
 //! killed (SIGKILL) at three moments and restarted on the same address (and one organisation
-//! killed and restarted between the first two), then stopped once by
-//! SIGTERM (everyone exits 0) and restarted with its clients: the run completes, every round
-//! is in metrics.jsonl exactly once, and no committed round is lost or computed again. The
-//! operator commands read the database afterwards. Prints the durability figures.
+//! killed and restarted between the first two), then stopped once by SIGTERM (everyone exits
+//! 0) and restarted with its clients; then one organisation is killed in the SimSkip stage and
+//! restarted: the run completes, every round is in metrics.jsonl exactly once, no committed
+//! round is lost or computed again, and the organisation killed in the SimSkip stage did no
+//! FedE work again. The operator commands read the database afterwards. Prints the
+//! durability figures.
+
+mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use simskip::node::ServerFile;
-use simskip::simulate::SimulateFile;
+use common::{Federation, Proc};
 use simskip_fed::coordinator::store::Store;
 use simskip_fed::rounds::RoundRecord;
 use simskip_fed::TaskKind;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
 
 /// The `simskip` program run as the daemons: this build's, or `$CRASH_TEST_PROGRAM` (a
 /// copy of it, where a shared target folder may be rebuilt by another checkout meanwhile).
@@ -32,200 +28,37 @@ fn program() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_simskip")))
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `simskip server|client --config FILE`, output to `log` (appended: restarts share it).
-fn spawn(role: &str, config: &Path, log: &Path) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Proc(
-        Command::new(program())
-            .arg(role)
-            .arg("--config")
-            .arg(config)
-            .env("CANDLE_NUM_THREADS", "1")
-            .env("RAYON_NUM_THREADS", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
-}
-
-/// Waits for `p` to exit 0.
-fn wait_ok(p: &mut Proc, deadline: Instant, what: &str, log: &Path) {
-    loop {
-        if let Some(status) = p.0.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "{what} exited with {status}; {}:\n{}",
-                log.display(),
-                tail(log)
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not finish in time:\n{}",
-            tail(log)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The run's committed rounds, as the database holds them (empty before it exists).
-fn committed(coordinator: &Path) -> Vec<RoundRecord> {
-    let Ok(store) = Store::open_existing(coordinator) else {
-        return Vec::new();
-    };
-    let runs = store.runs().unwrap();
-    let Some(run) = runs.first() else {
-        return Vec::new();
-    };
-    store
-        .rounds(&run.run_id)
-        .unwrap()
-        .into_iter()
-        .map(|r| r.record)
-        .collect()
-}
-
-fn wait_for_rounds(coordinator: &Path, n: usize, deadline: Instant, server_log: &Path) {
-    while committed(coordinator).len() < n {
-        assert!(
-            Instant::now() < deadline,
-            "{n} rounds not committed in time:\n{}",
-            tail(server_log)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn sigterm(p: &Proc) {
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(p.0.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[test]
 fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path();
     // The quick run of tests/federation_processes.rs.
-    let mut settings = SimulateFile::default();
-    {
-        let stages = &mut settings.server.server.stages;
-        stages[0].rounds = 6;
-        stages[0].eval_every = 3;
-        stages[1].rounds = 3;
-        stages[1].eval_every = 3;
-    }
-    settings.client.eval.probe.epochs = 30;
-    let ds = simskip_data::KgDataset::load(&workspace().join("data/wordnet-5k")).unwrap();
-    let parts = simskip_data::partition::partition(
-        &ds,
-        &simskip_data::partition::PartitionConfig::new(3, Default::default(), 0),
-    )
-    .unwrap();
-    let dirs = simskip_data::partition::write_partitions(&parts, &out.join("private")).unwrap();
-    let names: Vec<String> = (0..3).map(|k| format!("org-{k}")).collect();
-    let tls = out.join("tls");
-    simskip_fed::tls::provision(
-        &tls,
-        &simskip_fed::tls::ProvisionSpec {
-            federation: "test".into(),
-            coordinator_hosts: vec!["127.0.0.1".into()],
-            organisations: names.clone(),
-            validity_days: 2,
-            overwrite_ca: false,
-        },
-    )
-    .unwrap();
-    let coordinator = out.join("coordinator");
-    let address_file = out.join("coordinator.address");
-    let mut server: ServerFile = settings.server.clone();
-    server.server.listen = "127.0.0.1:0".into();
-    server.server.address_file = Some(address_file.clone());
-    server.server.out_dir = coordinator.clone();
-    server.server.min_clients = 3;
-    server.server.min_fit_clients = 2;
-    server.server.auth = simskip_fed::ServerAuth::Mtls {
-        tls_dir: tls.join("coordinator"),
-        organisations: names.clone(),
-    };
-    server.server.round_timeout_secs = 60.0;
-    server.server.heartbeat_interval_secs = 1.0;
-    server.server.heartbeat_timeout_secs = 8.0;
-    server.server.stop_grace_secs = 4.0;
-    let server_toml = out.join("server.toml");
-    std::fs::write(&server_toml, toml::to_string(&server).unwrap()).unwrap();
-    let server_log = out.join("server.log");
+    let mut fed = Federation::prepare(out, &common::quick_settings());
+    fed.server.server.round_timeout_secs = 60.0;
+    fed.server.server.heartbeat_interval_secs = 1.0;
+    fed.server.server.heartbeat_timeout_secs = 8.0;
+    fed.server.server.stop_grace_secs = 4.0;
+    fed.write_server();
+    let (coordinator, server_log) = (fed.coordinator.clone(), fed.server_log.clone());
     let started = Instant::now();
     let deadline = started + Duration::from_secs(1500);
-    let mut server_proc = spawn("server", &server_toml, &server_log);
-    let address = loop {
-        match std::fs::read_to_string(&address_file) {
-            Ok(a) if !a.is_empty() => break a,
-            _ => {
-                assert!(
-                    server_proc.0.try_wait().unwrap().is_none()
-                        && started.elapsed() < Duration::from_secs(60),
-                    "the coordinator did not start listening:\n{}",
-                    tail(&server_log)
-                );
-                std::thread::sleep(Duration::from_millis(50));
+    let (mut server_proc, _) = fed.start_server(&program(), &["server"]);
+    let spawn_server = || common::spawn(&program(), &["server"], &fed.server_toml, &server_log);
+    let spawn_client = |k: usize| fed.start_client(&program(), &["client"], k);
+    let start_clients = || -> Vec<Proc> { (0..common::ORGS).map(spawn_client).collect() };
+    let mut clients = start_clients();
+
+    // The rounds of a run without crashes, in order.
+    let mut expected = vec![];
+    for (stage, rounds, every) in [("fede", 6u32, 3u32), ("simskip", 3, 3)] {
+        for r in 1..=rounds {
+            expected.push((stage.to_string(), r, TaskKind::Fit));
+            if r % every == 0 || r == rounds {
+                expected.push((stage.to_string(), r, TaskKind::Evaluate));
             }
         }
-    };
-    // Restarts listen on the address the first start picked, where the clients look for it.
-    server.server.listen = address.clone();
-    std::fs::write(&server_toml, toml::to_string(&server).unwrap()).unwrap();
-
-    let mut configs = vec![];
-    for (k, dir) in dirs.iter().enumerate() {
-        let mut c = settings.client.clone();
-        c.client.server = format!("https://{address}");
-        c.client.name = String::new();
-        c.client.auth = simskip_fed::ClientAuth::Mtls {
-            tls_dir: tls.join(&names[k]),
-            server_name: None,
-        };
-        c.data.dir = dir.clone();
-        c.data.out_dir = out.join(format!("org-{k}-output"));
-        let path = out.join(format!("client-{k}.toml"));
-        std::fs::write(&path, toml::to_string(&c).unwrap()).unwrap();
-        configs.push(path);
+        expected.push((stage.to_string(), rounds, TaskKind::FinishStage));
     }
-    let client_logs: Vec<PathBuf> = (0..3)
-        .map(|k| out.join(format!("client-{k}.log")))
-        .collect();
-    let start_clients = || -> Vec<Proc> {
-        configs
-            .iter()
-            .zip(&client_logs)
-            .map(|(c, log)| spawn("client", c, log))
-            .collect()
-    };
-    let mut clients = start_clients();
 
     // Three kills in FedE: right after a commit (round 2), mid-round (0.2 s after round 5),
     // and during the stage's FINISH (right after round 8, its last evaluation).
@@ -234,12 +67,12 @@ fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
     let mut lost = Vec::new();
     let mut extra_secs = Vec::new();
     for (n, delay_ms) in [(2usize, 0u64), (5, 200), (8, 0)] {
-        wait_for_rounds(&coordinator, n, deadline, &server_log);
+        common::wait_for_rounds(&coordinator, n, deadline, &server_log);
         std::thread::sleep(Duration::from_millis(delay_ms));
         let killed_at = Instant::now();
         drop(server_proc); // SIGKILL
-        let before = committed(&coordinator).len();
-        server_proc = spawn("server", &server_toml, &server_log);
+        let before = common::committed(&coordinator).len();
+        server_proc = spawn_server();
         // The restarted coordinator records where it resumed from.
         let store_resumes = loop {
             let r = Store::open_existing(&coordinator).ok().and_then(|s| {
@@ -252,7 +85,7 @@ fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
                     assert!(
                         server_proc.0.try_wait().unwrap().is_none(),
                         "the restarted coordinator exited:\n{}",
-                        tail(&server_log)
+                        common::tail(&server_log)
                     );
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -266,51 +99,76 @@ fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
             "the restart continues after every committed round"
         );
         // The work lost: until the next round is committed again.
-        wait_for_rounds(&coordinator, before + 1, deadline, &server_log);
+        common::wait_for_rounds(&coordinator, before + 1, deadline, &server_log);
         extra_secs.push(killed_at.elapsed().as_secs_f64());
         crashes.push(before);
         if n == 2 {
             // And one organisation killed (SIGKILL) at another moment of FedE and restarted at
             // once: it registers again and carries on from the coordinator's current round.
             drop(clients.remove(1));
-            clients.insert(1, spawn("client", &configs[1], &client_logs[1]));
-            wait_for_rounds(&coordinator, before + 2, deadline, &server_log);
+            clients.insert(1, spawn_client(1));
+            common::wait_for_rounds(&coordinator, before + 2, deadline, &server_log);
         }
     }
 
     // A requested stop in the SimSkip stage: the coordinator tells the clients, everyone
     // exits 0.
-    wait_for_rounds(&coordinator, 10, deadline, &server_log);
-    let before_stop = committed(&coordinator).len();
-    sigterm(&server_proc);
+    common::wait_for_rounds(&coordinator, 10, deadline, &server_log);
+    let before_stop = common::committed(&coordinator).len();
+    server_proc.sigterm();
     let stop_deadline = Instant::now() + Duration::from_secs(30);
-    wait_ok(
-        &mut server_proc,
-        stop_deadline,
-        "stopped coordinator",
-        &server_log,
-    );
+    server_proc.wait_ok(stop_deadline, "stopped coordinator", &server_log);
     for (k, c) in clients.iter_mut().enumerate() {
-        wait_ok(
-            c,
+        c.wait_ok(
             stop_deadline,
             &format!("stopped client {k}"),
-            &client_logs[k],
+            &fed.client_logs[k],
         );
     }
-    let stored = committed(&coordinator);
+    let stored = common::committed(&coordinator);
     assert!(stored.len() >= before_stop);
     assert!(
         stored.len() < 14,
         "the run was not over when it was stopped"
     );
-    // Restarted, coordinator and clients finish the run.
-    let mut server_proc = spawn("server", &server_toml, &server_log);
+    // Restarted, coordinator and clients carry on.
+    let mut server_proc = spawn_server();
     let mut clients = start_clients();
+    // One organisation killed (SIGKILL) in the SimSkip stage, once a round of the resumed
+    // run is committed, and restarted at once: it must carry on with its stage-1 table and
+    // the last global model it kept, without any FedE work.
+    // Killed once SimSkip's FIT round 2 is committed, so that the round it interrupts is a
+    // FIT round (it is back before the evaluation after it).
+    let fit2 = 1 + expected
+        .iter()
+        .position(|k| *k == ("simskip".to_string(), 2, TaskKind::Fit))
+        .unwrap();
+    common::wait_for_rounds(&coordinator, fit2, deadline, &server_log);
+    assert_eq!(common::committed(&coordinator).len(), fit2);
+    let org0 = fed.org_output(0);
+    let kept_files = [
+        "fede/entities.npy",
+        "stage2-input.json",
+        "state/fede.safetensors",
+    ];
+    let read_kept = || -> Vec<Vec<u8>> {
+        kept_files
+            .iter()
+            .map(|f| std::fs::read(org0.join(f)).unwrap())
+            .collect()
+    };
+    let kept_before = read_kept();
+    assert!(
+        org0.join("state/simskip-global.safetensors").is_file(),
+        "org-0 kept the last global SimSkip model it received"
+    );
+    drop(clients.remove(0));
+    let org_killed_at = common::committed(&coordinator).len();
+    clients.insert(0, spawn_client(0));
     for (k, c) in clients.iter_mut().enumerate() {
-        wait_ok(c, deadline, &format!("client {k}"), &client_logs[k]);
+        c.wait_ok(deadline, &format!("client {k}"), &fed.client_logs[k]);
     }
-    wait_ok(&mut server_proc, deadline, "coordinator", &server_log);
+    server_proc.wait_ok(deadline, "coordinator", &server_log);
     let wall = started.elapsed().as_secs_f64();
 
     // Every round exactly once, in the order of a run without crashes.
@@ -323,16 +181,6 @@ fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
         .iter()
         .map(|r| (r.stage.clone(), r.round, r.kind))
         .collect();
-    let mut expected = vec![];
-    for (stage, rounds, every) in [("fede", 6u32, 3u32), ("simskip", 3, 3)] {
-        for r in 1..=rounds {
-            expected.push((stage.to_string(), r, TaskKind::Fit));
-            if r % every == 0 || r == rounds {
-                expected.push((stage.to_string(), r, TaskKind::Evaluate));
-            }
-        }
-        expected.push((stage.to_string(), rounds, TaskKind::FinishStage));
-    }
     assert_eq!(keys, expected, "every round once, in order");
     // The clients restarted in stage 2 took their stage-1 tables back from their folders and
     // evaluated with the others.
@@ -353,7 +201,7 @@ fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
     );
     // No committed round computed again: the records committed before each crash are those
     // of the finished run (same answers, same times).
-    let db = committed(&coordinator);
+    let db = common::committed(&coordinator);
     assert_eq!(db.len(), expected.len());
     assert!(crashes.iter().all(|&c| c <= db.len()));
     // The run's clock went on across restarts.
@@ -364,11 +212,26 @@ fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
     let run = store.runs().unwrap()[0].clone();
     assert!(run.finished);
     assert_eq!(store.resumes(&run.run_id).unwrap().len(), 4);
+    // The organisation killed in the SimSkip stage did no FedE work after its restart (its
+    // stage-1 table and FedE state are byte for byte those from before), and answered the
+    // rest of the SimSkip stage.
+    assert_eq!(read_kept(), kept_before, "org-0's FedE files are untouched");
+    let after_kill = &records[org_killed_at..];
+    assert!(after_kill.iter().all(|r| r.stage == "simskip"));
+    for kind in [TaskKind::Evaluate, TaskKind::FinishStage] {
+        assert!(
+            after_kill
+                .iter()
+                .any(|r| r.kind == kind && r.clients.contains_key("org-0")),
+            "org-0 answered the SimSkip {kind:?} after its restart: {after_kill:?}"
+        );
+    }
+    assert!(org0.join("simskip/entities.npy").is_file());
 
     // Operator commands.
     let listing = Command::new(program())
         .args(["server", "runs", "--config"])
-        .arg(&server_toml)
+        .arg(&fed.server_toml)
         .output()
         .unwrap();
     assert!(listing.status.success());
@@ -379,7 +242,7 @@ fn coordinator_killed_three_times_and_stopped_once_completes_the_run() {
     let exported = out.join("fede-r6.safetensors");
     let status = Command::new(program())
         .args(["server", "export", "--config"])
-        .arg(&server_toml)
+        .arg(&fed.server_toml)
         .args([
             "--run",
             &run.run_id,

@@ -1,23 +1,19 @@
 //! The federation as real processes on loopback: one `simskip-server`, three
 //! `simskip-client`s, the bundled WordNet-5k graph split FedE-style. Checks the metrics files,
 //! every organisation's outputs and the figures; and that a client killed mid-round neither
-//! stalls the run past the round timeout nor stays out once restarted.
+//! stalls the run past the round timeout nor stays out once restarted, even when it was away
+//! for the end of the FedE stage.
+
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use simskip::node::{RunFigures, ServerFile};
+use common::{Federation, Proc};
+use simskip::node::RunFigures;
 use simskip::simulate::{simulate, NodeProgram, SimulateFile};
 use simskip_fed::rounds::RoundRecord;
 use simskip_fed::TaskKind;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
 
 /// The `simskip` binary of this build, whose `server` and `client` subcommands are the daemons.
 fn simskip_program() -> NodeProgram {
@@ -28,16 +24,9 @@ fn simskip_program() -> NodeProgram {
 
 /// A short run on the bundled WordNet-5k: few rounds, small evaluation budget.
 fn quick_settings(out: &Path) -> SimulateFile {
-    let mut file = SimulateFile::default();
+    let mut file = common::quick_settings();
     file.simulate.out_dir = out.to_path_buf();
     file.simulate.timeout_secs = 600;
-    let stages = &mut file.server.server.stages;
-    stages[0].rounds = 6;
-    stages[0].eval_every = 3;
-    stages[1].rounds = 3;
-    stages[1].eval_every = 3;
-    file.server.server.round_timeout_secs = 60.0;
-    file.client.eval.probe.epochs = 30;
     file
 }
 
@@ -192,212 +181,98 @@ fn three_clients_run_both_stages_over_loopback() {
     );
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Start one of the two daemon commands (`simskip-server`, `simskip-client`).
-fn spawn(bin: &str, config: &Path, log: &Path) -> Proc {
-    let log = std::fs::File::create(log).unwrap();
-    let program = match bin {
-        "simskip-server" => env!("CARGO_BIN_EXE_simskip-server"),
-        "simskip-client" => env!("CARGO_BIN_EXE_simskip-client"),
-        other => panic!("no command {other}"),
-    };
-    Proc(
-        Command::new(program)
-            .arg("--config")
-            .arg(config)
-            .env("CANDLE_NUM_THREADS", "1")
-            .env("RAYON_NUM_THREADS", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// Wait for `p` to exit successfully; on failure, show the tail of its `log`.
-fn wait(p: &mut Proc, deadline: Instant, what: &str, log: &Path) {
-    loop {
-        if let Some(status) = p.0.try_wait().unwrap() {
-            if !status.success() {
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                panic!(
-                    "{what} exited with {status}; {}:\n{}",
-                    log.display(),
-                    tail.join("\n")
-                );
-            }
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} did not finish in time");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn killed_client_does_not_stall_the_run_and_rejoins_when_restarted() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path();
-    let settings = quick_settings(out);
-    // Write the configs with the simulation's own layout, but drive the processes by hand.
-    let ds = simskip_data::KgDataset::load(&workspace().join("data/wordnet-5k")).unwrap();
-    let parts = simskip_data::partition::partition(
-        &ds,
-        &simskip_data::partition::PartitionConfig::new(3, Default::default(), 0),
-    )
-    .unwrap();
-    let dirs = simskip_data::partition::write_partitions(&parts, &out.join("private")).unwrap();
-    // Mutual TLS, as every deployment runs: the federation's certificates first.
-    let names: Vec<String> = (0..3).map(|k| format!("org-{k}")).collect();
-    let tls = out.join("tls");
-    simskip_fed::tls::provision(
-        &tls,
-        &simskip_fed::tls::ProvisionSpec {
-            federation: "test".into(),
-            coordinator_hosts: vec!["127.0.0.1".into()],
-            organisations: names.clone(),
-            validity_days: 2,
-            overwrite_ca: false,
-        },
-    )
-    .unwrap();
-    // The coordinator binds a free port itself and says which.
-    let address_file = out.join("coordinator.address");
-    let mut server: ServerFile = settings.server.clone();
-    server.server.listen = "127.0.0.1:0".into();
-    server.server.address_file = Some(address_file.clone());
-    server.server.out_dir = out.join("coordinator");
-    server.server.min_clients = 3;
-    server.server.min_fit_clients = 2;
-    server.server.auth = simskip_fed::ServerAuth::Mtls {
-        tls_dir: tls.join("coordinator"),
-        organisations: names.clone(),
-    };
+    let mut fed = Federation::prepare(out, &common::quick_settings());
     // Short enough to see a dead client dropped within the test, long enough that a busy
     // 2-core machine does not drop live ones.
-    server.server.round_timeout_secs = 12.0;
-    server.server.heartbeat_interval_secs = 1.0;
-    server.server.heartbeat_timeout_secs = 6.0;
-    server.server.stages[0].rounds = 8;
-    std::fs::write(out.join("server.toml"), toml::to_string(&server).unwrap()).unwrap();
+    fed.server.server.round_timeout_secs = 12.0;
+    fed.server.server.heartbeat_interval_secs = 1.0;
+    fed.server.server.heartbeat_timeout_secs = 6.0;
+    fed.server.server.stages[0].rounds = 8;
+    fed.write_server();
+    let server_bin = Path::new(env!("CARGO_BIN_EXE_simskip-server"));
+    let client_bin = Path::new(env!("CARGO_BIN_EXE_simskip-client"));
     let started = Instant::now();
-    let mut server_proc = spawn(
-        "simskip-server",
-        &out.join("server.toml"),
-        &out.join("server.log"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let address = loop {
-        match std::fs::read_to_string(&address_file) {
-            Ok(a) if !a.is_empty() => break a,
-            _ => {
-                assert!(
-                    server_proc.0.try_wait().unwrap().is_none() && Instant::now() < deadline,
-                    "the coordinator did not start listening:\n{}",
-                    std::fs::read_to_string(out.join("server.log")).unwrap_or_default()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    let mut configs = vec![];
-    for (k, dir) in dirs.iter().enumerate() {
-        let mut c = settings.client.clone();
-        c.client.server = format!("https://{address}");
-        // The name comes from the certificate.
-        c.client.name = String::new();
-        c.client.auth = simskip_fed::ClientAuth::Mtls {
-            tls_dir: tls.join(&names[k]),
-            server_name: None,
-        };
-        c.data.dir = dir.clone();
-        c.data.out_dir = out.join(format!("org-{k}-output"));
-        let path = out.join(format!("client-{k}.toml"));
-        std::fs::write(&path, toml::to_string(&c).unwrap()).unwrap();
-        configs.push(path);
-    }
-
-    let mut clients: Vec<Proc> = configs
-        .iter()
-        .enumerate()
-        .map(|(k, c)| spawn("simskip-client", c, &out.join(format!("client-{k}.log"))))
+    let (mut server_proc, _) = fed.start_server(server_bin, &[]);
+    let mut clients: Vec<Proc> = (0..common::ORGS)
+        .map(|k| fed.start_client(client_bin, &[], k))
         .collect();
 
     // Kill org-2 once the run is under way (two FedE rounds recorded).
-    let metrics = out.join("coordinator/metrics.jsonl");
-    let rounds_done = || {
+    let metrics = fed.coordinator.join("metrics.jsonl");
+    let records = || -> Vec<RoundRecord> {
         std::fs::read_to_string(&metrics)
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(300);
-    while rounds_done() < 2 {
+    while records().len() < 2 {
         assert!(Instant::now() < deadline, "the run did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
     let victim = clients.pop().unwrap();
     drop(victim); // SIGKILL mid-run
-    let killed_at = rounds_done();
+    let killed_at = records().len();
 
     // The others go on: within a round timeout (plus heartbeat detection) rounds are closing again.
     let resume_deadline = Instant::now() + Duration::from_secs(12 + 6 + 30);
-    while rounds_done() < killed_at + 2 {
+    while records().len() < killed_at + 2 {
         assert!(
             Instant::now() < resume_deadline,
             "the run stalled after a client died:\n{}",
-            std::fs::read_to_string(out.join("server.log")).unwrap()
+            common::tail(&fed.server_log)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // Restart it: it registers again, receives the current global model and finishes with the others.
-    clients.push(spawn(
-        "simskip-client",
-        &configs[2],
-        &out.join("client-2-restarted.log"),
-    ));
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let logs = ["client-0.log", "client-1.log", "client-2-restarted.log"];
-    for (k, c) in clients.iter_mut().enumerate() {
-        wait(c, deadline, &format!("client {k}"), &out.join(logs[k]));
+    // It stays away until the FedE stage is over (its FINISH closed without it), then is
+    // restarted: it registers again, builds its stage-1 table from the FedE rows it kept at
+    // its last task, and refines it with the others.
+    let fede_finished = |r: &RoundRecord| r.stage == "fede" && r.kind == TaskKind::FinishStage;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !records().iter().any(fede_finished) {
+        assert!(
+            Instant::now() < deadline,
+            "the FedE stage did not finish:\n{}",
+            common::tail(&fed.server_log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
-    wait(
-        &mut server_proc,
-        deadline,
-        "server",
-        &out.join("server.log"),
-    );
-    // The round history shows org-2 missing after the kill and answering again after its
-    // restart.
-    let records: Vec<RoundRecord> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    clients.push(fed.start_client(client_bin, &[], 2));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for (k, c) in clients.iter_mut().enumerate() {
+        c.wait_ok(deadline, &format!("client {k}"), &fed.client_logs[k]);
+    }
+    server_proc.wait_ok(deadline, "server", &fed.server_log);
+    // The round history shows org-2 missing after the kill, absent from the FedE stage's
+    // end, and answering again in the SimSkip stage after its restart.
+    let records = records();
     let missed = records
         .iter()
         .position(|r| !r.clients.contains_key("org-2"))
         .expect("org-2 missed a round after it was killed");
+    let finish = records.iter().position(fede_finished).unwrap();
+    assert!(!records[finish].clients.contains_key("org-2"));
+    assert!(missed < finish);
     assert!(
-        records[missed..]
+        records[finish..]
             .iter()
-            .any(|r| r.kind == TaskKind::Fit && r.clients.contains_key("org-2")),
-        "org-2 trained again after its restart"
+            .any(|r| r.stage == "simskip" && r.clients.contains_key("org-2")),
+        "org-2 took part in the SimSkip stage after its restart"
     );
-    assert!(
-        out.join("org-2-output/simskip/entities.npy").is_file(),
+    let org2 = fed.org_output(2);
+    let stage1 = simskip_data::Embeddings::read(&org2.join("fede/entities.npy")).unwrap();
+    let refined = simskip_data::Embeddings::read(&org2.join("simskip/entities.npy")).unwrap();
+    assert_eq!(
+        stage1.names, refined.names,
         "the restarted client finished the run"
     );
-    let figures = RunFigures::read(&out.join("coordinator")).unwrap();
+    let figures = RunFigures::read(&fed.coordinator).unwrap();
     assert!(
         figures.stages["simskip"].clients.contains_key("org-2"),
         "restarted client evaluated in stage 2"

@@ -52,6 +52,8 @@ async fn main() -> anyhow::Result<()> {
             eval_every: 0,
             params: StageParams::defaults(StageKind::FedAvg, 4),
             aggregation: Default::default(),
+            privacy: None,
+            secure_aggregation: None,
         }],
         ..ServerConfig::default()
     };

@@ -43,6 +43,9 @@ pub enum AggregateError {
     /// A checkpoint that does not fit the strategy it should restore.
     #[error("checkpoint does not fit the strategy: {0}")]
     Checkpoint(String),
+    /// Secure aggregation could not unmask the round's sum, or the stage cannot take one.
+    #[error("secure aggregation: {0}")]
+    Secure(String),
 }
 
 /// Checks that FedAvg inputs exist and all hold the same array names with the same shapes.

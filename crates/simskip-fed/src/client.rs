@@ -22,6 +22,7 @@ use crate::error::{FedError, WorkError};
 use crate::params::StageParams;
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::{self, register_request, result_chunk, task_chunk};
+use crate::secagg::{self, ClientRound, SecAggReply, SecAggTask};
 use crate::telemetry::{ClientMetrics, MetricsServer};
 use crate::types::{Payload, StageInfo, TaskKind, ENTITIES};
 use crate::wire::{self, PolledHeader, TaskHeader};
@@ -52,6 +53,13 @@ pub trait ClientWork: Send + 'static {
     fn entity_keys(&self) -> Vec<String>;
     /// Local training examples (the FedAvg weight).
     fn num_examples(&self) -> u64;
+    /// The whole FedE table (`[n_keys, d]`, row-major, in the order of
+    /// [`ClientWork::entity_keys`]) this client kept for `stage` before a restart of its
+    /// process, if any: the rows a stage's row selection leaves at home start from it rather
+    /// than from the stage's initial draw.
+    fn kept_rows(&self, _stage: &StageInfo) -> Option<Vec<f32>> {
+        None
+    }
     fn fit(
         &mut self,
         stage: &StageInfo,
@@ -587,6 +595,65 @@ struct Answer {
     metrics: BTreeMap<String, f64>,
     arrays: Vec<NamedArray>,
     error: Option<String>,
+    /// Secure aggregation: the answer to the task's protocol step.
+    secagg: Option<SecAggReply>,
+}
+
+/// After training in a secure round: the update stays here, and the answer carries the
+/// training's examples and metrics with the organisation's fresh public keys instead.
+fn secure_begin(
+    secure: &mut SecureState,
+    task: &TaskHeader,
+    begin: &SecAggTask,
+    layout: &[(String, Vec<usize>)],
+    answer: Answer,
+) -> Answer {
+    *secure = None;
+    if answer.error.is_some() {
+        return answer;
+    }
+    let context = secagg::context(&task.run_id, task.stage.index, task.round);
+    match ClientRound::begin(begin, &context, layout, &answer.arrays, answer.num_examples) {
+        Ok((state, keys)) => {
+            *secure = Some(((task.stage.index, task.round), state));
+            Answer {
+                arrays: Vec::new(),
+                secagg: Some(keys),
+                ..answer
+            }
+        }
+        Err(e) => Answer {
+            num_examples: 0,
+            metrics: BTreeMap::new(),
+            arrays: Vec::new(),
+            error: Some(format!("secure aggregation: {e}")),
+            secagg: None,
+        },
+    }
+}
+
+/// This organisation's part in the secure FIT round under way: (stage, round) and state.
+type SecureState = Option<((usize, u32), ClientRound)>;
+
+/// Answers a secure-aggregation step after the first (no local work: protocol only).
+fn secure_step(secure: &mut SecureState, task: &TaskHeader, step: &SecAggTask) -> Answer {
+    let reply = match secure {
+        Some((at, round)) if *at == (task.stage.index, task.round) => {
+            round.step(step).map_err(|e| e.to_string())
+        }
+        _ => Err("no secure aggregation of this round under way here".to_string()),
+    };
+    let (secagg, error) = match reply {
+        Ok(r) => (Some(r), None),
+        Err(e) => (None, Some(format!("secure aggregation: {e}"))),
+    };
+    Answer {
+        num_examples: 0,
+        metrics: BTreeMap::new(),
+        arrays: Vec::new(),
+        error,
+        secagg,
+    }
 }
 
 async fn run_session<W: ClientWork>(
@@ -624,6 +691,7 @@ async fn session_loop<W: ClientWork>(
     home: &mut HomeRows,
 ) -> Result<ClientEnd, SessionEnd> {
     let mut round = 0u32;
+    let mut secure: SecureState = None;
     loop {
         let (task, arrays) = match poll(cfg, s, round, metrics).await? {
             Polled::Wait => continue,
@@ -640,9 +708,34 @@ async fn session_loop<W: ClientWork>(
         };
         round = task.round;
         tracing::debug!(client = %cfg.name, stage = %task.stage.name, round, kind = task.kind.as_str(), "task");
+        if let Some(step) = task
+            .secagg
+            .as_ref()
+            .filter(|s| !matches!(s, SecAggTask::Begin { .. }))
+        {
+            let answer = secure_step(&mut secure, &task, step);
+            if answer.error.is_some() || matches!(step, SecAggTask::Unmask(_)) {
+                secure = None;
+            }
+            push(cfg, s, &task, answer, metrics).await?;
+            continue;
+        }
+        // A secure round starts: the update will be masked against the global model's layout.
+        let layout: Vec<(String, Vec<usize>)> = match task.secagg {
+            Some(_) => arrays
+                .iter()
+                .map(|a| (a.name.clone(), a.shape.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
+        // With DP, the update is measured against what the task carried: the global model,
+        // or exactly the FedE rows that go back.
+        let received =
+            (task.kind == TaskKind::Fit && task.stage.privacy.is_some()).then(|| arrays.clone());
         // FedE with a row selection: the work sees its whole table (the rows that stayed home
         // are its own), and only the selected rows go back.
-        let arrays = match home.expand(&task, arrays) {
+        let kept = || work.as_ref().and_then(|w| w.kept_rows(&task.stage));
+        let arrays = match home.expand(&task, arrays, kept) {
             Ok(a) => a,
             Err(reason) => {
                 tracing::warn!(client = %cfg.name, round, "task refused: {reason}");
@@ -674,18 +767,21 @@ async fn session_loop<W: ClientWork>(
                     metrics: o.metrics,
                     arrays: o.arrays,
                     error: None,
+                    secagg: None,
                 }),
                 TaskKind::Evaluate => w.evaluate(&stage, round, arrays).map(|o| Answer {
                     num_examples: o.num_examples,
                     metrics: o.metrics,
                     arrays: Vec::new(),
                     error: None,
+                    secagg: None,
                 }),
                 TaskKind::FinishStage => w.finish_stage(&stage, arrays).map(|()| Answer {
                     num_examples: default_examples,
                     metrics: BTreeMap::new(),
                     arrays: Vec::new(),
                     error: None,
+                    secagg: None,
                 }),
             };
             (w, out)
@@ -709,7 +805,10 @@ async fn session_loop<W: ClientWork>(
                 if kind == TaskKind::Fit {
                     a.arrays = home.keep_and_select(&task, a.arrays);
                 }
-                a
+                match (&task.stage.privacy, &received) {
+                    (Some(dp), Some(received)) => privatise(&task, dp, received, a),
+                    _ => a,
+                }
             }
             Err(e) => {
                 tracing::error!(client = %cfg.name, "local {} failed: {e}", kind.as_str());
@@ -724,12 +823,56 @@ async fn session_loop<W: ClientWork>(
                     metrics: BTreeMap::new(),
                     arrays: Vec::new(),
                     error: Some(message),
+                    secagg: None,
                 }
             }
+        };
+        let answer = match &task.secagg {
+            Some(begin) => secure_begin(&mut secure, &task, begin, &layout, answer),
+            None => answer,
         };
         push(cfg, s, &task, answer, metrics).await?;
     }
 }
+
+/// Clips and noises a FIT answer before it leaves (the organisation's own randomness, which
+/// the coordinator cannot predict). An upload that cannot be privatised is not sent: the
+/// answer becomes an error.
+fn privatise(
+    task: &TaskHeader,
+    dp: &crate::privacy::ClientDp,
+    received: &[NamedArray],
+    mut answer: Answer,
+) -> Answer {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    match crate::privacy::privatise_upload(
+        task.stage.kind(),
+        dp,
+        received,
+        &mut answer.arrays,
+        &mut rng,
+    ) {
+        Ok(p) => {
+            answer.metrics.insert(
+                DP_CLIPPED_FRACTION.to_owned(),
+                p.clipped as f64 / p.updates.max(1) as f64,
+            );
+            answer
+        }
+        Err(e) => Answer {
+            num_examples: 0,
+            metrics: BTreeMap::new(),
+            arrays: Vec::new(),
+            error: Some(e.to_string()),
+            secagg: None,
+        },
+    }
+}
+
+/// The FIT metric of a DP stage: the fraction of updates (FedAvg: the one update; FedE: the
+/// rows) whose norm exceeded the clip bound, for tuning the bound.
+pub const DP_CLIPPED_FRACTION: &str = "dp_clipped_fraction";
 
 /// The organisation's whole FedE table between tasks, for stages where only some rows travel
 /// (`row_selection`): the rows that stay home are the ones the work itself produced last.
@@ -748,12 +891,14 @@ impl HomeRows {
     }
 
     /// The task's arrays with the selected rows placed into the full table. Before the
-    /// work's first rows of the stage, the rows that stay home start as the coordinator's
-    /// would: uniform in the stage's initial bound, seeded by its seed.
+    /// work's first rows of the stage, the rows that stay home are those the work `kept`
+    /// before a restart, or else start as the coordinator's would: uniform in the stage's
+    /// initial bound, seeded by its seed.
     fn expand(
         &mut self,
         task: &TaskHeader,
         mut arrays: Vec<NamedArray>,
+        kept: impl FnOnce() -> Option<Vec<f32>>,
     ) -> Result<Vec<NamedArray>, String> {
         let (Some(positions), StageParams::FedE(cfg)) = (&task.rows, &task.stage.params) else {
             return Ok(arrays);
@@ -779,14 +924,18 @@ impl HomeRows {
                 positions.len()
             ));
         }
+        let num_keys = self.num_keys;
         let full = self
             .tables
             .entry(task.stage.index)
             .or_insert_with(|| {
                 use rand::{Rng, SeedableRng};
+                if let Some(rows) = kept().filter(|r| r.len() == num_keys * dim) {
+                    return rows;
+                }
                 let b = simskip_kge::init_bound(cfg);
                 let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-                (0..self.num_keys * dim)
+                (0..num_keys * dim)
                     .map(|_| rng.random_range(-b..b))
                     .collect()
             })
@@ -864,6 +1013,7 @@ async fn push(
         answer.metrics,
         answer.error,
     );
+    header.secagg = answer.secagg.as_ref().map(wire::secagg_reply_to_proto);
     header.arrays = payload_headers(&payload);
     let first = proto::ResultChunk {
         part: Some(result_chunk::Part::Header(header)),
@@ -916,7 +1066,9 @@ mod tests {
                 name: "fede".into(),
                 rounds: 1,
                 params: StageParams::defaults(crate::types::StageKind::FedE, 2),
+                privacy: None,
             },
+            secagg: None,
         }
     }
 
@@ -930,12 +1082,14 @@ mod tests {
         ];
         for (pos, shape) in bad {
             let rows = NamedArray::new(ENTITIES, shape.clone(), vec![0.0; shape.iter().product()]);
-            assert!(home.expand(&fede_task(Some(pos)), vec![rows]).is_err());
+            assert!(home
+                .expand(&fede_task(Some(pos)), vec![rows], || None)
+                .is_err());
         }
         // Rows 0 and 2 arrive; row 1 starts inside the stage's initial bound.
         let task = fede_task(Some(vec![0, 2]));
         let rows = NamedArray::new(ENTITIES, vec![2, 2], vec![5.0, 5.0, 7.0, 7.0]);
-        let full = home.expand(&task, vec![rows]).unwrap();
+        let full = home.expand(&task, vec![rows], || None).unwrap();
         assert_eq!(full[0].shape, vec![3, 2]);
         assert_eq!(&full[0].data[0..2], &[5.0, 5.0]);
         assert_eq!(&full[0].data[4..6], &[7.0, 7.0]);
@@ -957,11 +1111,35 @@ mod tests {
             .expand(
                 &task,
                 vec![NamedArray::new(ENTITIES, vec![2, 2], vec![9.0; 4])],
+                || panic!("the table of the stage is known"),
             )
             .unwrap();
         assert_eq!(next[0].data, vec![9.0, 9.0, 2.0, 2.0, 9.0, 9.0]);
         // Without a selection, nothing changes.
         let all = vec![NamedArray::new(ENTITIES, vec![3, 2], vec![0.5; 6])];
-        assert_eq!(home.expand(&fede_task(None), all.clone()).unwrap(), all);
+        assert_eq!(
+            home.expand(&fede_task(None), all.clone(), || None).unwrap(),
+            all
+        );
+    }
+
+    #[test]
+    fn home_rows_after_a_restart_start_from_the_kept_table() {
+        let task = fede_task(Some(vec![1]));
+        let arrived = || vec![NamedArray::new(ENTITIES, vec![1, 2], vec![5.0, 5.0])];
+        // The table the work kept before its restart fills the rows that stay home.
+        let mut home = HomeRows::new(3);
+        let kept = vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0];
+        let full = home
+            .expand(&task, arrived(), || Some(kept.clone()))
+            .unwrap();
+        assert_eq!(full[0].data, vec![1.0, 1.0, 5.0, 5.0, 3.0, 3.0]);
+        // A kept table of another size is not used: the initial draw is.
+        let mut home = HomeRows::new(3);
+        let full = home
+            .expand(&task, arrived(), || Some(vec![1.0; 4]))
+            .unwrap();
+        assert_ne!(&full[0].data[0..2], &[1.0, 1.0]);
+        assert_eq!(&full[0].data[2..4], &[5.0, 5.0]);
     }
 }

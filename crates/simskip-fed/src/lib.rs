@@ -12,7 +12,10 @@
 //! * [`chunk`]: named arrays cut into chunks, streamed lazily, reassembled with validation;
 //! * `wire`: every protobuf <-> domain conversion, both directions;
 //! * [`auth`]: who is calling: mTLS, per-organisation tokens or explicit plain text;
+//! * [`privacy`]: differential privacy of uploads (clipping, Gaussian noise), applied by
+//!   each organisation; [`accountant`]: the Rényi-DP accountant that reports epsilon;
 //! * [`blind`]: entity keys blinded with the organisations' federation secret;
+//! * [`secagg`]: secure aggregation (Bonawitz et al. 2017): masks, Shamir shares, fixed point;
 //! * [`tls`]: federation CA provisioning, mutual-TLS configuration, identity from certificates;
 //! * [`telemetry`]: the Prometheus metrics of the coordinator and of the clients, and the
 //!   `GET /metrics` endpoint that serves them on a port of its own;
@@ -20,6 +23,7 @@
 //!
 //! Clients only connect out to the coordinator; organisations accept no connections.
 
+pub mod accountant;
 pub mod aggregate;
 pub mod auth;
 pub mod blind;
@@ -28,7 +32,9 @@ pub mod client;
 pub mod coordinator;
 pub mod error;
 pub mod params;
+pub mod privacy;
 pub mod robust;
+pub mod secagg;
 pub mod strategy;
 pub mod telemetry;
 pub mod tls;

@@ -55,6 +55,21 @@ pub trait Strategy: Send {
     /// Folds a round's successful FIT results into the global state.
     fn aggregate_fit(&mut self, results: Vec<ClientResult>) -> Result<(), AggregateError>;
 
+    /// Secure aggregation: the length of the flat vector the organisations sum (the global
+    /// model's arrays, concatenated in order). `None`: the stage cannot aggregate securely.
+    fn secure_len(&self) -> Option<usize> {
+        None
+    }
+
+    /// Secure aggregation: takes the unmasked example-weighted mean of the round (flat, in
+    /// the order of [`Strategy::secure_len`]) as the new global state.
+    fn aggregate_secure(&mut self, _weighted_mean: Vec<f64>) -> Result<(), AggregateError> {
+        Err(AggregateError::Secure(format!(
+            "a {} stage does not aggregate securely",
+            self.kind().as_str()
+        )))
+    }
+
     /// The current global state.
     fn global(&self) -> GlobalSnapshot;
 
@@ -115,6 +130,35 @@ impl Strategy for FedAvgStrategy {
 
     fn fit_result_bytes(&self, _client: &ClientInfo) -> u64 {
         self.global.iter().map(|a| a.data.len() as u64 * 4).sum()
+    }
+
+    fn secure_len(&self) -> Option<usize> {
+        Some(self.global.iter().map(|a| a.data.len()).sum())
+    }
+
+    fn aggregate_secure(&mut self, weighted_mean: Vec<f64>) -> Result<(), AggregateError> {
+        let len: usize = self.global.iter().map(|a| a.data.len()).sum();
+        if weighted_mean.len() != len {
+            return Err(AggregateError::Secure(format!(
+                "the unmasked sum has {} values, the model {len}",
+                weighted_mean.len()
+            )));
+        }
+        let mut rest = weighted_mean.as_slice();
+        let mut next = Vec::with_capacity(self.global.len());
+        for g in self.global.iter() {
+            let (mine, tail) = rest.split_at(g.data.len());
+            rest = tail;
+            let a = NamedArray::new(
+                g.name.clone(),
+                g.shape.clone(),
+                mine.iter().map(|&v| v as f32).collect(),
+            );
+            check_finite(&a)?;
+            next.push(a);
+        }
+        self.global = Arc::from(next);
+        Ok(())
     }
 
     fn check_fit_result(

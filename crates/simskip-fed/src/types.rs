@@ -10,6 +10,7 @@ use simskip_data::NamedArray;
 
 use crate::aggregate::EntityTable;
 use crate::params::StageParams;
+use crate::privacy::ClientDp;
 
 /// The name of the array in which FedE entity rows travel, in both directions.
 pub const ENTITIES: &str = "entities";
@@ -62,6 +63,8 @@ pub struct StageInfo {
     pub rounds: u32,
     /// What the stage trains and how; its kind is the stage's kind.
     pub params: StageParams,
+    /// Clipping and noise the organisation applies to its upload (`None`: no DP).
+    pub privacy: Option<ClientDp>,
 }
 
 impl StageInfo {

@@ -14,7 +14,12 @@ use crate::coordinator::rounds::{Poll, Report, ResultOutcome, Task};
 use crate::params::{
     ParamsError, Personalization, SimSkipParams, StageParams, PARAMS_SCHEMA_VERSION,
 };
+use crate::privacy::ClientDp;
 use crate::proto;
+use crate::secagg::{
+    self, AdvertisedKeys, MaskedInput, SealedShares, SecAggReply, SecAggTask, Share, UnmaskRequest,
+    UnmaskResponse,
+};
 use crate::types::{Payload, StageInfo, StageKind, TaskKind};
 
 /// A field of a received message that the domain cannot use.
@@ -169,7 +174,27 @@ pub(crate) fn params_to_proto(p: &StageParams) -> proto::StageParams {
     proto::StageParams {
         schema_version: PARAMS_SCHEMA_VERSION,
         kind: Some(kind),
+        privacy: None,
     }
+}
+
+fn privacy_to_proto(p: &ClientDp) -> proto::PrivacyParams {
+    proto::PrivacyParams {
+        noise_multiplier: p.noise_multiplier,
+        clip_norm: p.clip_norm,
+        noise_shares: p.noise_shares,
+    }
+}
+
+/// Received DP settings, validated (an organisation never applies a NaN or zero bound).
+fn privacy_from_proto(p: &proto::PrivacyParams) -> Result<ClientDp, WireError> {
+    let dp = ClientDp {
+        noise_multiplier: p.noise_multiplier,
+        clip_norm: p.clip_norm,
+        noise_shares: p.noise_shares,
+    };
+    dp.validate()?;
+    Ok(dp)
 }
 
 /// Parses and validates received stage parameters. The fields that say how an organisation
@@ -242,6 +267,8 @@ pub(crate) fn params_from_proto(p: Option<&proto::StageParams>) -> Result<StageP
             } else {
                 AdamAcrossRounds::Keep
             },
+            // How an organisation computes, not on the wire (see above).
+            threads: 1,
         }),
         Kind::Simskip(s) => StageParams::SimSkip(SimSkipParams {
             dim: s.dim as usize,
@@ -324,7 +351,10 @@ pub(crate) fn task_header(task: &Task) -> proto::TaskHeader {
         task_id: task.task_id.clone(),
         arrays: Vec::new(),
         stage_rounds: task.stage.rounds,
-        params: Some(params_to_proto(&task.stage.params)),
+        params: Some(proto::StageParams {
+            privacy: task.stage.privacy.as_ref().map(privacy_to_proto),
+            ..params_to_proto(&task.stage.params)
+        }),
         row_selection: match &task.payload {
             Payload::Rows {
                 positions: Some(p), ..
@@ -333,6 +363,7 @@ pub(crate) fn task_header(task: &Task) -> proto::TaskHeader {
             }),
             _ => None,
         },
+        secagg: task.secagg.as_ref().map(secagg_task_to_proto),
     }
 }
 
@@ -378,6 +409,8 @@ pub(crate) struct TaskHeader {
     /// FedE: positions of the rows the task carries (`None`: all).
     pub rows: Option<Vec<u32>>,
     pub stage: StageInfo,
+    /// Secure aggregation: the protocol step asked for.
+    pub secagg: Option<SecAggTask>,
 }
 
 pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHeader, WireError> {
@@ -397,6 +430,12 @@ pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHead
             got: params.kind().as_str(),
         });
     }
+    let privacy = h
+        .params
+        .as_ref()
+        .and_then(|p| p.privacy.as_ref())
+        .map(privacy_from_proto)
+        .transpose()?;
     let rows = h.row_selection.as_ref().map(|r| r.positions.clone());
     if let Some(p) = &rows {
         if p.windows(2).any(|w| w[0] >= w[1]) {
@@ -405,7 +444,14 @@ pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHead
             ));
         }
     }
+    let secagg = h.secagg.as_ref().map(secagg_task_from_proto).transpose()?;
+    if secagg.is_some() && kind != TaskKind::Fit {
+        return Err(WireError::Invalid(
+            "only a FIT task carries a secure aggregation step".into(),
+        ));
+    }
     Ok(PolledHeader::Task(TaskHeader {
+        secagg,
         run_id: h.run_id.clone(),
         task_id: h.task_id.clone(),
         round: h.round,
@@ -416,6 +462,7 @@ pub(crate) fn task_header_from_proto(h: &proto::TaskHeader) -> Result<PolledHead
             name: h.stage_name.clone(),
             rounds: h.stage_rounds,
             params,
+            privacy,
         },
     }))
 }
@@ -440,6 +487,7 @@ pub(crate) fn result_header(
         metrics,
         arrays: Vec::new(),
         error: error.unwrap_or_default(),
+        secagg: None,
     }
 }
 
@@ -458,6 +506,7 @@ pub(crate) fn report_from_proto(
         metrics: h.metrics,
         arrays,
         error: (!h.error.is_empty()).then_some(h.error),
+        secagg: h.secagg.as_ref().map(secagg_reply_from_proto).transpose()?,
     })
 }
 
@@ -473,6 +522,181 @@ pub(crate) fn push_reply(run_id: &str, round: u32, outcome: &ResultOutcome) -> p
         status: status as i32,
         message,
     }
+}
+
+// --- secure aggregation -----------------------------------------------------------------
+
+fn bytes_n<const N: usize>(field: &'static str, b: &[u8]) -> Result<[u8; N], WireError> {
+    b.try_into()
+        .map_err(|_| WireError::Invalid(format!("{field} has {} bytes; expected {N}", b.len())))
+}
+
+fn keys_to_proto(k: &AdvertisedKeys) -> proto::SecAggKeys {
+    proto::SecAggKeys {
+        client_id: k.client,
+        cipher_public: k.cipher_public.to_vec(),
+        mask_public: k.mask_public.to_vec(),
+    }
+}
+
+fn keys_from_proto(k: &proto::SecAggKeys) -> Result<AdvertisedKeys, WireError> {
+    Ok(AdvertisedKeys {
+        client: k.client_id,
+        cipher_public: bytes_n("SecAggKeys.cipher_public", &k.cipher_public)?,
+        mask_public: bytes_n("SecAggKeys.mask_public", &k.mask_public)?,
+    })
+}
+
+fn sealed_to_proto(s: &SealedShares) -> proto::SealedShares {
+    proto::SealedShares {
+        from: s.from,
+        to: s.to,
+        nonce: s.nonce.to_vec(),
+        ciphertext: s.ciphertext.clone(),
+    }
+}
+
+fn sealed_from_proto(s: &proto::SealedShares) -> Result<SealedShares, WireError> {
+    Ok(SealedShares {
+        from: s.from,
+        to: s.to,
+        nonce: bytes_n("SealedShares.nonce", &s.nonce)?,
+        ciphertext: s.ciphertext.clone(),
+    })
+}
+
+fn shares_to_proto(shares: &[(secagg::ClientId, Share)]) -> Vec<proto::FieldShare> {
+    shares
+        .iter()
+        .map(|(c, sh)| proto::FieldShare {
+            client_id: *c,
+            x: sh.x,
+            y: sh.y.to_vec(),
+        })
+        .collect()
+}
+
+fn shares_from_proto(
+    shares: &[proto::FieldShare],
+) -> Result<Vec<(secagg::ClientId, Share)>, WireError> {
+    shares
+        .iter()
+        .map(|f| {
+            let y = f.y.as_slice().try_into().map_err(|_| {
+                WireError::Invalid(format!(
+                    "FieldShare.y has {} elements; expected {}",
+                    f.y.len(),
+                    secagg::shamir::LIMBS
+                ))
+            })?;
+            Ok((f.client_id, Share { x: f.x, y }))
+        })
+        .collect()
+}
+
+pub(crate) fn secagg_task_to_proto(t: &SecAggTask) -> proto::SecAggTask {
+    use proto::sec_agg_task::Step;
+    let step = match t {
+        SecAggTask::Begin {
+            client,
+            threshold,
+            frac_bits,
+        } => Step::Begin(proto::SecAggBegin {
+            client_id: *client,
+            threshold: *threshold as u32,
+            frac_bits: *frac_bits,
+        }),
+        SecAggTask::Roster(keys) => Step::Roster(proto::SecAggRoster {
+            keys: keys.iter().map(keys_to_proto).collect(),
+        }),
+        SecAggTask::Inbox(shares) => Step::Inbox(proto::SecAggInbox {
+            shares: shares.iter().map(sealed_to_proto).collect(),
+        }),
+        SecAggTask::Unmask(r) => Step::Unmask(proto::SecAggUnmaskRequest {
+            survivors: r.survivors.clone(),
+            dropped: r.dropped.clone(),
+        }),
+    };
+    proto::SecAggTask { step: Some(step) }
+}
+
+pub(crate) fn secagg_task_from_proto(t: &proto::SecAggTask) -> Result<SecAggTask, WireError> {
+    use proto::sec_agg_task::Step;
+    Ok(
+        match t.step.as_ref().ok_or(WireError::Missing {
+            message: "SecAggTask",
+            field: "step",
+        })? {
+            Step::Begin(b) => SecAggTask::Begin {
+                client: b.client_id,
+                threshold: usize_field("SecAggBegin.threshold", b.threshold.into())?,
+                frac_bits: b.frac_bits,
+            },
+            Step::Roster(r) => SecAggTask::Roster(
+                r.keys
+                    .iter()
+                    .map(keys_from_proto)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Step::Inbox(i) => SecAggTask::Inbox(
+                i.shares
+                    .iter()
+                    .map(sealed_from_proto)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Step::Unmask(u) => SecAggTask::Unmask(UnmaskRequest {
+                survivors: u.survivors.clone(),
+                dropped: u.dropped.clone(),
+            }),
+        },
+    )
+}
+
+pub(crate) fn secagg_reply_to_proto(r: &SecAggReply) -> proto::SecAggReply {
+    use proto::sec_agg_reply::Step;
+    let step = match r {
+        SecAggReply::Keys(k) => Step::Keys(keys_to_proto(k)),
+        SecAggReply::Shares(s) => Step::Shares(proto::SecAggInbox {
+            shares: s.iter().map(sealed_to_proto).collect(),
+        }),
+        SecAggReply::Masked(m) => Step::Masked(proto::SecAggMaskedInput {
+            client_id: m.client,
+            values: m.values.clone(),
+        }),
+        SecAggReply::Unmask(u) => Step::Unmask(proto::SecAggUnmaskResponse {
+            from: u.from,
+            self_mask_shares: shares_to_proto(&u.self_mask_shares),
+            mask_key_shares: shares_to_proto(&u.mask_key_shares),
+        }),
+    };
+    proto::SecAggReply { step: Some(step) }
+}
+
+pub(crate) fn secagg_reply_from_proto(r: &proto::SecAggReply) -> Result<SecAggReply, WireError> {
+    use proto::sec_agg_reply::Step;
+    Ok(
+        match r.step.as_ref().ok_or(WireError::Missing {
+            message: "SecAggReply",
+            field: "step",
+        })? {
+            Step::Keys(k) => SecAggReply::Keys(keys_from_proto(k)?),
+            Step::Shares(s) => SecAggReply::Shares(
+                s.shares
+                    .iter()
+                    .map(sealed_from_proto)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Step::Masked(m) => SecAggReply::Masked(MaskedInput {
+                client: m.client_id,
+                values: m.values.clone(),
+            }),
+            Step::Unmask(u) => SecAggReply::Unmask(UnmaskResponse {
+                from: u.from,
+                self_mask_shares: shares_from_proto(&u.self_mask_shares)?,
+                mask_key_shares: shares_from_proto(&u.mask_key_shares)?,
+            }),
+        },
+    )
 }
 
 /// The coordinator's answer to a registration, in domain types.
@@ -573,5 +797,40 @@ mod tests {
             Err(WireError::Params(ParamsError::Version { .. }))
         ));
         assert!(params_from_proto(None).is_err());
+    }
+
+    /// The DP settings travel with the task, and an organisation refuses unusable ones.
+    #[test]
+    fn privacy_settings_travel_with_the_task_and_are_validated() {
+        let dp = ClientDp {
+            noise_multiplier: 1.5,
+            clip_norm: 0.25,
+            noise_shares: 3,
+        };
+        let task = Task {
+            run_id: "r".into(),
+            task_id: "t1".into(),
+            kind: TaskKind::Fit,
+            stage: StageInfo {
+                index: 0,
+                name: "s".into(),
+                rounds: 2,
+                params: StageParams::defaults(StageKind::FedAvg, 8),
+                privacy: Some(dp),
+            },
+            round: 1,
+            payload: Payload::empty(),
+            secagg: None,
+        };
+        let mut header = task_header(&task);
+        let PolledHeader::Task(back) = task_header_from_proto(&header).unwrap() else {
+            panic!("not a task")
+        };
+        assert_eq!(back.stage, task.stage);
+        if let Some(p) = header.params.as_mut().and_then(|p| p.privacy.as_mut()) {
+            p.clip_norm = f64::NAN;
+        }
+        let e = task_header_from_proto(&header).unwrap_err().to_string();
+        assert!(e.contains("privacy.clip_norm = NaN"), "{e}");
     }
 }

@@ -114,6 +114,8 @@ fn server_config(out: &Path, auth: ServerAuth, min_clients: usize) -> ServerConf
             eval_every: 0,
             params,
             aggregation: Default::default(),
+            privacy: None,
+            secure_aggregation: None,
         }],
         tick_ms: 20,
         done_grace_secs: 2.0,
@@ -468,6 +470,8 @@ async fn blinded_keys_align_shared_entities_and_hide_every_name_from_the_coordin
         eval_every: 0,
         params: StageParams::defaults(StageKind::FedE, 4),
         aggregation: Default::default(),
+        privacy: None,
+        secure_aggregation: None,
     }];
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -603,6 +607,8 @@ async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
             min_holders: 2,
             ..Default::default()
         },
+        privacy: None,
+        secure_aggregation: None,
     }];
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

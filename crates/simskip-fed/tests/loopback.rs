@@ -119,6 +119,8 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageConf
         eval_every,
         params: stage_params(name, kind),
         aggregation: Robustness::default(),
+        privacy: None,
+        secure_aggregation: None,
     }
 }
 

@@ -87,6 +87,7 @@ impl Coordinator for Hostile {
         let future_schema = proto::StageParams {
             schema_version: 999,
             kind: None,
+            privacy: None,
         };
         let chunk = match n {
             1 => header(proto::TaskKind::Fit, "no-params", None),

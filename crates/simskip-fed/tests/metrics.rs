@@ -102,6 +102,8 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageConf
         eval_every,
         params: StageParams::defaults(kind, 4),
         aggregation: Robustness::default(),
+        privacy: None,
+        secure_aggregation: None,
     }
 }
 

@@ -17,6 +17,8 @@ fn stages(fede_rounds: u32) -> Vec<StageConfig> {
             eval_every: 5,
             params: StageParams::defaults(StageKind::FedE, 128),
             aggregation: Robustness::default(),
+            privacy: None,
+            secure_aggregation: None,
         },
         StageConfig {
             name: "simskip".into(),
@@ -24,6 +26,8 @@ fn stages(fede_rounds: u32) -> Vec<StageConfig> {
             eval_every: 5,
             params: StageParams::defaults(StageKind::FedAvg, 128),
             aggregation: Robustness::default(),
+            privacy: None,
+            secure_aggregation: None,
         },
     ]
 }

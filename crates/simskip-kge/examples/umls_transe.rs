@@ -1,4 +1,4 @@
-//! TransE on UMLS, PyKEEN-style: d 128, 100 epochs, batch 256, Adam lr 0.01, margin 1,
+//! TransE on UMLS, PyKEEN-style (`TransEConfig::pykeen_reference()`, the earlier default): d 128, 100 epochs, batch 256, Adam lr 0.01, margin 1,
 //! L1, one negative per positive, unit-norm entities. Prints filtered test figures.
 //!
 //! `cargo run -p simskip-kge --release --example umls_transe [-- SEED [DATA_DIR]]`
@@ -20,7 +20,7 @@ fn main() {
     let ds = KgDataset::load(&dir).expect("load UMLS");
     let cfg = TransEConfig {
         seed,
-        ..TransEConfig::default()
+        ..TransEConfig::pykeen_reference()
     };
     println!(
         "UMLS: {} entities, {} relations, {} train / {} valid / {} test; {:?}",

@@ -140,6 +140,12 @@ impl SparseAdam {
         &self.steps
     }
 
+    /// Per-row step counts and the first and second moments (row-major, `dim` per row), for
+    /// the lock-free trainer, which updates them in place through atomic views.
+    pub(crate) fn state_mut(&mut self) -> (&mut [u32], &mut [f32], &mut [f32]) {
+        (&mut self.steps, &mut self.m, &mut self.v)
+    }
+
     /// Apply one Adam update to the rows of `table` present in `grads`.
     pub fn step(&mut self, table: &mut Matrix, grads: &RowGrads) {
         assert_eq!(table.cols, self.dim, "SparseAdam: table width");

@@ -43,10 +43,10 @@ pub struct BenchReport {
     pub simskip_input: Option<String>,
 }
 
-/// The reference setting of the README's figure, which is TransE's default: d 128, L1,
+/// The reference setting of the README's figure (PyKEEN's, the earlier default): d 128, L1,
 /// margin 1, one negative, batch 256, Adam lr .01, 100 epochs, unit-norm entities.
 pub fn umls_reference_config() -> TransEConfig {
-    TransEConfig::default()
+    TransEConfig::pykeen_reference()
 }
 
 pub fn run(_settings: &Settings, args: BenchArgs) -> Result<()> {

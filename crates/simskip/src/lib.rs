@@ -9,6 +9,7 @@ pub mod cli;
 pub mod logging;
 pub mod node;
 pub mod pipeline;
+pub(crate) mod private_state;
 pub mod progress;
 pub mod report;
 pub mod run_report;

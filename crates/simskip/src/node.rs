@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use simskip_data::KgDataset;
+use simskip_fed::coordinator::rounds;
 use simskip_fed::coordinator::store::Store;
 use simskip_fed::{
     ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, SimSkipParams, StageConfig,
@@ -142,6 +143,8 @@ impl Default for ServerFile {
                         min_holders: 2,
                         ..Default::default()
                     },
+                    privacy: None,
+                    secure_aggregation: None,
                 },
                 StageConfig {
                     name: "simskip".into(),
@@ -149,6 +152,8 @@ impl Default for ServerFile {
                     eval_every: 5,
                     params: simskip,
                     aggregation: Default::default(),
+                    privacy: None,
+                    secure_aggregation: None,
                 },
             ],
             ..ServerConfig::default()
@@ -528,6 +533,16 @@ pub struct StageFigures {
     pub kept_figures: BTreeMap<String, BTreeMap<String, f64>>,
     /// (round, aggregated metrics) of every evaluation, in order.
     pub history: Vec<(u32, BTreeMap<String, f64>)>,
+    /// A DP stage's privacy spent after its last FIT round.
+    pub privacy: Option<PrivacySpent>,
+}
+
+/// What a differentially private stage spent, from its last FIT round's record.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PrivacySpent {
+    pub round: u32,
+    pub epsilon: f64,
+    pub delta: f64,
 }
 
 impl RunFigures {
@@ -539,6 +554,19 @@ impl RunFigures {
         for (i, line) in text.lines().enumerate() {
             let v: serde_json::Value = serde_json::from_str(line)
                 .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            if v["kind"] == "fit" {
+                let m = &v["metrics"];
+                if let (Some(epsilon), Some(delta)) =
+                    (m[rounds::DP_EPSILON].as_f64(), m[rounds::DP_DELTA].as_f64())
+                {
+                    let stage = v["stage"].as_str().unwrap_or_default().to_owned();
+                    figures.stages.entry(stage).or_default().privacy = Some(PrivacySpent {
+                        round: v["round"].as_u64().unwrap_or_default() as u32,
+                        epsilon,
+                        delta,
+                    });
+                }
+            }
             if v["kind"] != "evaluate" {
                 continue;
             }
@@ -613,6 +641,12 @@ impl RunFigures {
                 "\nstage '{stage}', evaluation after round {}:\n",
                 f.round
             ));
+            if let Some(p) = &f.privacy {
+                out.push_str(&format!(
+                    "differential privacy: epsilon = {:.3} at delta = {:e} after {} rounds\n",
+                    p.epsilon, p.delta, p.round
+                ));
+            }
             if has_refined {
                 out.push_str(&format!(
                     "{:<12} {:<16} {:>8} {:>9} {:>9} {:>8} {:>8}\n",

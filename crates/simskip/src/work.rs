@@ -21,10 +21,8 @@ use simskip_refine::{Backend, Neighbours, Positives, SimSkipConfig, SimSkipTrain
 
 use crate::pipeline::refine::training_neighbours;
 use crate::pipeline::{evaluate_table, EvalContext};
+use crate::private_state::{KeptFedE, PrivateState, Stage2Record};
 use crate::settings::{EvalSettings, GateSettings};
-
-/// A file in the output folder naming the stage-1 table, so a restarted client resumes stage 2.
-const STAGE2_INPUT_RECORD: &str = "stage2-input.json";
 
 /// How this organisation computes: its own choice, never sent to or by the coordinator.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -44,13 +42,6 @@ pub struct WorkSettings {
     pub eval: EvalSettings,
 }
 
-/// The table stage 2 refines, and the distance its link-prediction figures use.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Stage2Record {
-    path: PathBuf,
-    norm: Norm,
-}
-
 /// A stage-1 table in memory.
 struct Stage2Input {
     table: Matrix,
@@ -60,6 +51,7 @@ struct Stage2Input {
 /// A FedE stage under way: the local TransE (relation rows and optimiser state stay here).
 struct Embedding {
     stage: usize,
+    stage_name: String,
     transe: TransETrainer,
 }
 
@@ -90,34 +82,46 @@ pub struct FederatedWork {
     settings: WorkSettings,
     filter: FilterIndex,
     progress: Progress,
+    /// What this organisation keeps in its folder to carry on after its own crash.
+    state: PrivateState,
+    /// The FedE model kept before a restart, until the stage it belongs to uses it.
+    kept_fede: Option<KeptFedE>,
 }
 
 impl FederatedWork {
     /// `input_embeddings`: a table for stage 2 when there is no stage 1 (rows matched by name).
-    /// A restarted client picks its stage-1 table back up from its own output folder.
+    /// A restarted client picks its stage-1 table back up from its own output folder, or,
+    /// without one, the FedE model it kept after its latest task.
     pub fn new(
         ds: KgDataset,
         out_dir: PathBuf,
         settings: WorkSettings,
         input_embeddings: Option<&Path>,
     ) -> Result<Self> {
-        let recorded = out_dir.join(STAGE2_INPUT_RECORD);
+        let state = PrivateState::new(&out_dir);
+        let mut kept_fede = None;
         let progress = match input_embeddings {
             Some(path) => Progress::Embedded(Stage2Input {
                 table: crate::cli::load_table(path, &ds)?,
                 norm: TransEConfig::default().norm,
             }),
-            None if recorded.is_file() => {
-                let text = std::fs::read_to_string(&recorded)
-                    .with_context(|| format!("reading {}", recorded.display()))?;
-                let record: Stage2Record = serde_json::from_str(&text)
-                    .with_context(|| format!("{}: not a stage-2 record", recorded.display()))?;
-                Progress::Embedded(Stage2Input {
+            None => match state.stage2_record()? {
+                Some(record) => Progress::Embedded(Stage2Input {
                     table: crate::cli::load_table(&record.path, &ds)?,
                     norm: record.norm,
-                })
-            }
-            None => Progress::Start,
+                }),
+                None => {
+                    kept_fede = state.fede(ds.num_entities(), ds.num_relations())?;
+                    if let Some(k) = &kept_fede {
+                        tracing::info!(
+                            stage = %k.stage_name,
+                            "resuming from the FedE model kept in {}",
+                            state.fede_path().display()
+                        );
+                    }
+                    Progress::Start
+                }
+            },
         };
         Ok(Self {
             filter: FilterIndex::from_dataset(&ds),
@@ -125,6 +129,8 @@ impl FederatedWork {
             out_dir,
             settings,
             progress,
+            state,
+            kept_fede,
         })
     }
 
@@ -146,9 +152,11 @@ impl FederatedWork {
         Ok(Self {
             filter: FilterIndex::from_dataset(&ds),
             ds,
+            state: PrivateState::new(&out_dir),
             out_dir,
             settings,
             progress: Progress::Embedded(Stage2Input { table, norm }),
+            kept_fede: None,
         })
     }
 
@@ -164,16 +172,25 @@ impl FederatedWork {
         match &mut self.progress {
             Progress::Embedding(e) if e.stage == stage.index => e.transe.set_entities(rows),
             _ => {
-                let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
-                let mut model = TransE::init(
-                    self.ds.num_entities(),
-                    self.ds.num_relations(),
-                    cfg,
-                    &mut rng,
-                );
+                // After a restart the local relations come back from the kept model; they
+                // never travel, so nobody else could return them.
+                let mut model = match self.kept_fede.take() {
+                    Some(k) if k.is_for(stage, cfg.dim) && k.model.norm == cfg.norm => k.model,
+                    _ => {
+                        let mut rng =
+                            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(cfg.seed);
+                        TransE::init(
+                            self.ds.num_entities(),
+                            self.ds.num_relations(),
+                            cfg,
+                            &mut rng,
+                        )
+                    }
+                };
                 model.entities = rows;
                 self.progress = Progress::Embedding(Box::new(Embedding {
                     stage: stage.index,
+                    stage_name: stage.name.clone(),
                     transe: TransETrainer::from_model(model, cfg.clone()),
                 }));
             }
@@ -196,19 +213,20 @@ impl FederatedWork {
         let current = matches!(&self.progress,
             Progress::Refining(r) if r.stage == stage.index && r.params == *params);
         if !current {
-            if let Progress::Embedding(e) = &self.progress {
-                // The FedE stage's FINISH task never reached this organisation (it was away
-                // when that round closed): refine the latest FedE rows it holds rather than
-                // sit out the stage.
+            // The FedE stage's FINISH task never reached this organisation (it was away when
+            // that round closed, and perhaps restarted since): its stage-1 table is the latest
+            // FedE model it holds or kept, rather than sitting out the stage.
+            let latest = match &self.progress {
+                Progress::Embedding(e) => Some((e.stage_name.clone(), e.transe.model().clone())),
+                Progress::Start => self.kept_fede.take().map(|k| (k.stage_name, k.model)),
+                Progress::Embedded(_) | Progress::Refining(_) => None,
+            };
+            if let Some((fede_stage, model)) = latest {
                 tracing::warn!(
                     stage = %stage.name,
-                    "no stage-1 table: refining the latest FedE rows this organisation received"
+                    "no stage-1 table: refining the latest FedE rows this organisation holds"
                 );
-                let model = e.transe.model();
-                self.progress = Progress::Embedded(Stage2Input {
-                    table: model.entities.clone(),
-                    norm: model.norm,
-                });
+                self.adopt_stage1(&fede_stage, model.entities, model.norm)?;
             }
             let table_dim = match &self.progress {
                 Progress::Embedded(i) => i.table.cols,
@@ -234,7 +252,19 @@ impl FederatedWork {
                 Positives::Neighbour => Some(training_neighbours(&self.ds)?),
                 Positives::Augment => None,
             };
-            let trainer = SimSkipTrainer::new(params.dim, cfg)?;
+            let mut trainer = SimSkipTrainer::new(params.dim, cfg)?;
+            // After a restart: the last global model this organisation received, until the
+            // task brings the coordinator's.
+            if let Some(kept) = self.state.simskip_global(stage)? {
+                match trainer.import(&kept) {
+                    Ok(()) => {
+                        tracing::info!(stage = %stage.name, "resumed from the kept global model")
+                    }
+                    Err(e) => {
+                        tracing::warn!(stage = %stage.name, "the kept global model does not fit: {e:#}")
+                    }
+                }
+            }
             let input = match std::mem::replace(&mut self.progress, Progress::Start) {
                 Progress::Embedded(i) => i,
                 Progress::Refining(r) => r.input,
@@ -260,12 +290,26 @@ impl FederatedWork {
                 r.trainer.import(global)
             };
             installed.with_context(|| format!("the global model of stage {:?}", stage.name))?;
+            self.state.keep_simskip_global(stage, global)?;
         }
         // FedProx: local training is anchored at the global model just installed.
         r.trainer
             .anchor_proximal(params.personalization.proximal_mu())
             .with_context(|| format!("stage {:?}", stage.name))?;
         Ok(r)
+    }
+
+    /// Makes `table` this organisation's stage-1 table: written to `<stage>/entities.npy`
+    /// and named in the stage-2 record, so later restarts start from it too.
+    fn adopt_stage1(&mut self, stage_name: &str, table: Matrix, norm: Norm) -> Result<()> {
+        let path = self.write_table(stage_name, &table)?;
+        self.state.write_stage2_record(&Stage2Record {
+            path: path.clone(),
+            norm,
+        })?;
+        tracing::info!(path = %path.display(), "wrote stage-1 entity embeddings");
+        self.progress = Progress::Embedded(Stage2Input { table, norm });
+        Ok(())
     }
 
     fn write_table(&self, sub: &str, x: &Matrix) -> Result<PathBuf> {
@@ -291,6 +335,7 @@ impl FederatedWork {
                 for _ in 0..cfg.epochs {
                     loss = embedding.transe.train_epoch(&self.ds.train);
                 }
+                self.state.keep_fede(stage, embedding.transe.model())?;
                 let e = &embedding.transe.model().entities;
                 Ok(FitOutput {
                     arrays: vec![NamedArray::new(
@@ -329,6 +374,7 @@ impl FederatedWork {
                     unreachable!("embedding() left this state")
                 };
                 let model = e.transe.model();
+                self.state.keep_fede(stage, model)?;
                 let mut metrics = BTreeMap::new();
                 for (split, triples) in [("valid", &self.ds.valid), ("test", &self.ds.test)] {
                     let m = simskip_kge::evaluate(
@@ -379,19 +425,9 @@ impl FederatedWork {
     fn finish_stage(&mut self, stage: &StageInfo, global: Vec<NamedArray>) -> Result<()> {
         match &stage.params {
             StageParams::FedE(cfg) => {
-                let transe = self.embedding(stage, cfg, global)?;
-                let (table, norm) = (transe.model().entities.clone(), transe.model().norm);
-                let path = self.write_table(&stage.name, &table)?;
-                let record = Stage2Record {
-                    path: path.clone(),
-                    norm,
-                };
-                simskip_data::fsutil::write_atomic(
-                    &self.out_dir.join(STAGE2_INPUT_RECORD),
-                    serde_json::to_string(&record)?.as_bytes(),
-                )?;
-                tracing::info!(path = %path.display(), "wrote stage-1 entity embeddings");
-                self.progress = Progress::Embedded(Stage2Input { table, norm });
+                let model = self.embedding(stage, cfg, global)?.model().clone();
+                self.state.keep_fede(stage, &model)?;
+                self.adopt_stage1(&stage.name, model.entities, model.norm)?;
             }
             StageParams::SimSkip(p) => {
                 let r = self.refining(stage, p, &global)?;
@@ -456,6 +492,16 @@ fn work_error(e: anyhow::Error) -> WorkError {
 impl ClientWork for FederatedWork {
     fn entity_keys(&self) -> Vec<String> {
         self.ds.entities.names().to_vec()
+    }
+
+    fn kept_rows(&self, stage: &StageInfo) -> Option<Vec<f32>> {
+        let StageParams::FedE(cfg) = &stage.params else {
+            return None;
+        };
+        self.kept_fede
+            .as_ref()
+            .filter(|k| k.is_for(stage, cfg.dim))
+            .map(|k| k.model.entities.data.clone())
     }
 
     /// The most this organisation ever reports: FedE weighs by training triples, SimSkip by
@@ -558,6 +604,7 @@ mod tests {
             name: "simskip".into(),
             rounds: 1,
             params: StageParams::defaults(StageKind::FedAvg, dim),
+            privacy: None,
         }
     }
 
@@ -647,6 +694,139 @@ mod tests {
         let stage = stage_with(8, simskip_fed::Personalization::FedProx { mu: 0.01 });
         let e = ClientWork::fit(&mut org, &stage, 1, vec![]).unwrap_err();
         assert!(e.to_string().contains("simskip_backend"), "{e}");
+    }
+
+    fn wordnet() -> KgDataset {
+        KgDataset::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/wordnet-5k"))
+            .unwrap()
+    }
+
+    fn fede_stage(dim: usize) -> StageInfo {
+        let StageParams::FedE(mut cfg) = StageParams::defaults(StageKind::FedE, dim) else {
+            unreachable!()
+        };
+        cfg.epochs = 1;
+        StageInfo {
+            index: 0,
+            name: "fede".into(),
+            rounds: 1,
+            params: StageParams::FedE(cfg),
+            privacy: None,
+        }
+    }
+
+    /// The coordinator's rows of all `n` entities, `dim` wide, drawn from `seed`.
+    fn global_rows(n: usize, dim: usize, seed: u64) -> Vec<NamedArray> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let data = (0..n * dim).map(|_| rng.random_range(-0.5..0.5)).collect();
+        vec![NamedArray::new(ENTITIES, vec![n, dim], data)]
+    }
+
+    #[test]
+    fn a_client_restarted_in_fede_keeps_its_relations_and_its_whole_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("org");
+        let start = || FederatedWork::new(wordnet(), out.clone(), WorkSettings::default(), None);
+        let stage = fede_stage(8);
+        let mut org = start().unwrap();
+        let n = org.ds.num_entities();
+        let fitted = ClientWork::fit(&mut org, &stage, 1, global_rows(n, 8, 1)).unwrap();
+        let rows = global_rows(n, 8, 2);
+        let before = ClientWork::evaluate(&mut org, &stage, 1, rows.clone()).unwrap();
+        drop(org); // the process dies
+
+        // Restarted: the same link-prediction figures for the same rows from the coordinator,
+        // since the local relations (which never travel) came back from the private folder.
+        let mut restarted = start().unwrap();
+        // The rows its last task left (they fill the rows that stay home).
+        assert_eq!(
+            ClientWork::kept_rows(&restarted, &stage),
+            Some(rows[0].data.clone())
+        );
+        assert_eq!(ClientWork::kept_rows(&restarted, &fede_stage(16)), None);
+        let after = ClientWork::evaluate(&mut restarted, &stage, 1, rows.clone()).unwrap();
+        assert_eq!(after, before);
+        // Without its folder, an organisation starts with other relations, and other figures.
+        let fresh_dir = tempfile::tempdir().unwrap();
+        let mut fresh = FederatedWork::new(
+            wordnet(),
+            fresh_dir.path().into(),
+            WorkSettings::default(),
+            None,
+        )
+        .unwrap();
+        let other = ClientWork::evaluate(&mut fresh, &stage, 1, rows).unwrap();
+        assert_ne!(other.metrics, before.metrics);
+        assert_eq!(fitted.arrays[0].shape, vec![n, 8]);
+    }
+
+    #[test]
+    fn a_client_away_for_the_fede_finish_refines_the_rows_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("org");
+        let start = || FederatedWork::new(wordnet(), out.clone(), WorkSettings::default(), None);
+        let mut org = start().unwrap();
+        let n = org.ds.num_entities();
+        let fitted = ClientWork::fit(&mut org, &fede_stage(8), 3, global_rows(n, 8, 1)).unwrap();
+        drop(org); // killed before the FedE stage's FINISH reached it
+
+        // Restarted in the SimSkip stage: it takes part, refining the table it kept.
+        let mut restarted = start().unwrap();
+        let stage = simskip_stage(8);
+        let out_fit = ClientWork::fit(&mut restarted, &stage, 1, vec![]).unwrap();
+        assert!(!out_fit.arrays.is_empty());
+        // The table is now its stage-1 table, on disk for later restarts too.
+        let stage1 = Embeddings::read(&out.join("fede/entities.npy")).unwrap();
+        assert_eq!(stage1.matrix.data, fitted.arrays[0].data);
+        let again = start().unwrap();
+        let Progress::Embedded(input) = &again.progress else {
+            panic!("a restart after that starts from the stage-1 table")
+        };
+        assert_eq!(input.table.data, fitted.arrays[0].data);
+        // An organisation with no FedE model at all still cannot refine.
+        let empty = tempfile::tempdir().unwrap();
+        let mut none = FederatedWork::new(
+            wordnet(),
+            empty.path().into(),
+            WorkSettings::default(),
+            None,
+        )
+        .unwrap();
+        let e = ClientWork::fit(&mut none, &stage, 1, vec![]).unwrap_err();
+        assert!(e.to_string().contains("has none"), "{e}");
+    }
+
+    #[test]
+    fn a_client_restarted_in_simskip_resumes_from_the_last_global_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = simskip_stage(8);
+        let mut org = organisation(8, dir.path());
+        let initial = SimSkipTrainer::new(8, SimSkipConfig::default())
+            .unwrap()
+            .export();
+        // A global model unlike any fresh trainer's: one round of local training.
+        let global = ClientWork::fit(&mut org, &stage, 1, initial.clone())
+            .unwrap()
+            .arrays;
+        assert_ne!(global, initial);
+        ClientWork::fit(&mut org, &stage, 2, global.clone()).unwrap();
+        drop(org);
+
+        // Restarted, with a task that brings no weights: the model is the last global one it
+        // received, not a fresh one (nor its own local update).
+        let mut restarted = organisation(8, dir.path());
+        let StageParams::SimSkip(params) = &stage.params else {
+            unreachable!()
+        };
+        let r = restarted.refining(&stage, params, &[]).unwrap();
+        assert_eq!(r.trainer.export(), global);
+        // Another stage's kept model is not used.
+        let mut other_stage = stage.clone();
+        other_stage.index = 2;
+        let mut restarted = organisation(8, dir.path());
+        let r = restarted.refining(&other_stage, params, &[]).unwrap();
+        assert_ne!(r.trainer.export(), global);
     }
 
     #[test]

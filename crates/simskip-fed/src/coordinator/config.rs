@@ -12,7 +12,9 @@ use crate::chunk::{DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::coordinator::rounds::{RoundsConfig, StageSpec};
 use crate::error::FedError;
 use crate::params::StageParams;
-use crate::robust::Robustness;
+use crate::privacy::DpConfig;
+use crate::robust::{Combine, Robustness};
+use crate::secagg::SecureAggregation;
 use crate::types::StageKind;
 
 /// The longest duration any setting may ask for: a week. Longer values are typos (and
@@ -31,6 +33,10 @@ pub const MAX_DURATION_SECS: f64 = 7.0 * 24.0 * 3600.0;
 /// eval_every = 5
 /// [server.stages.transe]
 /// lr = 0.01
+/// [server.stages.privacy]   # optional: DP of the uploads (see `crate::privacy`)
+/// noise_multiplier = 1.0
+/// clip_norm = 0.5
+/// delta = 1e-5
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "StageTable", into = "StageTable")]
@@ -43,6 +49,11 @@ pub struct StageConfig {
     pub params: StageParams,
     /// How the coordinator combines the clients' updates; never sent to clients.
     pub aggregation: Robustness,
+    /// Differential privacy of the uploads, applied by each organisation (`None`: none).
+    pub privacy: Option<DpConfig>,
+    /// `[server.stages.secure_aggregation]`: FIT rounds sum the updates under masks, so the
+    /// coordinator sees only the example-weighted sum (FedAvg stages).
+    pub secure_aggregation: Option<SecureAggregation>,
 }
 
 impl StageConfig {
@@ -69,6 +80,9 @@ struct StageTable {
     simskip: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     aggregation: Robustness,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    privacy: Option<DpConfig>,
+    secure_aggregation: Option<SecureAggregation>,
 }
 
 /// The run's table width by default: FedE's.
@@ -102,12 +116,24 @@ impl TryFrom<StageTable> for StageConfig {
                 t.name, t.aggregation.min_holders
             ));
         }
+        if let Some(p) = &t.privacy {
+            p.validate()
+                .map_err(|e| format!("stage {:?}: {e}", t.name))?;
+        }
+        if let Some(secure) = &t.secure_aggregation {
+            secure
+                .validate()
+                .map_err(|e| format!("stage {:?}: {e}", t.name))?;
+            check_secure_combination(&t.name, t.kind, &t.aggregation)?;
+        }
         Ok(StageConfig {
             name: t.name,
             rounds: t.rounds,
             eval_every: t.eval_every,
             params,
             aggregation: t.aggregation,
+            privacy: t.privacy,
+            secure_aggregation: t.secure_aggregation,
         })
     }
 }
@@ -126,8 +152,37 @@ impl From<StageConfig> for StageTable {
             transe: table.clone().filter(|_| kind == StageKind::FedE),
             simskip: table.filter(|_| kind == StageKind::FedAvg),
             aggregation: s.aggregation,
+            privacy: s.privacy,
+            secure_aggregation: s.secure_aggregation,
         }
     }
+}
+
+/// Secure aggregation hides every update from the coordinator, so nothing that needs to see
+/// them can run with it.
+fn check_secure_combination(
+    stage: &str,
+    kind: StageKind,
+    aggregation: &Robustness,
+) -> Result<(), String> {
+    if kind != StageKind::FedAvg {
+        return Err(format!(
+            "stage {stage:?}: secure_aggregation is for fedavg stages (this one is {})",
+            kind.as_str()
+        ));
+    }
+    if aggregation.combine != Combine::Mean {
+        return Err(format!(
+            "stage {stage:?}: aggregation.combine = {:?} needs the updates, which secure_aggregation hides: use \"mean\"",
+            aggregation.combine
+        ));
+    }
+    if let Some(c) = aggregation.clip_norm {
+        return Err(format!(
+            "stage {stage:?}: aggregation.clip_norm = {c} needs the updates, which secure_aggregation hides"
+        ));
+    }
+    Ok(())
 }
 
 /// Coordinator settings. Every field has a default, so a config file only needs what differs.
@@ -327,6 +382,25 @@ impl ServerConfig {
             s.aggregation
                 .validate()
                 .map_err(|e| FedError::Config(format!("server.stages[{i}] ({}): {e}", s.name)))?;
+            if let Some(secure) = &s.secure_aggregation {
+                let key = |k: &str| format!("server.stages[{i}] ({}): {k}", s.name);
+                secure.validate().map_err(|e| FedError::Config(key(&e)))?;
+                check_secure_combination(&s.name, s.kind(), &s.aggregation)
+                    .map_err(FedError::Config)?;
+                // A round must be able to select at least `threshold` organisations.
+                let needed = secure.threshold.map_or(2, |t| t as usize);
+                if self.min_fit_clients < needed {
+                    return bad(
+                        "min_fit_clients",
+                        &self.min_fit_clients,
+                        &format!(
+                            "stage {:?} aggregates securely and needs at least {needed} \
+                             organisations per round (its secure_aggregation.threshold, or 2)",
+                            s.name
+                        ),
+                    );
+                }
+            }
             // A SimSkip stage refines the table an earlier FedE stage produced: same width.
             match (s.kind(), table_dim) {
                 (StageKind::FedE, _) => table_dim = Some(s.params.dim()),
@@ -362,6 +436,8 @@ impl ServerConfig {
                     rounds: s.rounds,
                     eval_every: s.eval_every,
                     params: s.params.clone(),
+                    privacy: s.privacy.clone(),
+                    secure: s.secure_aggregation,
                 })
                 .collect(),
         }
@@ -474,6 +550,8 @@ mod tests {
             eval_every: 0,
             params: StageParams::defaults(StageKind::FedAvg, 7),
             aggregation: Robustness::default(),
+            privacy: None,
+            secure_aggregation: None,
         });
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("server.stages[1].dim = 7"), "{e}");

@@ -28,6 +28,11 @@
 //! * A client re-registering under the same name gets a new session; a task issued to its
 //!   old session no longer holds the round up, and it receives the current global model
 //!   with its next task.
+//! * A stage with differential privacy charges every FIT round to its Rényi-DP accountant,
+//!   at sampling rate q = selected / registered organisations, and records q
+//!   ([`DP_SAMPLING_RATE`]) and the epsilon spent so far at the stage's delta
+//!   ([`DP_EPSILON`]) among the round's metrics. A resumed run recharges its accountants
+//!   from the recorded rates.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -39,8 +44,11 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use simskip_data::NamedArray;
 
+use crate::accountant::RdpAccountant;
 use crate::aggregate::{weighted_metrics, AggregateError};
 use crate::params::StageParams;
+use crate::privacy::DpConfig;
+use crate::secagg::{self, SecAggReply, SecAggTask, SecureAggregation, SecureFit};
 use crate::strategy::Strategy;
 use crate::types::{
     ClientInfo, ClientResult, GlobalSnapshot, Payload, StageInfo, StageKind, TaskKind,
@@ -56,6 +64,11 @@ pub struct StageSpec {
     pub eval_every: u32,
     /// Sent to the clients with every task of the stage; its kind is the stage's kind.
     pub params: StageParams,
+    /// Differential privacy of the uploads (`None`: none); sent with every task.
+    pub privacy: Option<DpConfig>,
+    /// FIT rounds sum the updates under secure aggregation (FedAvg stages only); DP noise
+    /// is then split across the round's organisations.
+    pub secure: Option<SecureAggregation>,
 }
 
 impl StageSpec {
@@ -80,6 +93,13 @@ pub struct RoundsConfig {
     pub stages: Vec<StageSpec>,
 }
 
+/// The round metric holding the epsilon a DP stage has spent so far (at its delta).
+pub const DP_EPSILON: &str = "dp_epsilon";
+/// The round metric holding the delta at which [`DP_EPSILON`] holds.
+pub const DP_DELTA: &str = "dp_delta";
+/// The round metric holding the sampling rate a DP stage's FIT round was charged at.
+pub const DP_SAMPLING_RATE: &str = "dp_sampling_rate";
+
 /// A task for one client.
 #[derive(Debug, Clone)]
 pub struct Task {
@@ -89,6 +109,8 @@ pub struct Task {
     pub stage: StageInfo,
     pub round: u32,
     pub payload: Payload,
+    /// Secure aggregation: the protocol step this task asks for.
+    pub secagg: Option<SecAggTask>,
 }
 
 /// What a poll gets.
@@ -122,6 +144,9 @@ pub struct AggregationJob {
     round: u32,
     strategy: Box<dyn Strategy>,
     results: Vec<ClientResult>,
+    /// A secure round: the protocol's coordinator, with every answer needed to unmask the
+    /// sum (then `results` carry metrics only).
+    secure: Option<Box<secagg::Coordinator>>,
 }
 
 /// An [`AggregationJob`] that ran.
@@ -133,15 +158,23 @@ pub struct Aggregated {
 }
 
 impl AggregationJob {
-    /// Folds the results into the strategy's global state. CPU-bound.
+    /// Folds the results into the strategy's global state (a secure round: unmasks the sum
+    /// first). CPU-bound.
     pub fn run(self) -> Aggregated {
         let AggregationJob {
             stage,
             round,
             mut strategy,
             results,
+            secure,
         } = self;
-        let outcome = strategy.aggregate_fit(results);
+        let outcome = match secure {
+            None => strategy.aggregate_fit(results),
+            Some(coordinator) => match coordinator.finish() {
+                Ok(sum) => strategy.aggregate_secure(sum.mean()),
+                Err(e) => Err(AggregateError::Secure(e.to_string())),
+            },
+        };
         Aggregated {
             stage,
             round,
@@ -174,6 +207,8 @@ pub struct Report {
     pub arrays: Vec<NamedArray>,
     /// The client failed the task.
     pub error: Option<String>,
+    /// Secure aggregation: the answer to the task's protocol step.
+    pub secagg: Option<SecAggReply>,
 }
 
 /// Why a result was not counted.
@@ -354,6 +389,23 @@ struct RoundState {
     results: BTreeMap<String, ClientResult>,
     failures: BTreeMap<String, String>,
     serialize_secs: f64,
+    /// A FIT round under secure aggregation.
+    secure: Option<SecureRound>,
+}
+
+/// The secure-aggregation state of a FIT round.
+#[derive(Debug)]
+struct SecureRound {
+    /// `None` when the protocol could not start (see `failed`).
+    protocol: Option<SecureFit>,
+    /// When the current protocol step started (each step has `round_timeout`).
+    step_started: Duration,
+    /// The training answers (examples, metrics) given with the keys, for the round's record.
+    trained: BTreeMap<String, ClientResult>,
+    /// The last step closed and the sum can be unmasked.
+    ready: bool,
+    /// Why the protocol stopped short, if it did.
+    failed: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -411,6 +463,8 @@ pub struct Rounds {
     /// A resumed run waits for `min_clients` again before its first round, so that the
     /// organisations all have time to reconnect (none misses a stage's end, say).
     regathering: bool,
+    /// Privacy spent by each stage with DP (`None`: a stage without).
+    accountants: Vec<Option<RdpAccountant>>,
 }
 
 impl Rounds {
@@ -453,9 +507,14 @@ impl Rounds {
             return bad(format!("fraction_fit {} not in (0, 1]", cfg.fraction_fit));
         }
         let n = cfg.stages.len();
+        for s in &cfg.stages {
+            if let Some(p) = &s.privacy {
+                p.validate()
+                    .map_err(|e| RoundsError::Config(format!("stage {:?}: {e}", s.name)))?;
+            }
+        }
         Ok(Self {
             rng: StdRng::seed_from_u64(cfg.seed),
-            cfg,
             strategies: strategies.into_iter().map(Some).collect(),
             pending_registrations: Vec::new(),
             job: None,
@@ -471,6 +530,12 @@ impl Rounds {
             short_of_clients_since: None,
             aborted: None,
             regathering: false,
+            accountants: cfg
+                .stages
+                .iter()
+                .map(|s| s.privacy.as_ref().map(|_| RdpAccountant::default()))
+                .collect(),
+            cfg,
         })
     }
 
@@ -522,8 +587,24 @@ impl Rounds {
             // A different selection sequence from the first incarnation's, still seeded.
             r.rng = StdRng::seed_from_u64(r.cfg.seed ^ ((point.records.len() as u64) << 32));
         }
+        for rec in &point.records {
+            if let Some(q) = rec.metrics.get(DP_SAMPLING_RATE) {
+                r.charge_privacy(rec.stage_index, *q);
+            }
+        }
         r.records = point.records;
         Ok(r)
+    }
+
+    /// Charges one FIT round of `stage` at sampling rate `q` to its accountant; the epsilon
+    /// spent so far and the stage's delta it holds at (`None`: the stage has no DP).
+    fn charge_privacy(&mut self, stage: usize, q: f64) -> Option<(f64, f64)> {
+        let dp = self.cfg.stages.get(stage)?.privacy.as_ref()?;
+        let acc = self.accountants.get_mut(stage)?.as_mut()?;
+        // Both validated: the settings in `new`, q as a ratio clamped to [0, 1].
+        acc.compose_subsampled_gaussian(q.clamp(0.0, 1.0), dp.noise_multiplier, 1)
+            .ok()?;
+        acc.epsilon(dp.delta).ok().map(|(eps, _)| (eps, dp.delta))
     }
 
     pub fn config(&self) -> &RoundsConfig {
@@ -788,7 +869,19 @@ impl Rounds {
         let Some(strategy) = self.strategies[rs.stage].as_deref() else {
             unreachable!("a stage's strategy is out only while its round is aggregating");
         };
-        let payload = match strategy.payload(client) {
+        let secagg = match &rs.secure {
+            None => None,
+            Some(sr) => match sr.protocol.as_ref().and_then(|p| p.ask(&name)) {
+                Some(ask) => Some(ask.clone()),
+                None => return Ok(Poll::Wait),
+            },
+        };
+        // Only the first step of a secure round carries the global model.
+        let payload = match &secagg {
+            Some(ask) if !matches!(ask, SecAggTask::Begin { .. }) => Ok(Payload::empty()),
+            _ => strategy.payload(client),
+        };
+        let payload = match payload {
             Ok(p) => p,
             Err(e) => {
                 // The strategy cannot serve this client: count it as a failed answer.
@@ -809,9 +902,14 @@ impl Rounds {
                 name: stage.name.clone(),
                 rounds: stage.rounds,
                 params: stage.params.clone(),
+                privacy: stage
+                    .privacy
+                    .as_ref()
+                    .map(|p| p.for_client(stage.secure.is_some(), rs.selected.len())),
             },
             round: rs.round,
             payload,
+            secagg,
         }))
     }
 
@@ -858,7 +956,10 @@ impl Rounds {
             return Err(IgnoreReason::UnknownTask(task_id.to_string()));
         }
         let limit = match (rs.kind, self.strategies[rs.stage].as_deref()) {
-            (TaskKind::Fit, Some(st)) => st.fit_result_bytes(&self.clients[name].info),
+            // A secure round's answers carry no arrays: the update travels masked.
+            (TaskKind::Fit, Some(st)) if rs.secure.is_none() => {
+                st.fit_result_bytes(&self.clients[name].info)
+            }
             _ => 0,
         };
         if announced_bytes > limit {
@@ -914,6 +1015,27 @@ impl Rounds {
         }
         if report.round != rs.round {
             return ResultOutcome::Ignored(stale());
+        }
+        if let Some(sr) = &mut rs.secure {
+            if report.kind != rs.kind {
+                return ResultOutcome::Ignored(UnknownTask(report.task_id));
+            }
+            let waiting = rs.tasks.get(&name).is_some_and(|t| t.waiting);
+            if !waiting || rs.failures.contains_key(&name) {
+                return ResultOutcome::Ignored(Duplicate(report.task_id));
+            }
+            if let Some(t) = rs.tasks.get_mut(&name) {
+                t.waiting = false;
+            }
+            let client = self.clients[&name].info.clone();
+            let outcome = secure_answer(sr, &client, report);
+            if let Err(e) = &outcome {
+                rs.failures.insert(name, e.clone());
+            }
+            return match outcome {
+                Ok(()) => ResultOutcome::Accepted,
+                Err(e) => ResultOutcome::Failure(e),
+            };
         }
         if rs.results.contains_key(&name) || rs.failures.contains_key(&name) {
             return ResultOutcome::Ignored(Duplicate(report.task_id));
@@ -1004,9 +1126,13 @@ impl Rounds {
                 }
                 Phase::Collect(rs) => {
                     let all_in = rs.tasks.values().all(|t| !t.waiting);
-                    let timed_out = now.saturating_sub(rs.started) >= self.cfg.round_timeout;
+                    let since = rs.secure.as_ref().map_or(rs.started, |s| s.step_started);
+                    let timed_out = now.saturating_sub(since) >= self.cfg.round_timeout;
                     if !(all_in || timed_out) {
                         break;
+                    }
+                    if rs.secure.is_some() && self.next_secure_step(now) {
+                        continue;
                     }
                     self.close(now, !all_in);
                 }
@@ -1077,6 +1203,16 @@ impl Rounds {
             kind,
             clients: selected.clone(),
         });
+        let secure = match (&self.cfg.stages[stage].secure, kind) {
+            (Some(config), TaskKind::Fit) => {
+                Some(self.secure_round(stage, round, config, &selected, now))
+            }
+            _ => None,
+        };
+        if secure.as_ref().is_some_and(|s| s.failed.is_some()) {
+            // Nothing can be aggregated securely: no task goes out, the round closes at once.
+            tasks.clear();
+        }
         self.phase = Phase::Collect(RoundState {
             kind,
             stage,
@@ -1087,7 +1223,85 @@ impl Rounds {
             results: BTreeMap::new(),
             failures: BTreeMap::new(),
             serialize_secs: 0.0,
+            secure,
         });
+    }
+
+    /// The secure-aggregation state of a FIT round of `selected` (failed at once when the
+    /// protocol cannot run: that round then aggregates nothing).
+    fn secure_round(
+        &self,
+        stage: usize,
+        round: u32,
+        config: &SecureAggregation,
+        selected: &[String],
+        now: Duration,
+    ) -> SecureRound {
+        let context = secagg::context(&self.cfg.run_id, stage, round);
+        let len = self.strategies[stage]
+            .as_deref()
+            .and_then(|s| s.secure_len());
+        let protocol = match len {
+            Some(len) => SecureFit::new(config, &context, len, selected).map_err(|e| e.to_string()),
+            None => Err("the stage's strategy cannot aggregate securely".to_string()),
+        };
+        let (protocol, failed) = match protocol {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e)),
+        };
+        SecureRound {
+            protocol,
+            step_started: now,
+            trained: BTreeMap::new(),
+            ready: false,
+            failed,
+        }
+    }
+
+    /// Closes the current step of a secure FIT round and, if the protocol goes on, issues the
+    /// next step's tasks. `false`: the round is over (unmasked or failed) and must close.
+    fn next_secure_step(&mut self, now: Duration) -> bool {
+        let Phase::Collect(rs) = &mut self.phase else {
+            return false;
+        };
+        let Some(sr) = &mut rs.secure else {
+            return false;
+        };
+        let Some(protocol) = sr.protocol.as_mut() else {
+            return false;
+        };
+        match protocol.advance() {
+            Ok(true) => {}
+            Ok(false) => {
+                sr.ready = true;
+                return false;
+            }
+            Err(e) => {
+                sr.failed = Some(e.to_string());
+                return false;
+            }
+        }
+        sr.step_started = now;
+        self.past_tasks
+            .extend(rs.tasks.values().map(|t| t.task_id.clone()));
+        rs.tasks.clear();
+        for name in protocol.participants() {
+            // A participant that left (or registered again, losing its protocol state) is
+            // simply absent from this step.
+            let Some(c) = self.clients.get(&name).filter(|c| c.alive) else {
+                continue;
+            };
+            self.task_seq += 1;
+            rs.tasks.insert(
+                name.clone(),
+                Issued {
+                    task_id: format!("t{}-{}", self.task_seq, name),
+                    session: c.info.session.clone(),
+                    waiting: true,
+                },
+            );
+        }
+        true
     }
 
     fn close(&mut self, now: Duration, timed_out: bool) {
@@ -1097,15 +1311,52 @@ impl Rounds {
         let spec = &self.cfg.stages[rs.stage];
         self.past_tasks
             .extend(rs.tasks.values().map(|t| t.task_id.clone()));
+        let mut rs = rs;
+        // A secure round counts the organisations whose masked input is in the sum; the
+        // coordinator knows their training metrics, never their updates.
+        let mut secure = None;
+        let mut secure_note = None;
+        if let Some(sr) = rs.secure.take() {
+            let survivors = sr
+                .protocol
+                .as_ref()
+                .map(|p| p.survivors())
+                .unwrap_or_default();
+            let mut trained = sr.trained;
+            rs.results = survivors
+                .iter()
+                .filter_map(|n| trained.remove_entry(n))
+                .collect();
+            if let (true, Some(protocol)) = (sr.ready, sr.protocol) {
+                secure = Some(Box::new(protocol.into_coordinator()));
+                secure_note = Some(format!(
+                    "secure aggregation: the sum of {} organisations",
+                    survivors.len()
+                ));
+            } else {
+                secure_note = Some(format!(
+                    "secure aggregation failed: {}",
+                    sr.failed
+                        .as_deref()
+                        .unwrap_or("the protocol did not finish")
+                ));
+            }
+        }
+        let is_secure = secure_note.is_some();
         let results: Vec<ClientResult> = rs.results.into_values().collect();
-        let enough = results.len() >= self.cfg.min_fit_clients;
-        let note = (!enough && rs.kind != TaskKind::FinishStage).then(|| {
-            format!(
-                "only {} of the required {} clients answered",
-                results.len(),
-                self.cfg.min_fit_clients
-            )
-        });
+        let enough = results.len() >= self.cfg.min_fit_clients && (!is_secure || secure.is_some());
+        let note = if !enough && rs.kind != TaskKind::FinishStage {
+            Some(match &secure_note {
+                Some(n) if secure.is_none() => n.clone(),
+                _ => format!(
+                    "only {} of the required {} clients answered",
+                    results.len(),
+                    self.cfg.min_fit_clients
+                ),
+            })
+        } else {
+            secure_note
+        };
         let metric_inputs: Vec<(u64, BTreeMap<String, f64>)> = results
             .iter()
             .map(|r| (r.num_examples, r.metrics.clone()))
@@ -1115,12 +1366,31 @@ impl Rounds {
             .map(|r| r.client.name.as_str())
             .chain(rs.failures.keys().map(|s| s.as_str()))
             .collect();
-        let missing = rs
-            .tasks
-            .keys()
-            .filter(|n| !answered.contains(n.as_str()))
-            .cloned()
-            .collect();
+        let missing = if is_secure {
+            // Every selected organisation outside the sum that did not fail: it dropped out.
+            rs.selected
+                .iter()
+                .filter(|n| !answered.contains(n.as_str()))
+                .cloned()
+                .collect()
+        } else {
+            rs.tasks
+                .keys()
+                .filter(|n| !answered.contains(n.as_str()))
+                .cloned()
+                .collect()
+        };
+        let mut metrics = weighted_metrics(&metric_inputs);
+        if rs.kind == TaskKind::Fit && spec.privacy.is_some() {
+            // Every FIT round is charged, aggregated or not: the uploads were made.
+            let q = (rs.selected.len() as f64 / self.clients.len().max(1) as f64).min(1.0);
+            if let Some((eps, delta)) = self.charge_privacy(rs.stage, q) {
+                metrics.insert(DP_SAMPLING_RATE.to_owned(), q);
+                metrics.insert(DP_EPSILON.to_owned(), eps);
+                metrics.insert(DP_DELTA.to_owned(), delta);
+            }
+        }
+        let spec = &self.cfg.stages[rs.stage];
         let record = RoundRecord {
             run_id: self.cfg.run_id.clone(),
             stage_index: rs.stage,
@@ -1147,7 +1417,7 @@ impl Rounds {
             // FIT: set once the aggregation succeeds. EVALUATE: enough answers to count.
             aggregated: rs.kind == TaskKind::Evaluate && enough,
             note,
-            metrics: weighted_metrics(&metric_inputs),
+            metrics,
             timed_out,
             started_secs: rs.started.as_secs_f64(),
             ended_secs: now.as_secs_f64(),
@@ -1166,6 +1436,7 @@ impl Rounds {
                 round: rs.round,
                 strategy,
                 results,
+                secure,
             });
             self.phase = Phase::Aggregating(Box::new(record));
             return;
@@ -1252,3 +1523,41 @@ fn new_session_id() -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod secure_tests;
+
+/// Takes one answer of a secure FIT round: the keys step also brings the training outcome
+/// (examples and metrics, for the record); no step carries arrays.
+fn secure_answer(sr: &mut SecureRound, client: &ClientInfo, report: Report) -> Result<(), String> {
+    if let Some(e) = report.error {
+        return Err(format!("client error: {e}"));
+    }
+    if !report.arrays.is_empty() {
+        return Err("invalid result: a secure round's answer carries no arrays".into());
+    }
+    if let Some((k, v)) = report.metrics.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(format!("invalid result: metric {k:?} is {v}"));
+    }
+    let Some(reply) = report.secagg else {
+        return Err("invalid result: no secure aggregation answer".into());
+    };
+    let begins = matches!(reply, SecAggReply::Keys(_));
+    sr.protocol
+        .as_mut()
+        .ok_or("secure aggregation did not start")?
+        .on_reply(&client.name, reply)
+        .map_err(|e| format!("secure aggregation: {e}"))?;
+    if begins {
+        sr.trained.insert(
+            client.name.clone(),
+            ClientResult {
+                num_examples: report.num_examples.min(client.num_examples),
+                client: client.clone(),
+                arrays: Vec::new(),
+                metrics: report.metrics,
+            },
+        );
+    }
+    Ok(())
+}

@@ -1,4 +1,5 @@
 use super::*;
+use crate::privacy::ClientDp;
 use crate::strategy::{FedAvgStrategy, FedEStrategy};
 use crate::types::ENTITIES;
 
@@ -12,6 +13,8 @@ fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageSpec
         rounds,
         eval_every,
         params: StageParams::defaults(kind, 4),
+        privacy: None,
+        secure: None,
     }
 }
 
@@ -90,6 +93,7 @@ fn report(task: &Task, session: &str, value: f32, n: u64) -> Report {
             vec![]
         },
         error: None,
+        secagg: None,
     }
 }
 
@@ -603,4 +607,109 @@ fn run_is_aborted_when_it_cannot_reach_its_minimum_clients() {
     assert!((35_000..=36_200).contains(&at), "aborted at {at} ms");
     let reason = r.aborted().unwrap();
     assert!(reason.contains("1 of the 2"), "{reason}");
+}
+
+fn dp_stage(rounds: u32) -> StageSpec {
+    StageSpec {
+        privacy: Some(DpConfig {
+            noise_multiplier: 2.0,
+            clip_norm: 0.5,
+            delta: 1e-5,
+        }),
+        ..stage("s", StageKind::FedAvg, rounds, 0)
+    }
+}
+
+/// Plays `rounds` FIT rounds in which every selected client answers; returns their records.
+fn play_fit_rounds(r: &mut Rounds, sessions: &[String], rounds: u32, t0: u64) -> Vec<RoundRecord> {
+    let mut records = Vec::new();
+    for k in 0..rounds as u64 {
+        let now = t0 + 100 * k;
+        tick(r, ms(now));
+        for sess in sessions {
+            let Some(t) = r.task_for(sess, ms(now + 10)).unwrap().into_task() else {
+                continue;
+            };
+            assert_eq!(t.kind, TaskKind::Fit);
+            // Without secure aggregation each upload carries the whole noise.
+            assert_eq!(
+                t.stage.privacy,
+                Some(ClientDp {
+                    noise_multiplier: 2.0,
+                    clip_norm: 0.5,
+                    noise_shares: 1
+                })
+            );
+            r.on_result(report(&t, sess, 1.0, 1), ms(now + 20));
+        }
+        records.extend(
+            completed(&tick(r, ms(now + 30)))
+                .into_iter()
+                .filter(|rec| rec.kind == TaskKind::Fit),
+        );
+    }
+    records
+}
+
+#[test]
+fn a_dp_stage_records_the_epsilon_spent_after_every_fit_round() {
+    // 2 of 4 organisations per round: q = 0.5.
+    let cfg = config(4, 2, 0.5, vec![dp_stage(3)]);
+    let mut r = Rounds::new(cfg.clone(), vec![Box::new(FedAvgStrategy::new(w(0.0)))]).unwrap();
+    let s = register(&mut r, &["a", "b", "c", "d"], ms(0));
+    let records = play_fit_rounds(&mut r, &s, 2, 0);
+    assert_eq!(records.len(), 2);
+    for (steps, rec) in (1..).zip(&records) {
+        let want = crate::accountant::epsilon(0.5, 2.0, steps, 1e-5).unwrap();
+        assert_eq!(rec.metrics[DP_SAMPLING_RATE], 0.5);
+        assert_eq!(rec.metrics[DP_DELTA], 1e-5);
+        assert!((rec.metrics[DP_EPSILON] - want).abs() < 1e-12, "{rec:?}");
+    }
+    assert!(records[1].metrics[DP_EPSILON] > records[0].metrics[DP_EPSILON]);
+
+    // A resumed run goes on from what the records say was spent.
+    let mut resumed = Rounds::resume(
+        cfg,
+        vec![Box::new(FedAvgStrategy::new(w(0.0)))],
+        ResumePoint {
+            records: r.records().to_vec(),
+            now: ms(1000),
+        },
+    )
+    .unwrap();
+    let s = register(&mut resumed, &["a", "b", "c", "d"], ms(1000));
+    let more = play_fit_rounds(&mut resumed, &s, 1, 1000);
+    let want = crate::accountant::epsilon(0.5, 2.0, 3, 1e-5).unwrap();
+    assert!((more[0].metrics[DP_EPSILON] - want).abs() < 1e-12);
+
+    // A stage without DP records none.
+    let mut plain = fedavg_rounds(2, 2, 1, 0);
+    let s = register(&mut plain, &["a", "b"], ms(0));
+    tick(&mut plain, ms(0));
+    for sess in &s {
+        let t = plain.task_for(sess, ms(10)).unwrap().into_task().unwrap();
+        assert_eq!(t.stage.privacy, None);
+        plain.on_result(report(&t, sess, 1.0, 1), ms(20));
+    }
+    let rec = completed(&tick(&mut plain, ms(30)));
+    assert!(!rec[0].metrics.contains_key(DP_EPSILON));
+}
+
+#[test]
+fn bad_dp_settings_are_refused_with_one_line() {
+    let mut st = dp_stage(1);
+    st.privacy = Some(DpConfig {
+        noise_multiplier: -1.0,
+        clip_norm: 0.5,
+        delta: 1e-5,
+    });
+    let e = Rounds::new(
+        config(2, 2, 1.0, vec![st]),
+        vec![Box::new(FedAvgStrategy::new(w(0.0)))],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("privacy.noise_multiplier = -1"), "{e}");
+    assert_eq!(e.lines().count(), 1);
 }

@@ -1,0 +1,387 @@
+//! Secure aggregation over loopback gRPC: a real coordinator, organisations on the library's
+//! client, and one organisation speaking the protocol by hand to drop out after masking.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use simskip_data::NamedArray;
+use simskip_fed::chunk::Assembler;
+use simskip_fed::proto::coordinator_client::CoordinatorClient;
+use simskip_fed::proto::{self, register_request, result_chunk, sec_agg_reply, task_chunk};
+use simskip_fed::secagg::{self, AdvertisedKeys, ClientRound, SecAggReply, SecAggTask};
+use simskip_fed::{
+    run_client, serve, ClientAuth, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy, FitOutput,
+    Robustness, ServerAuth, ServerConfig, StageConfig, StageInfo, StageKind, StageParams, Strategy,
+    WorkError,
+};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+/// FedAvg work: returns the global model plus `shift` everywhere; records the final model.
+struct Shift {
+    shift: f32,
+    examples: u64,
+    finished: Arc<Mutex<Vec<NamedArray>>>,
+}
+
+impl ClientWork for Shift {
+    fn entity_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn num_examples(&self) -> u64 {
+        self.examples
+    }
+    fn fit(
+        &mut self,
+        _: &StageInfo,
+        _: u32,
+        global: Vec<NamedArray>,
+    ) -> Result<FitOutput, WorkError> {
+        let arrays = global
+            .into_iter()
+            .map(|mut a| {
+                a.data.iter_mut().for_each(|v| *v += self.shift);
+                a
+            })
+            .collect();
+        Ok(FitOutput {
+            arrays,
+            num_examples: self.examples,
+            metrics: BTreeMap::from([("loss".to_string(), self.shift as f64)]),
+        })
+    }
+    fn evaluate(
+        &mut self,
+        _: &StageInfo,
+        _: u32,
+        _: Vec<NamedArray>,
+    ) -> Result<EvalOutput, WorkError> {
+        Ok(EvalOutput {
+            num_examples: self.examples,
+            metrics: BTreeMap::new(),
+        })
+    }
+    fn finish_stage(&mut self, _: &StageInfo, global: Vec<NamedArray>) -> Result<(), WorkError> {
+        *self.finished.lock().unwrap() = global;
+        Ok(())
+    }
+}
+
+fn server_config(out: &Path, rounds: u32, min_fit: usize, threshold: Option<u32>) -> ServerConfig {
+    ServerConfig {
+        run_id: "secure-run".into(),
+        min_clients: 3,
+        min_fit_clients: min_fit,
+        round_timeout_secs: 1.0,
+        heartbeat_interval_secs: 0.2,
+        heartbeat_timeout_secs: 3.0,
+        poll_timeout_secs: 1.0,
+        out_dir: out.to_path_buf(),
+        stages: vec![StageConfig {
+            name: "simskip".into(),
+            rounds,
+            eval_every: 0,
+            params: StageParams::defaults(StageKind::FedAvg, 4),
+            aggregation: Robustness::default(),
+            privacy: None,
+            secure_aggregation: Some(secagg::SecureAggregation {
+                threshold,
+                ..Default::default()
+            }),
+        }],
+        seed: 5,
+        tick_ms: 20,
+        done_grace_secs: 1.0,
+        auth: ServerAuth::insecure(),
+        ..ServerConfig::default()
+    }
+}
+
+fn client_config(port: u16, name: &str) -> ClientConfig {
+    ClientConfig {
+        server: format!("http://127.0.0.1:{port}"),
+        name: name.into(),
+        connect_retries: 20,
+        backoff_initial_ms: 50,
+        backoff_max_ms: 200,
+        auth: ClientAuth::Insecure {},
+        ..ClientConfig::default()
+    }
+}
+
+fn initial() -> Vec<NamedArray> {
+    vec![
+        NamedArray::new("w", vec![2, 3], vec![0.5; 6]),
+        NamedArray::new("bn.running_mean", vec![3], vec![-1.0; 3]),
+    ]
+}
+
+/// Every value of `arrays` is its initial value plus `gain`, within the fixed-point bound
+/// (far below 1e-5 here: 2^-24 steps, a handful of examples).
+fn assert_gained(arrays: &[NamedArray], gain: f32) {
+    for (a, init) in arrays.iter().zip(initial()) {
+        assert_eq!((&a.name, &a.shape), (&init.name, &init.shape));
+        for (v, i) in a.data.iter().zip(&init.data) {
+            assert!(
+                (v - (i + gain)).abs() < 1e-5,
+                "{}: {v} vs {}",
+                a.name,
+                i + gain
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_organisations_reach_the_plain_fedavg_model_under_secure_aggregation() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = server_config(dir.path(), 2, 3, None);
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(initial()))];
+    let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
+    let mut clients = Vec::new();
+    let mut finals = Vec::new();
+    for (name, shift, examples) in [("a", 1.0, 1), ("b", 2.0, 1), ("c", 3.0, 2)] {
+        let finished = Arc::new(Mutex::new(Vec::new()));
+        finals.push(finished.clone());
+        let work = Shift {
+            shift,
+            examples,
+            finished,
+        };
+        clients.push(tokio::spawn(run_client(client_config(port, name), work)));
+    }
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+    let summary = tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(summary.completed);
+    let fits: Vec<_> = summary
+        .records
+        .iter()
+        .filter(|r| r.kind == simskip_fed::TaskKind::Fit)
+        .collect();
+    assert_eq!(fits.len(), 2);
+    for r in &fits {
+        assert!(r.aggregated && !r.timed_out, "{:?}", r.note);
+        assert_eq!(r.num_clients, 3);
+        assert!(r.note.as_deref().unwrap().starts_with("secure aggregation"));
+        // Training metrics are still example-weighted: (1 + 2 + 2 * 3) / 4.
+        assert_eq!(r.metrics["loss"], 2.25);
+    }
+    // Plain FedAvg adds (1 * 1 + 1 * 2 + 2 * 3) / 4 = 2.25 per round.
+    assert_gained(&summary.globals[0].arrays, 4.5);
+    for f in finals {
+        assert_gained(&f.lock().unwrap(), 4.5);
+    }
+}
+
+/// An organisation speaking the protocol by hand on the generated gRPC client.
+struct HandClient {
+    c: CoordinatorClient<Channel>,
+    session: String,
+}
+
+impl HandClient {
+    async fn register(port: u16, name: &str, examples: u64) -> Self {
+        let mut c = CoordinatorClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        let header = proto::RegisterRequest {
+            part: Some(register_request::Part::Header(proto::RegisterHeader {
+                client_name: name.into(),
+                num_examples: examples,
+                ..Default::default()
+            })),
+        };
+        let session = c
+            .register(tokio_stream::iter(vec![header]))
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id;
+        HandClient { c, session }
+    }
+
+    /// Polls until a task with a secure aggregation step arrives.
+    async fn secure_task(&mut self) -> (proto::TaskHeader, Vec<NamedArray>) {
+        loop {
+            let mut stream = self
+                .c
+                .poll_task(proto::PollRequest {
+                    session_id: self.session.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let Some(proto::TaskChunk {
+                part: Some(task_chunk::Part::Header(h)),
+            }) = stream.message().await.unwrap()
+            else {
+                panic!("a task starts with a header")
+            };
+            let mut asm = Assembler::new(&h.arrays).unwrap();
+            while let Some(proto::TaskChunk {
+                part: Some(task_chunk::Part::Tensor(t)),
+            }) = stream.message().await.unwrap()
+            {
+                asm.push(t).unwrap();
+            }
+            if h.secagg.is_some() {
+                return (h, asm.finish().unwrap());
+            }
+        }
+    }
+
+    async fn answer(
+        &mut self,
+        task: &proto::TaskHeader,
+        examples: u64,
+        reply: sec_agg_reply::Step,
+    ) {
+        let header = proto::ResultChunk {
+            part: Some(result_chunk::Part::Header(proto::ResultHeader {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                task_id: task.task_id.clone(),
+                session_id: self.session.clone(),
+                kind: task.kind,
+                num_examples: examples,
+                secagg: Some(proto::SecAggReply { step: Some(reply) }),
+                ..Default::default()
+            })),
+        };
+        let r = self
+            .c
+            .push_result(tokio_stream::iter(vec![header]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            proto::ResultStatus::Accepted as i32,
+            "{}",
+            r.message
+        );
+    }
+}
+
+fn keys_to_proto(k: &AdvertisedKeys) -> proto::SecAggKeys {
+    proto::SecAggKeys {
+        client_id: k.client,
+        cipher_public: k.cipher_public.to_vec(),
+        mask_public: k.mask_public.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_organisation_dropping_after_masking_leaves_the_sum_of_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg = server_config(dir.path(), 1, 2, Some(2));
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(initial()))];
+    let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
+    let mut clients = Vec::new();
+    for (name, shift) in [("a", 1.0), ("b", 2.0)] {
+        let work = Shift {
+            shift,
+            examples: 1,
+            finished: Arc::default(),
+        };
+        clients.push(tokio::spawn(run_client(client_config(port, name), work)));
+    }
+
+    // "d" trains (a huge shift, to show if it leaked into the sum), advertises its keys,
+    // shares them, and is gone before sending its masked input.
+    let mut d = HandClient::register(port, "d", 1).await;
+    let (begin, global) = d.secure_task().await;
+    let Some(proto::sec_agg_task::Step::Begin(b)) = begin.secagg.as_ref().unwrap().step.clone()
+    else {
+        panic!("the first step is begin")
+    };
+    let layout: Vec<_> = global
+        .iter()
+        .map(|a| (a.name.clone(), a.shape.clone()))
+        .collect();
+    let update: Vec<NamedArray> = global
+        .iter()
+        .map(|a| NamedArray::new(a.name.clone(), a.shape.clone(), vec![1000.0; a.data.len()]))
+        .collect();
+    let context = secagg::context(&begin.run_id, begin.stage_index as usize, begin.round);
+    let (mut state, keys) = ClientRound::begin(
+        &SecAggTask::Begin {
+            client: b.client_id,
+            threshold: b.threshold as usize,
+            frac_bits: b.frac_bits,
+        },
+        &context,
+        &layout,
+        &update,
+        1,
+    )
+    .unwrap();
+    let SecAggReply::Keys(keys) = keys else {
+        panic!("begin answers with keys")
+    };
+    d.answer(&begin, 1, sec_agg_reply::Step::Keys(keys_to_proto(&keys)))
+        .await;
+    let (roster_task, _) = d.secure_task().await;
+    let Some(proto::sec_agg_task::Step::Roster(roster)) =
+        roster_task.secagg.as_ref().unwrap().step.clone()
+    else {
+        panic!("the second step is the roster")
+    };
+    let roster: Vec<AdvertisedKeys> = roster
+        .keys
+        .iter()
+        .map(|k| AdvertisedKeys {
+            client: k.client_id,
+            cipher_public: k.cipher_public.as_slice().try_into().unwrap(),
+            mask_public: k.mask_public.as_slice().try_into().unwrap(),
+        })
+        .collect();
+    assert_eq!(roster.len(), 3);
+    let SecAggReply::Shares(sealed) = state.step(&SecAggTask::Roster(roster)).unwrap() else {
+        panic!("the roster is answered with shares")
+    };
+    let sealed = proto::SecAggInbox {
+        shares: sealed
+            .iter()
+            .map(|s| proto::SealedShares {
+                from: s.from,
+                to: s.to,
+                nonce: s.nonce.to_vec(),
+                ciphertext: s.ciphertext.clone(),
+            })
+            .collect(),
+    };
+    d.answer(&roster_task, 0, sec_agg_reply::Step::Shares(sealed))
+        .await;
+    drop(d);
+
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+    let summary = tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(summary.completed);
+    let fit = &summary.records[0];
+    assert_eq!(fit.kind, simskip_fed::TaskKind::Fit);
+    assert!(fit.aggregated, "{:?}", fit.note);
+    assert_eq!(fit.num_clients, 2);
+    assert_eq!(fit.missing, vec!["d".to_string()]);
+    // The survivors' FedAvg: (1 + 2) / 2; nothing of d's update.
+    assert_gained(&summary.globals[0].arrays, 1.5);
+}
