@@ -54,7 +54,7 @@ pub use coordinator::config::{ServerConfig, StageConfig};
 pub use coordinator::rounds;
 pub use coordinator::{run_server, serve, RunSummary};
 pub use error::{FedError, WorkError};
-pub use params::{SimSkipParams, StageParams};
+pub use params::{Personalization, SimSkipParams, StageParams};
 pub use robust::{Combine, Robustness};
 pub use strategy::{FedAvgStrategy, FedEStrategy, Strategy};
 pub use telemetry::{ClientMetrics, CoordinatorMetrics, MetricsServer};

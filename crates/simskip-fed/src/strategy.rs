@@ -85,6 +85,9 @@ pub struct FedAvgStrategy {
     /// Shared with every task that carries it; replaced, never mutated, by aggregation.
     global: Arc<[NamedArray]>,
     rule: Robustness,
+    /// Arrays that stay with each organisation (FedBN's BatchNorm): never averaged, they keep
+    /// their initial global values, which the clients do not install.
+    local: Vec<String>,
 }
 
 impl FedAvgStrategy {
@@ -94,7 +97,15 @@ impl FedAvgStrategy {
         Self {
             global: Arc::from(initial),
             rule: Robustness::default(),
+            local: Vec::new(),
         }
+    }
+
+    /// The arrays named `names` are local to each organisation: aggregation leaves them as
+    /// they are (a client's values of them are checked like the rest, then dropped).
+    pub fn with_local_arrays(mut self, names: Vec<String>) -> Self {
+        self.local = names;
+        self
     }
 
     /// Combines the round's updates by `rule`.
@@ -190,7 +201,12 @@ impl Strategy for FedAvgStrategy {
             .map(|r| (r.arrays, r.num_examples))
             .collect();
         // The output keeps the global order whatever order clients send.
-        let out = fedavg_robust(&self.global, &inputs, &self.rule)?;
+        let mut out = fedavg_robust(&self.global, &inputs, &self.rule)?;
+        for (new, old) in out.iter_mut().zip(self.global.iter()) {
+            if self.local.contains(&old.name) {
+                *new = old.clone();
+            }
+        }
         self.global = Arc::from(out);
         Ok(())
     }
@@ -460,6 +476,41 @@ mod tests {
             num_examples: 1,
             entity_keys: Arc::new(keys.iter().map(|k| k.to_string()).collect()),
         }
+    }
+
+    #[test]
+    fn fedavg_leaves_local_arrays_alone_and_averages_the_rest() {
+        let global = vec![
+            NamedArray::new("bn", vec![2], vec![1.0, 1.0]),
+            NamedArray::new("w", vec![2], vec![0.0, 0.0]),
+        ];
+        let result = |name: &str, bn: f32, w: f32| ClientResult {
+            client: client(name, &[]),
+            num_examples: 1,
+            arrays: vec![
+                NamedArray::new("w", vec![2], vec![w, w]),
+                NamedArray::new("bn", vec![2], vec![bn, bn]),
+            ],
+            metrics: Default::default(),
+        };
+        let mut fedbn = FedAvgStrategy::new(global.clone()).with_local_arrays(vec!["bn".into()]);
+        let mut plain = FedAvgStrategy::new(global);
+        for s in [&mut fedbn, &mut plain] {
+            s.aggregate_fit(vec![result("a", 5.0, 2.0), result("b", 7.0, 4.0)])
+                .unwrap();
+        }
+        let get = |s: &FedAvgStrategy, n: &str| {
+            s.arrays()
+                .iter()
+                .find(|a| a.name == n)
+                .unwrap()
+                .data
+                .clone()
+        };
+        assert_eq!(get(&fedbn, "bn"), vec![1.0, 1.0]);
+        assert_eq!(get(&fedbn, "w"), vec![3.0, 3.0]);
+        assert_eq!(get(&plain, "bn"), vec![6.0, 6.0]);
+        assert_eq!(get(&plain, "w"), vec![3.0, 3.0]);
     }
 
     #[test]

@@ -11,7 +11,9 @@ use simskip_kge::{
 use simskip_refine::{Augmentation, Positives, SimSkipConfig};
 
 use crate::coordinator::rounds::{Poll, Report, ResultOutcome, Task};
-use crate::params::{ParamsError, SimSkipParams, StageParams, PARAMS_SCHEMA_VERSION};
+use crate::params::{
+    ParamsError, Personalization, SimSkipParams, StageParams, PARAMS_SCHEMA_VERSION,
+};
 use crate::privacy::ClientDp;
 use crate::proto;
 use crate::secagg::{
@@ -165,6 +167,7 @@ pub(crate) fn params_to_proto(p: &StageParams) -> proto::StageParams {
                 local_epochs: c.epochs as u32,
                 batch_size: c.batch_size as u32,
                 seed: c.seed,
+                personalization: Some(personalization_to_proto(&s.personalization)),
             })
         }
     };
@@ -294,10 +297,44 @@ pub(crate) fn params_from_proto(p: Option<&proto::StageParams>) -> Result<StageP
                 seed: s.seed,
                 ..SimSkipConfig::default()
             },
+            personalization: personalization_from_proto(s.personalization.as_ref())?,
         }),
     };
     params.validate()?;
     Ok(params)
+}
+
+fn personalization_to_proto(p: &Personalization) -> proto::Personalization {
+    use proto::personalization::Kind;
+    let kind = match *p {
+        Personalization::FedAvg => Kind::Fedavg(proto::PlainFedAvg {}),
+        Personalization::FedBn => Kind::Fedbn(proto::FedBn {}),
+        Personalization::FineTune { epochs } => Kind::FineTune(proto::FineTune {
+            epochs: epochs as u32,
+        }),
+        Personalization::FedProx { mu } => Kind::Fedprox(proto::FedProx { mu }),
+    };
+    proto::Personalization { kind: Some(kind) }
+}
+
+/// Absent is an error, not plain FedAvg: a sender of this schema version always says.
+fn personalization_from_proto(
+    p: Option<&proto::Personalization>,
+) -> Result<Personalization, WireError> {
+    use proto::personalization::Kind;
+    let missing = WireError::Missing {
+        message: "SimSkipParams",
+        field: "personalization",
+    };
+    Ok(match p.and_then(|p| p.kind.as_ref()) {
+        None => return Err(missing),
+        Some(Kind::Fedavg(_)) => Personalization::FedAvg,
+        Some(Kind::Fedbn(_)) => Personalization::FedBn,
+        Some(Kind::FineTune(f)) => Personalization::FineTune {
+            epochs: f.epochs as usize,
+        },
+        Some(Kind::Fedprox(f)) => Personalization::FedProx { mu: f.mu },
+    })
 }
 
 // --- tasks ------------------------------------------------------------------------------
@@ -727,6 +764,32 @@ mod tests {
         }
         let e = params_from_proto(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("batch_size"), "{e}");
+        // Every personalisation travels; a bad one is refused by name, a missing one too.
+        for personalization in [
+            Personalization::FedBn,
+            Personalization::FineTune { epochs: 4 },
+            Personalization::FedProx { mu: 0.01 },
+        ] {
+            let mut params = StageParams::defaults(StageKind::FedAvg, 8);
+            if let StageParams::SimSkip(s) = &mut params {
+                s.personalization = personalization;
+            }
+            let back = params_from_proto(Some(&params_to_proto(&params))).unwrap();
+            assert_eq!(back, params);
+        }
+        let mut p = params_to_proto(&StageParams::defaults(StageKind::FedAvg, 8));
+        if let Some(proto::stage_params::Kind::Simskip(s)) = &mut p.kind {
+            s.personalization = Some(personalization_to_proto(&Personalization::FedProx {
+                mu: f32::NAN,
+            }));
+        }
+        let e = params_from_proto(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("personalization.mu"), "{e}");
+        if let Some(proto::stage_params::Kind::Simskip(s)) = &mut p.kind {
+            s.personalization = None;
+        }
+        let e = params_from_proto(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("personalization"), "{e}");
         let mut p = params_to_proto(&StageParams::defaults(StageKind::FedE, 8));
         p.schema_version = PARAMS_SCHEMA_VERSION + 1;
         assert!(matches!(

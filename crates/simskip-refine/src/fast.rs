@@ -128,6 +128,18 @@ pub struct FastTrainer {
     m: Vec<f32>,
     v: Vec<f32>,
     ws: Workspace,
+    /// FedProx's proximal term, when the local objective has one.
+    proximal: Option<Proximal>,
+}
+
+/// FedProx's proximal term `mu/2 ||w - w_anchor||²` over the trained parameters (Li et al.
+/// 2020): it holds a local copy near the global model it started the round from, which limits
+/// client drift on non-identical data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Proximal {
+    pub mu: f32,
+    /// The anchor `w_anchor`, laid out as [`Weights::trainable`].
+    pub anchor: Vec<f32>,
 }
 
 impl std::fmt::Debug for FastTrainer {
@@ -448,7 +460,35 @@ impl FastTrainer {
             m: vec![0.0; n],
             v: vec![0.0; n],
             ws: Workspace::default(),
+            proximal: None,
         }
+    }
+
+    /// Adds (or with `None` removes) FedProx's proximal term to the objective of every later
+    /// step: its value is part of the returned loss and its gradient `mu (w - w_anchor)` part of
+    /// [`Self::grads`]. An anchor of the wrong length is refused.
+    pub fn set_proximal(&mut self, proximal: Option<Proximal>) -> Result<()> {
+        if let Some(p) = &proximal {
+            if p.anchor.len() != self.weights.num_trainable() {
+                return Err(RefineError::Config(format!(
+                    "proximal anchor of {} values for {} trained parameters",
+                    p.anchor.len(),
+                    self.weights.num_trainable()
+                )));
+            }
+            if !(p.mu >= 0.0 && p.mu.is_finite()) {
+                return Err(RefineError::Config(format!(
+                    "proximal mu must be finite and >= 0, got {}",
+                    p.mu
+                )));
+            }
+        }
+        self.proximal = proximal;
+        Ok(())
+    }
+
+    pub fn proximal(&self) -> Option<&Proximal> {
+        self.proximal.as_ref()
     }
 
     pub fn weights(&self) -> &Weights {
@@ -763,7 +803,18 @@ impl FastTrainer {
             layout.range(Param::Linear1Bias),
         );
         linear_grad_params(par, n, d, h, x, &ws.dh1, gw, gb);
-        loss
+        match &self.proximal {
+            None => loss,
+            Some(prox) => {
+                let mut sq = 0f64;
+                for ((gv, &w), &a) in g.iter_mut().zip(params).zip(&prox.anchor) {
+                    let diff = w - a;
+                    *gv += prox.mu * diff;
+                    sq += (diff as f64) * (diff as f64);
+                }
+                loss + (0.5 * prox.mu as f64 * sq) as f32
+            }
+        }
     }
 
     /// One AdamW update from the gradients of the last [`Self::forward_backward`], with the
@@ -900,6 +951,71 @@ mod tests {
             assert!(big > 50, "only {big} sizeable gradient entries");
             eprintln!("skip {skip}: max |fd - analytic| = {max_err:e}, {retried} retried");
         }
+    }
+
+    /// With FedProx's proximal term the gradient still matches finite differences of the loss
+    /// (which now includes the term), and it is exactly the contrastive gradient plus
+    /// `mu (w - w_anchor)`.
+    #[test]
+    fn proximal_term_adds_its_gradient_and_value() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let mut t = trainer(8, true, 0.0, &mut rng);
+        let x: Vec<f32> = (0..64).map(|_| rng.random_range(-1.0..1.0)).collect();
+        // An anchor away from the weights, so the term is not zero.
+        let anchor: Vec<f32> = t
+            .weights()
+            .trainable()
+            .iter()
+            .map(|w| w + rng.random_range(-0.5..0.5))
+            .collect();
+        let plain_loss = t.forward_backward(&x);
+        let plain: Vec<f32> = t.grads().flat_map(|(_, g)| g.to_vec()).collect();
+        let mu = 0.7;
+        t.set_proximal(Some(Proximal {
+            mu,
+            anchor: anchor.clone(),
+        }))
+        .unwrap();
+        let prox_loss = t.forward_backward(&x);
+        let prox: Vec<f32> = t.grads().flat_map(|(_, g)| g.to_vec()).collect();
+        let w = t.weights().trainable().to_vec();
+        let sq: f32 = w.iter().zip(&anchor).map(|(w, a)| (w - a) * (w - a)).sum();
+        assert!((prox_loss - plain_loss - 0.5 * mu * sq).abs() < 1e-3 * sq.max(1.0));
+        for k in 0..w.len() {
+            let want = plain[k] + mu * (w[k] - anchor[k]);
+            assert!((prox[k] - want).abs() < 1e-5, "{k}: {} vs {want}", prox[k]);
+        }
+        // Finite differences of the whole objective on a few parameters of each layer.
+        let layout = *t.weights().layout();
+        for param in [Param::Linear1Weight, Param::Bn2Bias, Param::Projector2Bias] {
+            let k = layout.range(param).start;
+            let ga = prox[k];
+            let eps = 1e-3f32;
+            let orig = t.weights().get(param)[0];
+            t.weights_mut().get_mut(param)[0] = orig + eps;
+            let lp = t.forward_backward(&x);
+            t.weights_mut().get_mut(param)[0] = orig - eps;
+            let lm = t.forward_backward(&x);
+            t.weights_mut().get_mut(param)[0] = orig;
+            let fd = (lp - lm) / (2.0 * eps);
+            assert!(
+                (fd - ga).abs() < 2e-3 + 2e-2 * ga.abs(),
+                "{param:?}: {fd} vs {ga}"
+            );
+        }
+        // A wrong-sized anchor or a bad mu is refused.
+        assert!(t
+            .set_proximal(Some(Proximal {
+                mu,
+                anchor: vec![0.0; 3]
+            }))
+            .is_err());
+        assert!(t
+            .set_proximal(Some(Proximal {
+                mu: f32::NAN,
+                anchor
+            }))
+            .is_err());
     }
 
     /// A deliberately wrong gradient is caught by the same check (the test above can fail).

@@ -10,10 +10,10 @@ use simskip_data::{Matrix, NamedArray};
 use crate::augment::{Augmentation, Augmenter};
 use crate::candle_trainer::CandleTrainer;
 use crate::error::{RefineError, Result};
-use crate::fast::{AdamWParams, FastTrainer};
+use crate::fast::{AdamWParams, FastTrainer, Proximal};
 use crate::model::SimSkipModel;
 use crate::positives::{partner_ids, Neighbours, Positives};
-use crate::weights::Weights;
+use crate::weights::{Param, Weights};
 
 /// Which implementation runs a training step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,6 +281,44 @@ impl SimSkipTrainer {
     pub fn import(&mut self, arrays: &[NamedArray]) -> Result<()> {
         let w = Weights::from_arrays(self.dim(), arrays)?;
         self.set_weights(w)
+    }
+
+    /// Replace the weights with `arrays` (validated as [`Self::import`] does) except the
+    /// arrays for which `local` is true, which keep this trainer's current values: FedBN keeps
+    /// BatchNorm local (`|p| p.spec().kind.is_batch_norm()`). On error nothing changes.
+    pub fn import_keeping(
+        &mut self,
+        arrays: &[NamedArray],
+        local: impl Fn(Param) -> bool,
+    ) -> Result<()> {
+        let mut w = Weights::from_arrays(self.dim(), arrays)?;
+        for spec in crate::weights::PARAMS.iter().filter(|s| local(s.param)) {
+            w.get_mut(spec.param)
+                .copy_from_slice(self.weights().get(spec.param));
+        }
+        self.set_weights(w)
+    }
+
+    /// FedProx: with `Some(mu)`, every later step minimises the contrastive loss plus
+    /// `mu/2 ||w - w_anchor||²`, anchored at the current weights (call it right after
+    /// installing the global model); `None` removes the term. The term is computed by the fast
+    /// backend; the candle backend refuses it rather than silently train without it.
+    pub fn anchor_proximal(&mut self, mu: Option<f32>) -> Result<()> {
+        match &mut self.engine {
+            Engine::Fast(f) => {
+                let proximal = mu.map(|mu| Proximal {
+                    mu,
+                    anchor: f.weights().trainable().to_vec(),
+                });
+                f.set_proximal(proximal)
+            }
+            Engine::Candle(_) if mu.is_none() => Ok(()),
+            Engine::Candle(_) => Err(RefineError::Config(
+                "FedProx's proximal term is computed by the fast SimSkip backend only: set the \
+                 organisation's compute.simskip_backend = \"fast\""
+                    .into(),
+            )),
+        }
     }
 
     /// A candle model of the current weights (a copy: changing it leaves the trainer's alone).

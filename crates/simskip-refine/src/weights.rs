@@ -89,6 +89,14 @@ impl Kind {
     pub const fn is_trainable(self) -> bool {
         !matches!(self, Kind::RunningMean | Kind::RunningVar)
     }
+
+    /// True for BatchNorm's scale, shift and running statistics: what FedBN keeps local.
+    pub const fn is_batch_norm(self) -> bool {
+        matches!(
+            self,
+            Kind::BnWeight | Kind::BnBias | Kind::RunningMean | Kind::RunningVar
+        )
+    }
 }
 
 /// An array of the network; its discriminant is its row in [`PARAMS`].

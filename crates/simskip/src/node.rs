@@ -12,8 +12,8 @@ use simskip_data::KgDataset;
 use simskip_fed::coordinator::rounds;
 use simskip_fed::coordinator::store::Store;
 use simskip_fed::{
-    ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, StageConfig, StageKind, StageParams,
-    Strategy,
+    ClientConfig, FedAvgStrategy, FedEStrategy, ServerConfig, SimSkipParams, StageConfig,
+    StageKind, StageParams, Strategy,
 };
 use simskip_kge::TransEConfig;
 use simskip_refine::SimSkipTrainer;
@@ -209,19 +209,34 @@ pub fn strategies(server: &ServerConfig) -> Result<Vec<Box<dyn Strategy>>> {
                     FedEStrategy::new(cfg.dim, simskip_kge::init_bound(cfg), server.seed)
                         .with_rule(stage.aggregation.clone()),
                 ),
-                StageParams::SimSkip(p) => {
-                    let cfg = simskip_refine::SimSkipConfig {
-                        seed: server.seed,
-                        ..p.config.clone()
-                    };
-                    let initial = SimSkipTrainer::new(p.dim, cfg)
+                StageParams::SimSkip(p) => Box::new(
+                    simskip_strategy(p, server.seed)
                         .with_context(|| format!("the initial model of stage {:?}", stage.name))?
-                        .export();
-                    Box::new(FedAvgStrategy::new(initial).with_rule(stage.aggregation.clone()))
-                }
+                        .with_rule(stage.aggregation.clone()),
+                ),
             })
         })
         .collect()
+}
+
+/// The FedAvg strategy of a SimSkip stage: its initial model drawn from `seed`, and under
+/// FedBN its BatchNorm arrays left to each organisation.
+pub fn simskip_strategy(p: &SimSkipParams, seed: u64) -> Result<FedAvgStrategy> {
+    let cfg = simskip_refine::SimSkipConfig {
+        seed,
+        ..p.config.clone()
+    };
+    let initial = SimSkipTrainer::new(p.dim, cfg)?.export();
+    let local = if p.personalization.keeps_batch_norm_local() {
+        simskip_refine::PARAMS
+            .iter()
+            .filter(|s| s.kind.is_batch_norm())
+            .map(|s| s.name.to_owned())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(FedAvgStrategy::new(initial).with_local_arrays(local))
 }
 
 pub fn run_server(args: ServerArgs) -> Result<()> {
@@ -469,10 +484,18 @@ impl StageFigures {
             let Some(kept) = self.kept.get(client) else {
                 continue;
             };
-            let figures: BTreeMap<String, f64> = TASKS
-                .iter()
-                .filter_map(|t| Some((t.to_string(), *m.get(&format!("{kept}.{t}"))?)))
-                .collect();
+            // Figures the organisation measured on what it keeps (after fine-tuning) beat the
+            // last evaluation's, which scored the federated model's output.
+            let figures: BTreeMap<String, f64> = match self.kept_figures.get(client) {
+                Some(own) if !own.is_empty() => TASKS
+                    .iter()
+                    .filter_map(|t| Some((t.to_string(), *own.get(*t)?)))
+                    .collect(),
+                _ => TASKS
+                    .iter()
+                    .filter_map(|t| Some((t.to_string(), *m.get(&format!("{kept}.{t}"))?)))
+                    .collect(),
+            };
             let w = self.client_examples.get(client).copied().unwrap_or(0) as f64;
             for (t, v) in &figures {
                 let e = sums
@@ -505,6 +528,9 @@ pub struct StageFigures {
     /// What each organisation's gate kept ("input" or "refined"), when known (see
     /// [`RunFigures::with_kept`]).
     pub kept: BTreeMap<String, String>,
+    /// The kept table's test figures as the organisation measured them at the end of the
+    /// stage, when the kept table is not the one the last evaluation scored (fine-tuning).
+    pub kept_figures: BTreeMap<String, BTreeMap<String, f64>>,
     /// (round, aggregated metrics) of every evaluation, in order.
     pub history: Vec<(u32, BTreeMap<String, f64>)>,
     /// A DP stage's privacy spent after its last FIT round.
@@ -587,6 +613,18 @@ impl RunFigures {
     pub fn with_kept(mut self, stage: &str, kept: BTreeMap<String, String>) -> Self {
         if let Some(f) = self.stages.get_mut(stage) {
             f.kept = kept;
+        }
+        self
+    }
+
+    /// The kept tables' own test figures, per organisation (see [`StageFigures::kept_figures`]).
+    pub fn with_kept_figures(
+        mut self,
+        stage: &str,
+        figures: BTreeMap<String, BTreeMap<String, f64>>,
+    ) -> Self {
+        if let Some(f) = self.stages.get_mut(stage) {
+            f.kept_figures = figures;
         }
         self
     }
@@ -707,5 +745,26 @@ mod tests {
             table.contains("kept (refined)") && table.contains("kept (input)"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn an_organisations_own_figures_of_its_kept_table_win() {
+        let mut f = StageFigures {
+            clients: BTreeMap::from([(
+                "a".to_string(),
+                BTreeMap::from([("refined.knn_at_10".to_string(), 0.6)]),
+            )]),
+            client_examples: BTreeMap::from([("a".to_string(), 1)]),
+            kept: BTreeMap::from([("a".to_string(), "refined".to_string())]),
+            ..StageFigures::default()
+        };
+        assert_eq!(f.kept_rows()["a"].1["knn_at_10"], 0.6);
+        // Fine-tuned after the last evaluation: the organisation's own figure is shown.
+        f.kept_figures = BTreeMap::from([(
+            "a".to_string(),
+            BTreeMap::from([("knn_at_10".to_string(), 0.7)]),
+        )]);
+        assert_eq!(f.kept_rows()["a"].1["knn_at_10"], 0.7);
+        assert_eq!(f.kept_rows()["aggregate"].1["knn_at_10"], 0.7);
     }
 }

@@ -547,17 +547,30 @@ pub fn simulate(file: &SimulateFile, program: &NodeProgram) -> Result<RunFigures
         if stage.kind() != simskip_fed::StageKind::FedAvg {
             continue;
         }
-        let kept = plan
+        let decisions: Vec<(String, serde_json::Value)> = plan
             .clients
             .iter()
             .filter_map(|c| {
                 let path = c.data.out_dir.join(&stage.name).join("gate.json");
                 let v: serde_json::Value =
                     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-                Some((c.client.name.clone(), v["output"].as_str()?.to_owned()))
+                Some((c.client.name.clone(), v))
             })
             .collect();
-        figures = figures.with_kept(&stage.name, kept);
+        let kept = decisions
+            .iter()
+            .filter_map(|(name, v)| Some((name.clone(), v["output"].as_str()?.to_owned())))
+            .collect();
+        let own = decisions
+            .iter()
+            .filter_map(|(name, v)| {
+                let figures = serde_json::from_value(v.get("kept_figures")?.clone()).ok()?;
+                Some((name.clone(), figures))
+            })
+            .collect();
+        figures = figures
+            .with_kept(&stage.name, kept)
+            .with_kept_figures(&stage.name, own);
     }
     Ok(figures)
 }

@@ -134,6 +134,32 @@ impl FederatedWork {
         })
     }
 
+    /// An organisation whose stage-2 table is given in memory (rows aligned with `ds`'s
+    /// entities), for a federation run in one process.
+    pub fn with_table(
+        ds: KgDataset,
+        out_dir: PathBuf,
+        settings: WorkSettings,
+        table: Matrix,
+        norm: Norm,
+    ) -> Result<Self> {
+        anyhow::ensure!(
+            table.rows == ds.num_entities(),
+            "a table of {} rows for {} entities",
+            table.rows,
+            ds.num_entities()
+        );
+        Ok(Self {
+            filter: FilterIndex::from_dataset(&ds),
+            ds,
+            state: PrivateState::new(&out_dir),
+            out_dir,
+            settings,
+            progress: Progress::Embedded(Stage2Input { table, norm }),
+            kept_fede: None,
+        })
+    }
+
     /// The local TransE of this FedE stage with the coordinator's rows of our entities
     /// installed; created on the stage's first task (relations start random and stay local).
     fn embedding(
@@ -256,11 +282,20 @@ impl FederatedWork {
             unreachable!("set just above")
         };
         if !global.is_empty() {
-            r.trainer
-                .import(global)
-                .with_context(|| format!("the global model of stage {:?}", stage.name))?;
+            let installed = if params.personalization.keeps_batch_norm_local() {
+                // FedBN: this organisation's BatchNorm stays its own.
+                r.trainer
+                    .import_keeping(global, |p| p.spec().kind.is_batch_norm())
+            } else {
+                r.trainer.import(global)
+            };
+            installed.with_context(|| format!("the global model of stage {:?}", stage.name))?;
             self.state.keep_simskip_global(stage, global)?;
         }
+        // FedProx: local training is anchored at the global model just installed.
+        r.trainer
+            .anchor_proximal(params.personalization.proximal_mu())
+            .with_context(|| format!("stage {:?}", stage.name))?;
         Ok(r)
     }
 
@@ -396,6 +431,16 @@ impl FederatedWork {
             }
             StageParams::SimSkip(p) => {
                 let r = self.refining(stage, p, &global)?;
+                // Fine-tuning: the final global model trains on this organisation's own table
+                // before the gate judges it (without the proximal term: it is the last visit).
+                let fine_tune = p.personalization.fine_tune_epochs();
+                if fine_tune > 0 {
+                    r.trainer.anchor_proximal(None)?;
+                    for _ in 0..fine_tune {
+                        r.trainer
+                            .train_epoch(&r.input.table, r.neighbours.as_ref())?;
+                    }
+                }
                 let refined = r.trainer.refine(&r.input.table)?;
                 let norm = r.input.norm;
                 let Progress::Refining(r) = &self.progress else {
@@ -409,6 +454,12 @@ impl FederatedWork {
                 let keep_refined = !self.settings.gate.enabled || gate.keep_refined;
                 let output = if keep_refined { &refined } else { input };
                 let path = self.write_table(&stage.name, output)?;
+                // After fine-tuning, the refined table is no longer the federated model's
+                // output that the last evaluation scored: the organisation scores what it keeps.
+                let mut kept_figures = BTreeMap::new();
+                if fine_tune > 0 {
+                    flatten("", &evaluate_table(&ctx, output)?, &mut kept_figures);
+                }
                 let primary = &gate.scores[0];
                 let decision = serde_json::json!({
                     "signal": gate.signal,
@@ -419,6 +470,8 @@ impl FederatedWork {
                     "reason": gate.reason,
                     "tolerance": gate.tolerance,
                     "scores": gate.scores,
+                    "fine_tune_epochs": fine_tune,
+                    "kept_figures": kept_figures,
                 });
                 crate::report::write_json(
                     &self.out_dir.join(&stage.name).join("gate.json"),
@@ -516,7 +569,12 @@ fn flatten(prefix: &str, f: &TaskFigures, out: &mut BTreeMap<String, f64>) {
     ];
     for (name, value) in pairs {
         if let Some(v) = value.filter(|v| v.is_finite()) {
-            out.insert(format!("{prefix}.{name}"), v);
+            let key = if prefix.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            out.insert(key, v);
         }
     }
 }
@@ -575,6 +633,67 @@ mod tests {
         };
         assert_eq!(shapes(&out.arrays), shapes(&own));
         assert_ne!(out.arrays, own, "a local epoch changes the weights");
+    }
+
+    fn stage_with(dim: usize, personalization: simskip_fed::Personalization) -> StageInfo {
+        let mut stage = simskip_stage(dim);
+        if let StageParams::SimSkip(p) = &mut stage.params {
+            p.personalization = personalization;
+        }
+        stage
+    }
+
+    #[test]
+    fn fedbn_installs_the_global_model_but_keeps_this_organisations_batch_norm() {
+        use simskip_refine::Param;
+        let dir = tempfile::tempdir().unwrap();
+        let mut org = organisation(8, dir.path());
+        let stage = stage_with(8, simskip_fed::Personalization::FedBn);
+        let initial = SimSkipTrainer::new(8, SimSkipConfig::default())
+            .unwrap()
+            .export();
+        // A round trains the local copy: its BatchNorm statistics move.
+        ClientWork::fit(&mut org, &stage, 1, initial.clone()).unwrap();
+        let Progress::Refining(r) = &org.progress else {
+            panic!("refining")
+        };
+        let local_mean = r.trainer.weights().get(Param::Bn1RunningMean).to_vec();
+        // The next global model: every value 0.25 (BatchNorm included).
+        let global: Vec<NamedArray> = initial
+            .iter()
+            .map(|a| NamedArray::new(a.name.clone(), a.shape.clone(), vec![0.25; a.data.len()]))
+            .collect();
+        let StageParams::SimSkip(params) = stage.params.clone() else {
+            unreachable!()
+        };
+        let r = org.refining(&stage, &params, &global).unwrap();
+        let w = r.trainer.weights();
+        assert_eq!(w.get(Param::Bn1RunningMean), local_mean.as_slice());
+        assert!(w.get(Param::Bn2Weight).iter().all(|&v| v != 0.25));
+        assert!(w.get(Param::OutWeight).iter().all(|&v| v == 0.25));
+        assert!(w.get(Param::Linear1Weight).iter().all(|&v| v == 0.25));
+    }
+
+    #[test]
+    fn fedprox_on_the_candle_backend_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/wordnet-5k");
+        let ds = KgDataset::load(&root).unwrap();
+        let n = ds.num_entities();
+        let table = Matrix::from_vec(n, 8, (0..n * 8).map(|i| (i % 5) as f32 * 0.1).collect());
+        let settings = WorkSettings {
+            compute: ComputeSettings {
+                simskip_backend: simskip_refine::Backend::Candle,
+                threads: 1,
+            },
+            ..WorkSettings::default()
+        };
+        let mut org =
+            FederatedWork::with_table(ds, dir.path().join("org"), settings, table, Norm::L1)
+                .unwrap();
+        let stage = stage_with(8, simskip_fed::Personalization::FedProx { mu: 0.01 });
+        let e = ClientWork::fit(&mut org, &stage, 1, vec![]).unwrap_err();
+        assert!(e.to_string().contains("simskip_backend"), "{e}");
     }
 
     fn wordnet() -> KgDataset {
