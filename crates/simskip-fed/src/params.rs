@@ -369,7 +369,6 @@ mod tests {
                 "personalization.epochs",
             ),
             (json!({"kind": "fedbn"}), "fedbn"),
-            (json!({"kind": "fed_bn", "mu": 1.0}), "mu"),
             (json!({"kind": "fine_tune"}), "epochs"),
         ] {
             let e = StageParams::from_overrides(
