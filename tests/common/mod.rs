@@ -256,13 +256,13 @@ impl Federation {
         self.server.server.listen = address.clone();
         self.write_server();
         let names = Self::names();
-        for k in 0..ORGS {
+        for (k, name) in names.iter().enumerate() {
             let mut c = self.client.clone();
             c.client.server = format!("https://{address}");
             // The name comes from the certificate.
             c.client.name = String::new();
             c.client.auth = simskip_fed::ClientAuth::Mtls {
-                tls_dir: self.tls.join(&names[k]),
+                tls_dir: self.tls.join(name),
                 server_name: None,
             };
             c.data.dir = self.data_dirs[k].clone();

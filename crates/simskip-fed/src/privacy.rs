@@ -198,7 +198,7 @@ pub fn privatise_rows(
     dp: &ClientDp,
     rng: &mut impl Rng,
 ) -> Result<Privatised, ParamsError> {
-    if dim == 0 || global.len() != local.len() || local.len() % dim != 0 {
+    if dim == 0 || global.len() != local.len() || !local.len().is_multiple_of(dim) {
         return Err(ParamsError::Table(
             "the rows and the global rows differ in shape".into(),
         ));

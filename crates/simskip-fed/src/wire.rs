@@ -389,7 +389,8 @@ pub(crate) fn idle_header(poll: &Poll, run_id: &str) -> proto::TaskHeader {
     }
 }
 
-/// What a client makes of a task header.
+/// What a client makes of a task header (one per poll, consumed at once, so its size is moot).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum PolledHeader {
     Wait,

@@ -427,6 +427,9 @@ impl Next {
     }
 }
 
+// One phase per coordinator, replaced in place: boxing the collecting state would only add an
+// allocation per round.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Phase {
     Idle(Next),

@@ -598,13 +598,13 @@ impl SecAggClient {
     }
 }
 
-/// Where the coordinator is in the protocol.
+/// Where the coordinator is in the protocol: what it collects now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CoordinatorStep {
-    CollectKeys,
-    CollectShares,
-    CollectInputs,
-    CollectResponses,
+    Keys,
+    Shares,
+    Inputs,
+    Responses,
 }
 
 /// The coordinator's side of one aggregation: it relays keys and sealed shares, adds masked
@@ -631,7 +631,7 @@ impl Coordinator {
             settings,
             context: context.to_vec(),
             dim,
-            step: CoordinatorStep::CollectKeys,
+            step: CoordinatorStep::Keys,
             keys: BTreeMap::new(),
             shares: BTreeMap::new(),
             inputs: BTreeSet::new(),
@@ -644,10 +644,10 @@ impl Coordinator {
         if self.step != step {
             return Err(SecAggError::OutOfOrder {
                 at: match self.step {
-                    CoordinatorStep::CollectKeys => "advertise keys",
-                    CoordinatorStep::CollectShares => "share keys",
-                    CoordinatorStep::CollectInputs => "masked input",
-                    CoordinatorStep::CollectResponses => "unmask",
+                    CoordinatorStep::Keys => "advertise keys",
+                    CoordinatorStep::Shares => "share keys",
+                    CoordinatorStep::Inputs => "masked input",
+                    CoordinatorStep::Responses => "unmask",
                 },
                 got,
             });
@@ -657,7 +657,7 @@ impl Coordinator {
 
     /// Step 1 in: one client's keys.
     pub fn on_keys(&mut self, keys: AdvertisedKeys) -> Result<(), SecAggError> {
-        self.expect(CoordinatorStep::CollectKeys, "advertise keys")?;
+        self.expect(CoordinatorStep::Keys, "advertise keys")?;
         if self.keys.insert(keys.client, keys).is_some() {
             return Err(SecAggError::Duplicate(keys.client));
         }
@@ -666,9 +666,9 @@ impl Coordinator {
 
     /// Step 1 out: closes key collection and returns the roster every client receives.
     pub fn roster(&mut self) -> Result<Vec<AdvertisedKeys>, SecAggError> {
-        self.expect(CoordinatorStep::CollectKeys, "roster")?;
+        self.expect(CoordinatorStep::Keys, "roster")?;
         check_threshold(self.settings.threshold, self.keys.len())?;
-        self.step = CoordinatorStep::CollectShares;
+        self.step = CoordinatorStep::Shares;
         Ok(self.keys.values().copied().collect())
     }
 
@@ -679,7 +679,7 @@ impl Coordinator {
         from: ClientId,
         sealed: Vec<SealedShares>,
     ) -> Result<(), SecAggError> {
-        self.expect(CoordinatorStep::CollectShares, "share keys")?;
+        self.expect(CoordinatorStep::Shares, "share keys")?;
         if !self.keys.contains_key(&from) {
             return Err(SecAggError::UnknownClient(from));
         }
@@ -716,14 +716,14 @@ impl Coordinator {
 
     /// Step 2 out: closes share collection (`U2` = the senders so far).
     pub fn close_shares(&mut self) -> Result<(), SecAggError> {
-        self.expect(CoordinatorStep::CollectShares, "close shares")?;
+        self.expect(CoordinatorStep::Shares, "close shares")?;
         if self.shares.len() < self.settings.threshold {
             return Err(SecAggError::TooFewClients {
                 got: self.shares.len(),
                 threshold: self.settings.threshold,
             });
         }
-        self.step = CoordinatorStep::CollectInputs;
+        self.step = CoordinatorStep::Inputs;
         Ok(())
     }
 
@@ -742,7 +742,7 @@ impl Coordinator {
 
     /// Step 3 in: one client's masked input, added to the running sum at once.
     pub fn on_masked_input(&mut self, input: MaskedInput) -> Result<(), SecAggError> {
-        self.expect(CoordinatorStep::CollectInputs, "masked input")?;
+        self.expect(CoordinatorStep::Inputs, "masked input")?;
         if !self.shares.contains_key(&input.client) {
             return Err(SecAggError::UnknownClient(input.client));
         }
@@ -764,14 +764,14 @@ impl Coordinator {
 
     /// Step 3 out: closes input collection; the request every survivor receives.
     pub fn unmask_request(&mut self) -> Result<UnmaskRequest, SecAggError> {
-        self.expect(CoordinatorStep::CollectInputs, "unmask request")?;
+        self.expect(CoordinatorStep::Inputs, "unmask request")?;
         if self.inputs.len() < self.settings.threshold {
             return Err(SecAggError::TooFewClients {
                 got: self.inputs.len(),
                 threshold: self.settings.threshold,
             });
         }
-        self.step = CoordinatorStep::CollectResponses;
+        self.step = CoordinatorStep::Responses;
         Ok(self.current_request())
     }
 
@@ -789,7 +789,7 @@ impl Coordinator {
 
     /// Step 4 in: one survivor's answer (checked to cover exactly the request).
     pub fn on_unmask_response(&mut self, response: UnmaskResponse) -> Result<(), SecAggError> {
-        self.expect(CoordinatorStep::CollectResponses, "unmask response")?;
+        self.expect(CoordinatorStep::Responses, "unmask response")?;
         let from = response.from;
         if !self.inputs.contains(&from) {
             return Err(SecAggError::UnknownClient(from));
@@ -820,13 +820,12 @@ impl Coordinator {
 
     /// Whether enough answers arrived to unmask.
     pub fn can_finish(&self) -> bool {
-        self.step == CoordinatorStep::CollectResponses
-            && self.responses.len() >= self.settings.threshold
+        self.step == CoordinatorStep::Responses && self.responses.len() >= self.settings.threshold
     }
 
     /// Step 4 out: removes every mask and decodes the survivors' weighted sum.
     pub fn finish(&self) -> Result<UnmaskedSum, SecAggError> {
-        self.expect(CoordinatorStep::CollectResponses, "finish")?;
+        self.expect(CoordinatorStep::Responses, "finish")?;
         let t = self.settings.threshold;
         if self.responses.len() < t {
             return Err(SecAggError::TooFewClients {
