@@ -442,7 +442,7 @@ async fn with_dp_on_fede_a_claiming_member_recovers_rows_only_to_the_noise_scale
     assert_eq!(errors.len(), ROUNDS as usize * PRIVATE * DIM);
     let mse = errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64;
     assert!(
-        mse >= s * s / 2.0 && mse <= 2.0 * s * s,
+        (s * s / 2.0..=2.0 * s * s).contains(&mse),
         "mean squared recovery error {mse} for noise variance {}",
         s * s
     );
