@@ -246,4 +246,36 @@ mod tests {
         assert_eq!(client.client.name, "org-a");
         assert_eq!(client.data.dir, Path::new("/data"));
     }
+
+    /// The compose deployment runs the safe settings by default: mutual TLS, blinded keys,
+    /// FedE rows only for entities two organisations hold, and the SimSkip stage summed under
+    /// secure aggregation. Differential privacy stays optional (a commented block).
+    #[test]
+    fn compose_deployment_defaults_to_the_safe_settings() {
+        use simskip_fed::{ClientAuth, ServerAuth, StageKind};
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let server: crate::node::ServerFile =
+            load_with_env(Some(&root.join("deploy/config/server.toml")), []).unwrap();
+        let server = server.server;
+        server.validate().unwrap();
+        assert!(matches!(server.auth, ServerAuth::Mtls { .. }));
+        let [fede, simskip] = &server.stages[..] else {
+            panic!("two stages: {:?}", server.stages);
+        };
+        assert_eq!(fede.kind(), StageKind::FedE);
+        assert_eq!(fede.aggregation.min_holders, 2);
+        assert_eq!(fede.secure_aggregation, None);
+        assert_eq!(simskip.kind(), StageKind::FedAvg);
+        let secure = simskip
+            .secure_aggregation
+            .expect("the SimSkip stage is summed securely");
+        assert_eq!(secure, simskip_fed::secagg::SecureAggregation::default());
+        assert!(fede.privacy.is_none() && simskip.privacy.is_none());
+        let env = [("SIMSKIP_CLIENT__NAME".to_owned(), "org-a".to_owned())];
+        let client: crate::node::ClientFile =
+            load_with_env(Some(&root.join("deploy/config/client.toml")), env).unwrap();
+        client.client.validate().unwrap();
+        assert!(matches!(client.client.auth, ClientAuth::Mtls { .. }));
+        assert!(client.client.blind_keys.is_some());
+    }
 }
