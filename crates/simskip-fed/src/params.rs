@@ -42,7 +42,12 @@ pub struct SimSkipParams {
 /// alike. In a stage's settings table: `personalization = { kind = "fed_bn" }`,
 /// `{ kind = "fine_tune", epochs = 5 }` or `{ kind = "fed_prox", mu = 0.01 }`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    from = "PersonalizationTable"
+)]
 pub enum Personalization {
     /// Plain FedAvg: every array is averaged; each organisation refines with the global model.
     FedAvg,
@@ -55,6 +60,30 @@ pub enum Personalization {
     /// FedProx (Li et al. 2020): the local objective adds `mu/2 ||w - w_global||²`, holding
     /// each round's local copy near the global model it started from.
     FedProx { mu: f32 },
+}
+
+/// What a settings table may hold for a [`Personalization`]: the same variants, each a
+/// struct, because serde ignores any key beside the tag of a unit variant even when unknown
+/// fields are denied; as empty structs, `{ kind = "fed_bn", mu = 1.0 }` is refused, naming
+/// `mu`.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum PersonalizationTable {
+    FedAvg {},
+    FedBn {},
+    FineTune { epochs: usize },
+    FedProx { mu: f32 },
+}
+
+impl From<PersonalizationTable> for Personalization {
+    fn from(table: PersonalizationTable) -> Self {
+        match table {
+            PersonalizationTable::FedAvg {} => Personalization::FedAvg,
+            PersonalizationTable::FedBn {} => Personalization::FedBn,
+            PersonalizationTable::FineTune { epochs } => Personalization::FineTune { epochs },
+            PersonalizationTable::FedProx { mu } => Personalization::FedProx { mu },
+        }
+    }
 }
 
 impl Default for Personalization {
@@ -369,6 +398,8 @@ mod tests {
                 "personalization.epochs",
             ),
             (json!({"kind": "fedbn"}), "fedbn"),
+            (json!({"kind": "fed_bn", "mu": 1.0}), "mu"),
+            (json!({"kind": "fed_avg", "epochs": 3}), "epochs"),
             (json!({"kind": "fine_tune"}), "epochs"),
         ] {
             let e = StageParams::from_overrides(

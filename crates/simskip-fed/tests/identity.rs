@@ -9,16 +9,18 @@ use std::time::Duration;
 use simskip_data::NamedArray;
 use simskip_fed::auth::{new_token, TokenEntry, ORGANISATION_METADATA};
 use simskip_fed::proto::coordinator_client::CoordinatorClient;
-use simskip_fed::proto::{self, register_request, result_chunk};
-use simskip_fed::tls::{provision, ClientTls, PartyFiles, ProvisionSpec, Provisioned};
+use simskip_fed::proto::{self, result_chunk};
+use simskip_fed::tls::{ClientTls, PartyFiles, Provisioned};
 use simskip_fed::{
     run_client, serve, ClientAuth, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy, FedError,
     FitOutput, RunSummary, ServerAuth, ServerConfig, StageConfig, StageInfo, StageKind,
     StageParams, Strategy, WorkError,
 };
-use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
+
+mod support;
+use support::{add_to_every_value, loopback_listener, party};
 
 /// Adds its id to every weight; evaluates to id/10.
 struct Honest {
@@ -38,15 +40,8 @@ impl ClientWork for Honest {
         _: u32,
         global: Vec<NamedArray>,
     ) -> Result<FitOutput, WorkError> {
-        let arrays = global
-            .into_iter()
-            .map(|mut a| {
-                a.data.iter_mut().for_each(|v| *v += self.id as f32);
-                a
-            })
-            .collect();
         Ok(FitOutput {
-            arrays,
+            arrays: add_to_every_value(global, self.id as f32),
             num_examples: 10,
             metrics: BTreeMap::from([("loss".to_string(), 1.0)]),
         })
@@ -71,25 +66,7 @@ const HOST: &str = "127.0.0.1";
 
 /// org-a, org-b and org-c under one CA; the coordinators below list only some of them.
 fn federation(dir: &Path, federation: &str) -> Provisioned {
-    provision(
-        dir,
-        &ProvisionSpec {
-            federation: federation.into(),
-            coordinator_hosts: vec![HOST.into()],
-            organisations: vec!["org-a".into(), "org-b".into(), "org-c".into()],
-            validity_days: 2,
-            overwrite_ca: false,
-        },
-    )
-    .unwrap()
-}
-
-fn party<'a>(p: &'a Provisioned, name: &str) -> &'a PartyFiles {
-    &p.organisations
-        .iter()
-        .find(|o| o.name == name)
-        .unwrap()
-        .files
+    support::three_organisations(dir, federation, &[HOST], 2)
 }
 
 fn server_config(out: &Path, auth: ServerAuth, min_clients: usize) -> ServerConfig {
@@ -97,29 +74,14 @@ fn server_config(out: &Path, auth: ServerAuth, min_clients: usize) -> ServerConf
     if let StageParams::SimSkip(p) = &mut params {
         p.config.batch_size = 3;
     }
+    let stages = vec![support::stage("s", 2, 0, params)];
     ServerConfig {
-        run_id: "identity-run".into(),
         auth,
-        min_clients,
-        min_fit_clients: min_clients,
         // Long: a round that closed by timeout would show in the records.
         round_timeout_secs: 60.0,
-        heartbeat_interval_secs: 0.2,
         heartbeat_timeout_secs: 5.0,
-        poll_timeout_secs: 1.0,
-        out_dir: out.to_path_buf(),
-        stages: vec![StageConfig {
-            name: "s".into(),
-            rounds: 2,
-            eval_every: 0,
-            params,
-            aggregation: Default::default(),
-            privacy: None,
-            secure_aggregation: None,
-        }],
-        tick_ms: 20,
         done_grace_secs: 2.0,
-        ..ServerConfig::default()
+        ..support::server_config("identity-run", out, stages, min_clients, min_clients)
     }
 }
 
@@ -132,8 +94,7 @@ fn strategies() -> Vec<Box<dyn Strategy>> {
 }
 
 async fn start(cfg: ServerConfig) -> (u16, tokio::task::JoinHandle<Result<RunSummary, FedError>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let server = tokio::spawn(serve(cfg, listener, strategies(), std::future::pending()));
     (port, server)
 }
@@ -146,12 +107,9 @@ fn client_config(port: u16, auth: ClientAuth, name: &str) -> ClientConfig {
     };
     ClientConfig {
         server: format!("{scheme}://{HOST}:{port}"),
-        name: name.into(),
         auth,
         connect_retries: 5,
-        backoff_initial_ms: 50,
-        backoff_max_ms: 200,
-        ..ClientConfig::default()
+        ..support::client_config(port, name)
     }
 }
 
@@ -183,17 +141,12 @@ async fn register(
     c: &mut CoordinatorClient<Channel>,
     claimed: &str,
 ) -> Result<String, tonic::Status> {
-    let header = proto::RegisterRequest {
-        part: Some(register_request::Part::Header(proto::RegisterHeader {
-            client_name: claimed.into(),
-            num_examples: 10,
-            ..Default::default()
-        })),
+    let header = proto::RegisterHeader {
+        client_name: claimed.into(),
+        num_examples: 10,
+        ..Default::default()
     };
-    Ok(c.register(tokio_stream::iter(vec![header]))
-        .await?
-        .into_inner()
-        .session_id)
+    support::register_by_hand(c, header).await
 }
 
 async fn heartbeat(
@@ -220,6 +173,21 @@ fn assert_honest_run(summary: &RunSummary, members: &[&str]) {
     }
     // FedAvg of +1 and +2 with equal weights, twice: 3.0.
     assert_eq!(summary.globals[0].arrays[0].data, vec![3.0, 3.0]);
+}
+
+/// org-a (adding 1) and org-b (adding 2) run the federation under these settings to its end,
+/// and the run is the honest one.
+async fn members_complete_the_run(
+    server: tokio::task::JoinHandle<Result<RunSummary, FedError>>,
+    org_a: ClientConfig,
+    org_b: ClientConfig,
+) {
+    let a = tokio::spawn(run_client(org_a, Honest { id: 1 }));
+    let b = tokio::spawn(run_client(org_b, Honest { id: 2 }));
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    let summary = server.await.unwrap().unwrap();
+    assert_honest_run(&summary, &["org-a", "org-b"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -264,22 +232,16 @@ async fn mtls_admits_only_listed_organisations_under_their_certificate_names() {
     );
 
     // The members run the federation over mTLS; their names come from their certificates.
-    let a = tokio::spawn(run_client(
+    members_complete_the_run(
+        server,
         client_config(port, mtls(party(&fed, "org-a").cert.parent().unwrap()), ""),
-        Honest { id: 1 },
-    ));
-    let b = tokio::spawn(run_client(
         client_config(
             port,
             mtls(party(&fed, "org-b").cert.parent().unwrap()),
             "org-b",
         ),
-        Honest { id: 2 },
-    ));
-    a.await.unwrap().unwrap();
-    b.await.unwrap().unwrap();
-    let summary = server.await.unwrap().unwrap();
-    assert_honest_run(&summary, &["org-a", "org-b"]);
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -406,11 +368,9 @@ async fn tokens_admit_their_holders_over_tls_and_nobody_else() {
     // The holders, one of them reading its token from a file.
     let token_file: PathBuf = dir.path().join("org-b.token");
     std::fs::write(&token_file, format!("{token_b}\n")).unwrap();
-    let a = tokio::spawn(run_client(
+    members_complete_the_run(
+        server,
         client_config(port, token_auth(&token_a), "org-a"),
-        Honest { id: 1 },
-    ));
-    let b = tokio::spawn(run_client(
         client_config(
             port,
             ClientAuth::Token {
@@ -421,12 +381,8 @@ async fn tokens_admit_their_holders_over_tls_and_nobody_else() {
             },
             "org-b",
         ),
-        Honest { id: 2 },
-    ));
-    a.await.unwrap().unwrap();
-    b.await.unwrap().unwrap();
-    let summary = server.await.unwrap().unwrap();
-    assert_honest_run(&summary, &["org-a", "org-b"]);
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -464,17 +420,13 @@ async fn blinded_keys_align_shared_entities_and_hide_every_name_from_the_coordin
     let secret = dir.path().join("federation.secret");
     std::fs::write(&secret, simskip_fed::blind::new_secret()).unwrap();
     let mut cfg = server_config(&dir.path().join("out"), ServerAuth::insecure(), 2);
-    cfg.stages = vec![StageConfig {
-        name: "fede".into(),
-        rounds: 1,
-        eval_every: 0,
-        params: StageParams::defaults(StageKind::FedE, 4),
-        aggregation: Default::default(),
-        privacy: None,
-        secure_aggregation: None,
-    }];
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    cfg.stages = vec![support::stage(
+        "fede",
+        1,
+        0,
+        StageParams::defaults(StageKind::FedE, 4),
+    )];
+    let (listener, port) = loopback_listener().await;
     let strategies: Vec<Box<dyn Strategy>> =
         vec![Box::new(simskip_fed::FedEStrategy::new(4, 0.1, 1))];
     let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
@@ -599,19 +551,13 @@ async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
         _ => unreachable!(),
     };
     cfg.stages = vec![StageConfig {
-        name: "fede".into(),
-        rounds: 2,
-        eval_every: 0,
-        params,
         aggregation: simskip_fed::Robustness {
             min_holders: 2,
             ..Default::default()
         },
-        privacy: None,
-        secure_aggregation: None,
+        ..support::stage("fede", 2, 0, params)
     }];
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(
         simskip_fed::FedEStrategy::new(4, bound, 1).with_rule(cfg.stages[0].aggregation.clone()),
     )];

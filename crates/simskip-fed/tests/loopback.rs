@@ -9,14 +9,15 @@ use simskip_data::tensors::read_named_safetensors;
 use simskip_data::NamedArray;
 use simskip_fed::chunk::DEFAULT_MAX_MESSAGE_BYTES;
 use simskip_fed::{
-    run_client, serve, ClientAuth, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy,
-    FedEStrategy, FedError, FitOutput, Robustness, ServerAuth, ServerConfig, StageConfig,
-    StageInfo, StageKind, StageParams, Strategy, WorkError,
+    run_client, serve, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy, FedEStrategy,
+    FedError, FitOutput, ServerAuth, ServerConfig, StageConfig, StageInfo, StageKind, StageParams,
+    Strategy, WorkError,
 };
-use tokio::net::TcpListener;
+
+mod support;
+use support::{add_to_every_value, client_config, loopback_listener, open_gate, Gate};
 
 type Log = Arc<Mutex<Vec<(String, String, Vec<NamedArray>)>>>;
-type Gate = Arc<(Mutex<bool>, Condvar)>;
 
 /// FedAvg: returns global + id. FedE: returns its rows + 1. Records what it receives.
 struct Fake {
@@ -46,11 +47,7 @@ impl ClientWork for Fake {
         assert_eq!(stage.params, stage_params(&stage.name, stage.kind()));
         if let Some((r, gate)) = &self.block {
             if *r == round {
-                let (m, cv) = &**gate;
-                let mut released = m.lock().unwrap();
-                while !*released {
-                    released = cv.wait(released).unwrap();
-                }
+                support::wait_until_open(gate);
             }
         }
         self.log
@@ -61,15 +58,8 @@ impl ClientWork for Fake {
             StageKind::FedE => 1.0,
             StageKind::FedAvg => self.id as f32,
         };
-        let arrays = global
-            .into_iter()
-            .map(|mut a| {
-                a.data.iter_mut().for_each(|v| *v += add);
-                a
-            })
-            .collect();
         Ok(FitOutput {
-            arrays,
+            arrays: add_to_every_value(global, add),
             num_examples: self.examples,
             metrics: BTreeMap::from([("loss".to_string(), self.id as f64)]),
         })
@@ -113,46 +103,13 @@ fn stage_params(name: &str, kind: StageKind) -> StageParams {
 }
 
 fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageConfig {
-    StageConfig {
-        name: name.into(),
-        rounds,
-        eval_every,
-        params: stage_params(name, kind),
-        aggregation: Robustness::default(),
-        privacy: None,
-        secure_aggregation: None,
-    }
+    support::stage(name, rounds, eval_every, stage_params(name, kind))
 }
 
 fn server_config(out: &Path, stages: Vec<StageConfig>, min: usize, min_fit: usize) -> ServerConfig {
     ServerConfig {
-        run_id: "test-run".into(),
-        min_clients: min,
-        min_fit_clients: min_fit,
-        round_timeout_secs: 1.0,
-        heartbeat_interval_secs: 0.2,
-        heartbeat_timeout_secs: 3.0,
-        poll_timeout_secs: 1.0,
-        out_dir: out.to_path_buf(),
-        stages,
         seed: 3,
-        tick_ms: 20,
-        done_grace_secs: 1.0,
-        // These tests exercise the rounds; tests/identity.rs runs the same over mTLS/tokens.
-        auth: ServerAuth::insecure(),
-        ..ServerConfig::default()
-    }
-}
-
-fn client_config(port: u16, name: &str) -> ClientConfig {
-    ClientConfig {
-        server: format!("http://127.0.0.1:{port}"),
-        name: name.into(),
-        connect_retries: 20,
-        backoff_initial_ms: 50,
-        backoff_max_ms: 200,
-        auth: ClientAuth::Insecure {},
-        ..ClientConfig::default()
+        ..support::server_config("test-run", out, stages, min, min_fit)
     }
 }
 
@@ -167,8 +124,7 @@ fn arr(name: &str, shape: Vec<usize>, data: Vec<f32>) -> NamedArray {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_stages_three_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let cfg = server_config(
         dir.path(),
         vec![
@@ -327,8 +283,7 @@ async fn two_stages_three_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stuck_client_does_not_stop_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 2, 0)], 3, 2);
     let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(vec![arr(
         "w",
@@ -370,8 +325,7 @@ async fn stuck_client_does_not_stop_the_run() {
         h.await.unwrap().unwrap();
     }
     // Release c so its blocking thread ends; it then finds the coordinator gone.
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    open_gate(&gate);
     let c = tokio::time::timeout(Duration::from_secs(20), handles.pop().unwrap())
         .await
         .unwrap()
@@ -384,8 +338,7 @@ async fn table_larger_than_4_mib_crosses_grpc_and_client_waits_for_server() {
     let dir = tempfile::tempdir().unwrap();
     // Hold a port (bound, not yet served) and start the client before the coordinator runs:
     // it must wait for the coordinator rather than fail.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let (rows, cols) = (40_000, 32);
     let initial = arr(
         "entity_table",
@@ -434,8 +387,7 @@ async fn table_larger_than_4_mib_crosses_grpc_and_client_waits_for_server() {
 #[tokio::test]
 async fn unlisted_organisation_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 1, 0)], 1, 1);
     cfg.auth = ServerAuth::Insecure {
         organisations: vec!["org-a".into()],
@@ -511,9 +463,9 @@ fn server_config_parses_with_defaults_and_rejects_unknown_fields() {
 /// coordinator with two honest clients.
 mod rogue {
     use super::*;
-    use simskip_fed::chunk::{encode_arrays, Assembler};
+    use simskip_fed::chunk::encode_arrays;
     use simskip_fed::proto::coordinator_client::CoordinatorClient;
-    use simskip_fed::proto::{self, register_request, result_chunk, task_chunk};
+    use simskip_fed::proto::{self, result_chunk};
     use tonic::transport::Channel;
 
     pub async fn connect(port: u16) -> CoordinatorClient<Channel> {
@@ -528,16 +480,13 @@ mod rogue {
         num_examples: u64,
         announced_keys: u64,
     ) -> Result<String, tonic::Status> {
-        let header = proto::RegisterRequest {
-            part: Some(register_request::Part::Header(proto::RegisterHeader {
-                client_name: name.into(),
-                num_examples,
-                num_entity_keys: announced_keys,
-                ..Default::default()
-            })),
+        let header = proto::RegisterHeader {
+            client_name: name.into(),
+            num_examples,
+            num_entity_keys: announced_keys,
+            ..Default::default()
         };
-        let reply = c.register(tokio_stream::iter(vec![header])).await?;
-        Ok(reply.into_inner().session_id)
+        support::register_by_hand(c, header).await
     }
 
     /// Polls until a FIT task arrives; returns its header and arrays.
@@ -546,31 +495,10 @@ mod rogue {
         session: &str,
     ) -> (proto::TaskHeader, Vec<NamedArray>) {
         loop {
-            let mut stream = c
-                .poll_task(proto::PollRequest {
-                    session_id: session.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let Some(proto::TaskChunk {
-                part: Some(task_chunk::Part::Header(h)),
-            }) = stream.message().await.unwrap()
-            else {
-                panic!("a task starts with a header")
-            };
-            if h.kind != proto::TaskKind::Fit as i32 {
-                continue;
+            let (h, arrays) = support::poll_task_by_hand(c, session).await;
+            if h.kind == proto::TaskKind::Fit as i32 {
+                return (h, arrays);
             }
-            let mut asm = Assembler::new(&h.arrays).unwrap();
-            while let Some(proto::TaskChunk {
-                part: Some(task_chunk::Part::Tensor(t)),
-            }) = stream.message().await.unwrap()
-            {
-                asm.push(t).unwrap();
-            }
-            return (h, asm.finish().unwrap());
         }
     }
 
@@ -612,8 +540,7 @@ mod rogue {
 async fn a_rogue_organisation_cannot_poison_stall_or_probe_the_run() {
     use simskip_fed::proto;
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 2, 0)], 3, 2);
     // Long enough that a round closing by timeout would show.
     cfg.round_timeout_secs = 60.0;
@@ -736,8 +663,7 @@ async fn a_rogue_organisation_cannot_poison_stall_or_probe_the_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requested_shutdown_stops_clients_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let mut cfg = server_config(dir.path(), vec![stage("s", StageKind::FedAvg, 5, 0)], 2, 1);
     cfg.fraction_fit = 0.5;
     cfg.round_timeout_secs = 30.0;
@@ -791,9 +717,7 @@ async fn requested_shutdown_stops_clients_cleanly() {
         asked.elapsed()
     );
     // Let the blocked work return so the runtime can shut down.
-    let (m, cv) = &*gate;
-    *m.lock().unwrap() = true;
-    cv.notify_all();
+    open_gate(&gate);
 }
 
 /// Two clients, a (FedAvg +1 per round) and b (+2), equal weights: every FIT round adds 1.5
@@ -820,11 +744,7 @@ impl ClientWork for HeldAt {
         global: Vec<NamedArray>,
     ) -> Result<FitOutput, WorkError> {
         if (stage.name.as_str(), round) == (self.stage, self.round) {
-            let (m, cv) = &*self.gate;
-            let mut open = m.lock().unwrap();
-            while !*open {
-                open = cv.wait(open).unwrap();
-            }
+            support::wait_until_open(&self.gate);
         }
         self.inner.fit(stage, round, global)
     }
@@ -872,12 +792,6 @@ fn resumable_clients(
         .collect()
 }
 
-fn open_gate(gate: &Gate) {
-    let (m, cv) = &**gate;
-    *m.lock().unwrap() = true;
-    cv.notify_all();
-}
-
 fn resumable_strategies() -> Vec<Box<dyn Strategy>> {
     vec![
         Box::new(FedEStrategy::new(4, 3.0, 11)),
@@ -909,8 +823,7 @@ async fn run_until(
     block: (&'static str, u32),
 ) -> simskip_fed::RunSummary {
     let gate: Gate = Arc::default();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(
         resumable_config(out),
@@ -998,8 +911,7 @@ async fn restarted_coordinator_resumes_the_run() {
     );
     assert!(resumed.fallbacks.is_empty());
     // The last incarnation runs to the end.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let server = tokio::spawn(serve(
         resumable_config(out),
         listener,
@@ -1042,7 +954,7 @@ async fn restarted_coordinator_resumes_the_run() {
         expected_rounds().len()
     );
     // A finished run is not resumed: the same configuration starts a new run.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (listener, _) = loopback_listener().await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(
         resumable_config(out),
@@ -1066,7 +978,7 @@ async fn resume_with_other_stages_is_refused() {
     let first = run_until(out, 1, ("kge", 2)).await;
     let mut cfg = resumable_config(out);
     cfg.stages[1].rounds = 9;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (listener, _) = loopback_listener().await;
     let err = serve(
         cfg,
         listener,
@@ -1103,8 +1015,7 @@ async fn corrupt_checkpoint_falls_back_to_the_one_before() {
     std::fs::write(&path, bytes).unwrap();
     drop(store);
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let server = tokio::spawn(serve(
         resumable_config(out),
         listener,

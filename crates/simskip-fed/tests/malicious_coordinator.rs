@@ -10,13 +10,14 @@ use simskip_data::NamedArray;
 use simskip_fed::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use simskip_fed::proto::{self, register_request, result_chunk, task_chunk};
 use simskip_fed::{
-    run_client, ClientAuth, ClientConfig, ClientWork, EvalOutput, FitOutput, StageInfo, WorkError,
+    run_client, ClientConfig, ClientWork, EvalOutput, FitOutput, StageInfo, WorkError,
 };
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::Stream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
+
+mod support;
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<proto::TaskChunk, Status>> + Send>>;
 
@@ -150,8 +151,7 @@ impl ClientWork for MustNotTrain {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_tasks_fail_that_task_and_the_daemon_carries_on() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = support::loopback_listener().await;
     let seen = Seen::default();
     tokio::spawn(
         Server::builder()
@@ -159,13 +159,9 @@ async fn unreadable_tasks_fail_that_task_and_the_daemon_carries_on() {
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let cfg = ClientConfig {
-        server: format!("http://127.0.0.1:{port}"),
-        name: "org-a".into(),
-        auth: ClientAuth::Insecure {},
         connect_retries: 3,
-        backoff_initial_ms: 50,
         backoff_max_ms: 100,
-        ..ClientConfig::default()
+        ..support::client_config(port, "org-a")
     };
     run_client(cfg, MustNotTrain)
         .await

@@ -5,27 +5,25 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use simskip_data::NamedArray;
 use simskip_fed::{
     run_client, serve, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy, FedEStrategy,
-    FitOutput, Robustness, ServerConfig, StageConfig, StageInfo, StageKind, StageParams, Strategy,
-    WorkError,
+    FitOutput, ServerConfig, StageConfig, StageInfo, StageKind, StageParams, Strategy, WorkError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-type Gate = Arc<(Mutex<bool>, Condvar)>;
+mod support;
+use support::{add_to_every_value, loopback_listener, open_gate, Gate};
 
 /// Opens the gate when dropped, so a failing test never leaves a client blocked.
 struct Release(Gate);
 impl Drop for Release {
     fn drop(&mut self) {
-        let (m, cv) = &*self.0;
-        *m.lock().unwrap() = true;
-        cv.notify_all();
+        open_gate(&self.0);
     }
 }
 
@@ -51,15 +49,8 @@ impl ClientWork for Fake {
         _round: u32,
         global: Vec<NamedArray>,
     ) -> Result<FitOutput, WorkError> {
-        let arrays = global
-            .into_iter()
-            .map(|mut a| {
-                a.data.iter_mut().for_each(|v| *v += 1.0);
-                a
-            })
-            .collect();
         Ok(FitOutput {
-            arrays,
+            arrays: add_to_every_value(global, 1.0),
             num_examples: self.examples,
             metrics: BTreeMap::from([("loss".to_string(), f64::from(self.id))]),
         })
@@ -96,15 +87,7 @@ impl ClientWork for Fake {
 }
 
 fn stage(name: &str, kind: StageKind, rounds: u32, eval_every: u32) -> StageConfig {
-    StageConfig {
-        name: name.into(),
-        rounds,
-        eval_every,
-        params: StageParams::defaults(kind, 4),
-        aggregation: Robustness::default(),
-        privacy: None,
-        secure_aggregation: None,
-    }
+    support::stage(name, rounds, eval_every, StageParams::defaults(kind, 4))
 }
 
 type Samples = BTreeMap<(String, Vec<(String, String)>), f64>;
@@ -216,8 +199,7 @@ fn read_address(path: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn coordinator_and_client_serve_their_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     // FIT rounds: 2 + 2; EVALUATE: after each kge round, after refine's last; FINISH: 2.
     let stages = vec![
         stage("kge", StageKind::FedE, 2, 1),
@@ -226,21 +208,11 @@ async fn coordinator_and_client_serve_their_metrics() {
     let fit_rounds: u32 = stages.iter().map(|s| s.rounds).sum();
     let server_metrics_file = dir.path().join("coordinator.metrics-addr");
     let cfg = ServerConfig {
-        run_id: "metrics-run".into(),
-        min_clients: 3,
-        min_fit_clients: 2,
         round_timeout_secs: 60.0,
-        heartbeat_interval_secs: 0.2,
         heartbeat_timeout_secs: 5.0,
-        poll_timeout_secs: 1.0,
-        out_dir: dir.path().join("out"),
-        stages,
-        tick_ms: 20,
-        done_grace_secs: 1.0,
         metrics_listen: Some("127.0.0.1:0".into()),
         metrics_address_file: Some(server_metrics_file.clone()),
-        auth: simskip_fed::ServerAuth::insecure(),
-        ..ServerConfig::default()
+        ..support::server_config("metrics-run", &dir.path().join("out"), stages, 3, 2)
     };
     let strategies: Vec<Box<dyn Strategy>> = vec![
         Box::new(FedEStrategy::new(4, 1.0, 5)),
@@ -258,15 +230,7 @@ async fn coordinator_and_client_serve_their_metrics() {
     let client_metrics_file = dir.path().join("org-c.metrics-addr");
     let mut clients = Vec::new();
     for (name, id, examples) in [("a", 1, 1), ("b", 2, 1), ("c", 3, 2)] {
-        let mut cfg = ClientConfig {
-            server: format!("http://127.0.0.1:{port}"),
-            name: name.into(),
-            connect_retries: 20,
-            backoff_initial_ms: 50,
-            backoff_max_ms: 200,
-            auth: simskip_fed::ClientAuth::Insecure {},
-            ..ClientConfig::default()
-        };
+        let mut cfg = support::client_config(port, name);
         let mut hold = None;
         if name == "c" {
             cfg.metrics_listen = Some("127.0.0.1:0".into());

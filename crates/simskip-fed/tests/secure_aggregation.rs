@@ -7,17 +7,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use simskip_data::NamedArray;
-use simskip_fed::chunk::Assembler;
 use simskip_fed::proto::coordinator_client::CoordinatorClient;
-use simskip_fed::proto::{self, register_request, result_chunk, sec_agg_reply, task_chunk};
+use simskip_fed::proto::{self, result_chunk, sec_agg_reply};
 use simskip_fed::secagg::{self, AdvertisedKeys, ClientRound, SecAggReply, SecAggTask};
 use simskip_fed::{
-    run_client, serve, ClientAuth, ClientConfig, ClientWork, EvalOutput, FedAvgStrategy, FitOutput,
-    Robustness, ServerAuth, ServerConfig, StageConfig, StageInfo, StageKind, StageParams, Strategy,
-    WorkError,
+    run_client, serve, ClientEnd, ClientWork, EvalOutput, FedAvgStrategy, FedError, FitOutput,
+    RunSummary, ServerConfig, StageConfig, StageInfo, StageKind, StageParams, Strategy, WorkError,
 };
-use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
+
+mod support;
+use support::{add_to_every_value, client_config, loopback_listener};
 
 /// FedAvg work: returns the global model plus `shift` everywhere; records the final model.
 struct Shift {
@@ -39,15 +40,8 @@ impl ClientWork for Shift {
         _: u32,
         global: Vec<NamedArray>,
     ) -> Result<FitOutput, WorkError> {
-        let arrays = global
-            .into_iter()
-            .map(|mut a| {
-                a.data.iter_mut().for_each(|v| *v += self.shift);
-                a
-            })
-            .collect();
         Ok(FitOutput {
-            arrays,
+            arrays: add_to_every_value(global, self.shift),
             num_examples: self.examples,
             metrics: BTreeMap::from([("loss".to_string(), self.shift as f64)]),
         })
@@ -70,44 +64,21 @@ impl ClientWork for Shift {
 }
 
 fn server_config(out: &Path, rounds: u32, min_fit: usize, threshold: Option<u32>) -> ServerConfig {
-    ServerConfig {
-        run_id: "secure-run".into(),
-        min_clients: 3,
-        min_fit_clients: min_fit,
-        round_timeout_secs: 1.0,
-        heartbeat_interval_secs: 0.2,
-        heartbeat_timeout_secs: 3.0,
-        poll_timeout_secs: 1.0,
-        out_dir: out.to_path_buf(),
-        stages: vec![StageConfig {
-            name: "simskip".into(),
+    let stage = StageConfig {
+        secure_aggregation: Some(secagg::SecureAggregation {
+            threshold,
+            ..Default::default()
+        }),
+        ..support::stage(
+            "simskip",
             rounds,
-            eval_every: 0,
-            params: StageParams::defaults(StageKind::FedAvg, 4),
-            aggregation: Robustness::default(),
-            privacy: None,
-            secure_aggregation: Some(secagg::SecureAggregation {
-                threshold,
-                ..Default::default()
-            }),
-        }],
+            0,
+            StageParams::defaults(StageKind::FedAvg, 4),
+        )
+    };
+    ServerConfig {
         seed: 5,
-        tick_ms: 20,
-        done_grace_secs: 1.0,
-        auth: ServerAuth::insecure(),
-        ..ServerConfig::default()
-    }
-}
-
-fn client_config(port: u16, name: &str) -> ClientConfig {
-    ClientConfig {
-        server: format!("http://127.0.0.1:{port}"),
-        name: name.into(),
-        connect_retries: 20,
-        backoff_initial_ms: 50,
-        backoff_max_ms: 200,
-        auth: ClientAuth::Insecure {},
-        ..ClientConfig::default()
+        ..support::server_config("secure-run", out, vec![stage], 3, min_fit)
     }
 }
 
@@ -134,11 +105,25 @@ fn assert_gained(arrays: &[NamedArray], gain: f32) {
     }
 }
 
+/// The run's summary once every client has ended cleanly (the coordinator given a minute).
+async fn summary_after(
+    clients: Vec<JoinHandle<Result<ClientEnd, FedError>>>,
+    server: JoinHandle<Result<RunSummary, FedError>>,
+) -> RunSummary {
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_organisations_reach_the_plain_fedavg_model_under_secure_aggregation() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let cfg = server_config(dir.path(), 2, 3, None);
     let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(initial()))];
     let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
@@ -154,14 +139,7 @@ async fn three_organisations_reach_the_plain_fedavg_model_under_secure_aggregati
         };
         clients.push(tokio::spawn(run_client(client_config(port, name), work)));
     }
-    for c in clients {
-        c.await.unwrap().unwrap();
-    }
-    let summary = tokio::time::timeout(Duration::from_secs(60), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let summary = summary_after(clients, server).await;
     assert!(summary.completed);
     let fits: Vec<_> = summary
         .records
@@ -194,49 +172,21 @@ impl HandClient {
         let mut c = CoordinatorClient::connect(format!("http://127.0.0.1:{port}"))
             .await
             .unwrap();
-        let header = proto::RegisterRequest {
-            part: Some(register_request::Part::Header(proto::RegisterHeader {
-                client_name: name.into(),
-                num_examples: examples,
-                ..Default::default()
-            })),
+        let header = proto::RegisterHeader {
+            client_name: name.into(),
+            num_examples: examples,
+            ..Default::default()
         };
-        let session = c
-            .register(tokio_stream::iter(vec![header]))
-            .await
-            .unwrap()
-            .into_inner()
-            .session_id;
+        let session = support::register_by_hand(&mut c, header).await.unwrap();
         HandClient { c, session }
     }
 
     /// Polls until a task with a secure aggregation step arrives.
     async fn secure_task(&mut self) -> (proto::TaskHeader, Vec<NamedArray>) {
         loop {
-            let mut stream = self
-                .c
-                .poll_task(proto::PollRequest {
-                    session_id: self.session.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let Some(proto::TaskChunk {
-                part: Some(task_chunk::Part::Header(h)),
-            }) = stream.message().await.unwrap()
-            else {
-                panic!("a task starts with a header")
-            };
-            let mut asm = Assembler::new(&h.arrays).unwrap();
-            while let Some(proto::TaskChunk {
-                part: Some(task_chunk::Part::Tensor(t)),
-            }) = stream.message().await.unwrap()
-            {
-                asm.push(t).unwrap();
-            }
+            let (h, arrays) = support::poll_task_by_hand(&mut self.c, &self.session).await;
             if h.secagg.is_some() {
-                return (h, asm.finish().unwrap());
+                return (h, arrays);
             }
         }
     }
@@ -285,8 +235,7 @@ fn keys_to_proto(k: &AdvertisedKeys) -> proto::SecAggKeys {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_organisation_dropping_after_masking_leaves_the_sum_of_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = loopback_listener().await;
     let cfg = server_config(dir.path(), 1, 2, Some(2));
     let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(FedAvgStrategy::new(initial()))];
     let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
@@ -368,14 +317,7 @@ async fn an_organisation_dropping_after_masking_leaves_the_sum_of_the_others() {
         .await;
     drop(d);
 
-    for c in clients {
-        c.await.unwrap().unwrap();
-    }
-    let summary = tokio::time::timeout(Duration::from_secs(60), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let summary = summary_after(clients, server).await;
     assert!(summary.completed);
     let fit = &summary.records[0];
     assert_eq!(fit.kind, simskip_fed::TaskKind::Fit);

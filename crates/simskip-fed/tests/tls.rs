@@ -16,11 +16,13 @@ use simskip_fed::tls::{
     organisation_from_der, peer_organisation, provision, AllowList, ClientTls, FederationCa,
     PartyFiles, PeerIdentityError, ProvisionSpec, Provisioned, ServerTls, TlsError, Validity,
 };
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::Stream;
 use tonic::transport::{ClientTlsConfig, Endpoint, Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status, Streaming};
+
+mod support;
+use support::party as org;
 
 /// The name the coordinator's certificate carries and the clients dial.
 const HOST: &str = "localhost";
@@ -98,7 +100,7 @@ impl Running {
 /// A stub coordinator on 127.0.0.1:0, with TLS when `tls` is given. It admits org-a and
 /// org-b. The listener is bound before this returns, so connections queue until it serves.
 async fn start(tls: Option<ServerTlsConfig>) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (listener, _) = support::loopback_listener().await;
     let addr = listener.local_addr().unwrap();
     let stub = Stub {
         allow: AllowList::new(["org-a", "org-b"]).unwrap(),
@@ -116,25 +118,7 @@ async fn start(tls: Option<ServerTlsConfig>) -> Running {
 
 /// Provisions org-a, org-b and org-c (org-c is not in the stub's allow-list).
 fn federation(dir: &Path, name: &str) -> Provisioned {
-    provision(
-        dir,
-        &ProvisionSpec {
-            federation: name.into(),
-            coordinator_hosts: vec![HOST.into(), "127.0.0.1".into()],
-            organisations: vec!["org-a".into(), "org-b".into(), "org-c".into()],
-            validity_days: 30,
-            overwrite_ca: false,
-        },
-    )
-    .unwrap()
-}
-
-fn org<'a>(p: &'a Provisioned, name: &str) -> &'a PartyFiles {
-    &p.organisations
-        .iter()
-        .find(|o| o.name == name)
-        .unwrap()
-        .files
+    support::three_organisations(dir, name, &[HOST, "127.0.0.1"], 30)
 }
 
 async fn connect(

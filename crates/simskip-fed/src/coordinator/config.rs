@@ -457,6 +457,22 @@ mod tests {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// A plain-text run of one FedE stage, with `top` (top-level keys) before its tables.
+    fn parse_one_fede_stage(top: &str) -> ServerConfig {
+        parse(&format!(
+            r#"
+            {top}
+            [auth]
+            mode = "insecure"
+            [[stages]]
+            name = "s"
+            kind = "fede"
+            rounds = 1
+            "#
+        ))
+        .unwrap()
+    }
+
     #[test]
     fn stages_parse_into_typed_params_and_round_trip() {
         let cfg = parse(
@@ -529,18 +545,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("cannot take a `simskip` table"), "{e}");
-        let mut cfg = parse(
-            r#"
-            poll_timeout_secs = 1e300
-            [auth]
-            mode = "insecure"
-            [[stages]]
-            name = "s"
-            kind = "fede"
-            rounds = 1
-            "#,
-        )
-        .unwrap();
+        let mut cfg = parse_one_fede_stage("poll_timeout_secs = 1e300");
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("server.poll_timeout_secs = 1e300"), "{e}");
         cfg.poll_timeout_secs = 1.0;
@@ -559,19 +564,10 @@ mod tests {
 
     #[test]
     fn metrics_endpoint_settings_are_checked() {
-        let mut cfg = parse(
-            r#"
-            metrics_listen = "127.0.0.1:0"
-            metrics_address_file = "metrics.addr"
-            [auth]
-            mode = "insecure"
-            [[stages]]
-            name = "s"
-            kind = "fede"
-            rounds = 1
-            "#,
-        )
-        .unwrap();
+        let mut cfg = parse_one_fede_stage(
+            r#"metrics_listen = "127.0.0.1:0"
+            metrics_address_file = "metrics.addr""#,
+        );
         cfg.validate().unwrap();
         assert_eq!(cfg.metrics_listen.as_deref(), Some("127.0.0.1:0"));
         assert_eq!(ServerConfig::default().metrics_listen, None);

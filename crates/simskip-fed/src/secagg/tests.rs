@@ -97,6 +97,34 @@ fn more_dropouts_than_the_threshold_allows_fail_instead_of_giving_a_wrong_sum() 
     );
 }
 
+/// `clients` protocol clients (ids 0, 1, ...) whose keys a new coordinator of updates of
+/// `dim` values has received.
+fn advertised(
+    clients: usize,
+    s: SecAggSettings,
+    dim: usize,
+    rng: &mut StdRng,
+) -> (Coordinator, Vec<SecAggClient>) {
+    let mut coordinator = Coordinator::new(s, CONTEXT, dim);
+    let mut cs = Vec::new();
+    for id in 0..clients as ClientId {
+        let (c, keys) = SecAggClient::new(id, s, CONTEXT, rng);
+        coordinator.on_keys(keys).unwrap();
+        cs.push(c);
+    }
+    (coordinator, cs)
+}
+
+/// Every client sends its sealed shares through the coordinator, which closes that step.
+fn share_all(coordinator: &mut Coordinator, clients: &mut [SecAggClient], rng: &mut StdRng) {
+    let roster = coordinator.roster().unwrap();
+    for c in clients {
+        let sealed = c.share_keys(&roster, rng).unwrap();
+        coordinator.on_shares(c.id(), sealed).unwrap();
+    }
+    coordinator.close_shares().unwrap();
+}
+
 /// Drives an aggregation up to the coordinator's unmask request by hand.
 struct Setup {
     coordinator: Coordinator,
@@ -107,20 +135,8 @@ struct Setup {
 fn setup(clients: usize, threshold: usize, dim: usize, seed: u64) -> Setup {
     let mut rng = StdRng::seed_from_u64(seed);
     let u = updates(clients, dim, &mut rng);
-    let s = settings(threshold);
-    let mut coordinator = Coordinator::new(s, CONTEXT, dim);
-    let mut cs = Vec::new();
-    for id in 0..clients as ClientId {
-        let (c, keys) = SecAggClient::new(id, s, CONTEXT, &mut rng);
-        coordinator.on_keys(keys).unwrap();
-        cs.push(c);
-    }
-    let roster = coordinator.roster().unwrap();
-    for c in &mut cs {
-        let sealed = c.share_keys(&roster, &mut rng).unwrap();
-        coordinator.on_shares(c.id(), sealed).unwrap();
-    }
-    coordinator.close_shares().unwrap();
+    let (mut coordinator, mut cs) = advertised(clients, settings(threshold), dim, &mut rng);
+    share_all(&mut coordinator, &mut cs, &mut rng);
     let masked = cs
         .iter_mut()
         .zip(&u)
@@ -182,19 +198,8 @@ fn the_coordinators_view_of_one_clients_masked_update_is_uniformly_random() {
     let dim = 4095;
     let mut rng = StdRng::seed_from_u64(6);
     let s = settings(2);
-    let mut coordinator = Coordinator::new(s, CONTEXT, dim);
-    let mut clients = Vec::new();
-    for id in 0..3 {
-        let (c, keys) = SecAggClient::new(id, s, CONTEXT, &mut rng);
-        coordinator.on_keys(keys).unwrap();
-        clients.push(c);
-    }
-    let roster = coordinator.roster().unwrap();
-    for c in &mut clients {
-        let sealed = c.share_keys(&roster, &mut rng).unwrap();
-        coordinator.on_shares(c.id(), sealed).unwrap();
-    }
-    coordinator.close_shares().unwrap();
+    let (mut coordinator, mut clients) = advertised(3, s, dim, &mut rng);
+    share_all(&mut coordinator, &mut clients, &mut rng);
     let update = vec![0.25f32; dim];
     let inbox = coordinator.inbox(0);
     let masked = clients[0].masked_input(&inbox, &update, 100).unwrap();
@@ -286,14 +291,7 @@ fn honest_clients_refuse_to_reveal_both_shares_of_one_client() {
 #[test]
 fn sealed_shares_that_were_tampered_with_or_misrouted_do_not_open() {
     let mut rng = StdRng::seed_from_u64(8);
-    let s = settings(2);
-    let mut coordinator = Coordinator::new(s, CONTEXT, 4);
-    let mut clients = Vec::new();
-    for id in 0..3 {
-        let (c, keys) = SecAggClient::new(id, s, CONTEXT, &mut rng);
-        coordinator.on_keys(keys).unwrap();
-        clients.push(c);
-    }
+    let (mut coordinator, mut clients) = advertised(3, settings(2), 4, &mut rng);
     let roster = coordinator.roster().unwrap();
     let mut sealed = Vec::new();
     for c in &mut clients {

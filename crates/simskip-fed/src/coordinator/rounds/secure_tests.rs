@@ -202,14 +202,20 @@ fn assert_global_is(r: &Rounds, mean_shift: f64) {
     }
 }
 
-#[test]
-fn a_secure_round_gives_the_plain_fedavg_model_and_hands_out_no_update() {
-    let mut r = secure_rounds(3, None);
+/// One secure FIT round (its four protocol steps) of a (shift 1, 1,000 examples), b (-2,
+/// 3,000) and c (0.5, 2,000), b dropping after `b_drops_at` if given: the state machine
+/// after it, the organisations and the round's record.
+fn secure_fit_round(
+    min_fit: usize,
+    threshold: Option<u32>,
+    b_drops_at: Option<&'static str>,
+) -> (Rounds, Vec<Org>, RoundRecord) {
+    let mut r = secure_rounds(min_fit, threshold);
     let mut orgs = orgs(
         &mut r,
         &[
             ("a", 1.0, 1000, None),
-            ("b", -2.0, 3000, None),
+            ("b", -2.0, 3000, b_drops_at),
             ("c", 0.5, 2000, None),
         ],
     );
@@ -220,6 +226,12 @@ fn a_secure_round_gives_the_plain_fedavg_model_and_hands_out_no_update() {
         events.extend(play_step(&mut r, &mut orgs, &mut now));
     }
     let rec = fit_record(&events);
+    (r, orgs, rec)
+}
+
+#[test]
+fn a_secure_round_gives_the_plain_fedavg_model_and_hands_out_no_update() {
+    let (r, orgs, rec) = secure_fit_round(3, None, None);
     assert!(rec.aggregated, "{:?}", rec.note);
     assert_eq!(rec.num_clients, 3);
     assert!(rec.missing.is_empty() && rec.failures.is_empty());
@@ -231,22 +243,7 @@ fn a_secure_round_gives_the_plain_fedavg_model_and_hands_out_no_update() {
 
 #[test]
 fn an_organisation_dropping_after_masking_leaves_the_sum_of_the_survivors() {
-    let mut r = secure_rounds(2, Some(2));
-    let mut orgs = orgs(
-        &mut r,
-        &[
-            ("a", 1.0, 1000, None),
-            ("b", -2.0, 3000, Some("masked input")),
-            ("c", 0.5, 2000, None),
-        ],
-    );
-    let mut now = ms(0);
-    r.tick(now);
-    let mut events = Vec::new();
-    for _ in 0..4 {
-        events.extend(play_step(&mut r, &mut orgs, &mut now));
-    }
-    let rec = fit_record(&events);
+    let (r, orgs, rec) = secure_fit_round(2, Some(2), Some("masked input"));
     assert!(rec.aggregated, "{:?}", rec.note);
     assert_eq!(rec.num_clients, 2);
     assert_eq!(rec.missing, vec!["b".to_string()]);
@@ -255,22 +252,7 @@ fn an_organisation_dropping_after_masking_leaves_the_sum_of_the_survivors() {
 
 #[test]
 fn too_many_dropouts_fail_the_round_without_touching_the_model() {
-    let mut r = secure_rounds(2, Some(3));
-    let mut orgs = orgs(
-        &mut r,
-        &[
-            ("a", 1.0, 1000, None),
-            ("b", -2.0, 3000, Some("masked input")),
-            ("c", 0.5, 2000, None),
-        ],
-    );
-    let mut now = ms(0);
-    r.tick(now);
-    let mut events = Vec::new();
-    for _ in 0..4 {
-        events.extend(play_step(&mut r, &mut orgs, &mut now));
-    }
-    let rec = fit_record(&events);
+    let (r, _, rec) = secure_fit_round(2, Some(3), Some("masked input"));
     assert!(!rec.aggregated);
     assert!(
         rec.note

@@ -308,17 +308,24 @@ fn evaluates_every_k_rounds_and_after_the_last() {
     assert!(r.all_alive_told_done());
 }
 
-#[test]
-fn silent_client_is_marked_dead_and_dropped_from_the_round() {
-    // A long round timeout, so only the heartbeat rule can release c.
-    let mut r = fedavg_rounds(2, 2, 2, 0);
+/// a, b and c register at 0 under a long round timeout, so only the heartbeat rule can
+/// release c; at 4 s, a and b answer FIT round 1 (2.0 and 4.0, one example each) and c stays
+/// silent. The sessions of a, b and c.
+fn c_falls_silent_in_round_one(r: &mut Rounds) -> Vec<String> {
     r.cfg.round_timeout = ms(60_000);
-    let s = register(&mut r, &["a", "b", "c"], ms(0));
-    tick(&mut r, ms(0));
+    let s = register(r, &["a", "b", "c"], ms(0));
+    tick(r, ms(0));
     let ta = r.task_for(&s[0], ms(4000)).unwrap().into_task().unwrap();
     let tb = r.task_for(&s[1], ms(4000)).unwrap().into_task().unwrap();
     r.on_result(report(&ta, &s[0], 2.0, 1), ms(4000));
     r.on_result(report(&tb, &s[1], 4.0, 1), ms(4000));
+    s
+}
+
+#[test]
+fn silent_client_is_marked_dead_and_dropped_from_the_round() {
+    let mut r = fedavg_rounds(2, 2, 2, 0);
+    let s = c_falls_silent_in_round_one(&mut r);
     assert!(
         completed(&tick(&mut r, ms(4000))).is_empty(),
         "still waiting for c"
@@ -489,13 +496,7 @@ fn a_dead_client_does_not_hold_back_later_rounds_below_min_clients() {
     // min_clients 3 starts the run; once one of the three dies, rounds go on with the two
     // others (min_fit_clients 2) instead of waiting for a third client forever.
     let mut r = fedavg_rounds(3, 2, 3, 0);
-    r.cfg.round_timeout = ms(60_000);
-    let s = register(&mut r, &["a", "b", "c"], ms(0));
-    tick(&mut r, ms(0));
-    let ta = r.task_for(&s[0], ms(4000)).unwrap().into_task().unwrap();
-    let tb = r.task_for(&s[1], ms(4000)).unwrap().into_task().unwrap();
-    r.on_result(report(&ta, &s[0], 2.0, 1), ms(4000));
-    r.on_result(report(&tb, &s[1], 4.0, 1), ms(4000));
+    let s = c_falls_silent_in_round_one(&mut r);
     let ev = tick(&mut r, ms(5001));
     assert!(ev.contains(&Event::ClientDead { name: "c".into() }));
     assert_eq!(completed(&ev)[0].round, 1);
