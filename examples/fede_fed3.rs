@@ -33,15 +33,16 @@ use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use simskip_data::{
-    partition, ClientPartition, KgDataset, Matrix, NamedArray, PartitionBy, PartitionConfig, Triple,
-};
+use simskip_data::{ClientPartition, KgDataset, Matrix, NamedArray, Triple};
 use simskip_fed::aggregate::{fede_aggregate, EntityTable};
 use simskip_fed::ENTITIES;
 use simskip_kge::transe::init_bound;
 use simskip_kge::{
     evaluate, FilterIndex, LinkPredictionMetrics, TransE, TransEConfig, TransETrainer,
 };
+
+#[path = "common/mod.rs"]
+mod common;
 
 struct Args {
     dataset: PathBuf,
@@ -65,27 +66,26 @@ fn parse_args() -> Result<Args> {
         cfg: TransEConfig::fede_defaults(),
         json: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+    let mut flags = common::Flags::from_env("fede_fed3.rs");
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--dataset" => a.dataset = value()?.into(),
-            "--clients" => a.clients = value()?.parse()?,
-            "--seed" => a.seed = value()?.parse()?,
-            "--rounds" => a.rounds = value()?.parse()?,
-            "--local-epochs" => a.cfg.epochs = value()?.parse()?,
-            "--baseline-epochs" => a.baseline_epochs = Some(value()?.parse()?),
-            "--negatives" => a.cfg.negatives = value()?.parse()?,
+            "--dataset" => a.dataset = flags.value(&flag)?.into(),
+            "--clients" => a.clients = flags.parse(&flag)?,
+            "--seed" => a.seed = flags.parse(&flag)?,
+            "--rounds" => a.rounds = flags.parse(&flag)?,
+            "--local-epochs" => a.cfg.epochs = flags.parse(&flag)?,
+            "--baseline-epochs" => a.baseline_epochs = Some(flags.parse(&flag)?),
+            "--negatives" => a.cfg.negatives = flags.parse(&flag)?,
             "--methods" => {
-                a.methods = value()?.split(',').map(|s| s.trim().to_string()).collect();
+                a.methods = flags.list(&flag, "method names")?;
                 for m in &a.methods {
                     if !["isolation", "collection", "fede"].contains(&m.as_str()) {
                         bail!("--methods: unknown method {m:?}");
                     }
                 }
             }
-            "--json" => a.json = Some(value()?.into()),
-            other => bail!("unknown argument {other:?} (see the header of examples/fede_fed3.rs)"),
+            "--json" => a.json = Some(flags.value(&flag)?.into()),
+            other => return Err(flags.unknown(other)),
         }
     }
     a.cfg.seed = a.seed;
@@ -291,12 +291,7 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     let cfg = args.cfg.clone();
     let baseline_epochs = args.baseline_epochs.unwrap_or(args.rounds * cfg.epochs);
-    let ds = KgDataset::load(&args.dataset)
-        .with_context(|| format!("loading {}", args.dataset.display()))?;
-    let parts = partition(
-        &ds,
-        &PartitionConfig::new(args.clients, PartitionBy::Relation, args.seed),
-    )?;
+    let (ds, parts) = common::split_by_relation(&args.dataset, args.clients, args.seed)?;
     println!(
         "{}: {} clients by relation, seed {}; {cfg:?}; FedE {} rounds x {} local epochs; Isolation and Collection {baseline_epochs} epochs",
         args.dataset.display(),
@@ -308,16 +303,8 @@ fn main() -> Result<()> {
     let clients: Vec<Client> = parts
         .into_iter()
         .map(|part| {
-            println!(
-                "  client {}: {} entities, {} relations, train/valid/test {}/{}/{}",
-                part.client,
-                part.entities.len(),
-                part.relations.len(),
-                part.train.len(),
-                part.valid.len(),
-                part.test.len()
-            );
-            let filter = FilterIndex::new(part.train.iter().chain(&part.valid).chain(&part.test));
+            common::print_share(&part);
+            let filter = common::own_filter(&part);
             Client { part, filter }
         })
         .collect();

@@ -30,9 +30,7 @@ use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use simskip_data::{
-    partition, ClientPartition, KgDataset, Matrix, NamedArray, PartitionBy, PartitionConfig, Triple,
-};
+use simskip_data::{ClientPartition, Matrix, NamedArray, Triple};
 use simskip_fed::aggregate::{fede_aggregate, EntityTable};
 use simskip_fed::ENTITIES;
 use simskip_kge::transe::{
@@ -41,6 +39,9 @@ use simskip_kge::transe::{
 use simskip_kge::{
     evaluate, FilterIndex, LinkPredictionMetrics, TransE, TransEConfig, TransETrainer,
 };
+
+#[path = "common/mod.rs"]
+mod common;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Pool {
@@ -72,23 +73,16 @@ fn parse_args() -> Result<Args> {
         cfg: TransEConfig::fede_defaults(),
         json: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+    let mut flags = common::Flags::from_env("fede_fidelity.rs");
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--dataset" => a.dataset = value()?.into(),
-            "--clients" => a.clients = value()?.parse()?,
-            "--seed" => a.seed = value()?.parse()?,
-            "--rounds" => a.rounds = value()?.parse()?,
-            "--eval-rounds" => {
-                a.eval_rounds = value()?
-                    .split(',')
-                    .map(|s| s.trim().parse::<usize>())
-                    .collect::<Result<_, _>>()
-                    .context("--eval-rounds: comma-separated round numbers")?
-            }
+            "--dataset" => a.dataset = flags.value(&flag)?.into(),
+            "--clients" => a.clients = flags.parse(&flag)?,
+            "--seed" => a.seed = flags.parse(&flag)?,
+            "--rounds" => a.rounds = flags.parse(&flag)?,
+            "--eval-rounds" => a.eval_rounds = flags.list(&flag, "round numbers")?,
             "--init" => {
-                a.cfg.init = match value()?.as_str() {
+                a.cfg.init = match flags.value(&flag)?.as_str() {
                     "fede" => EmbeddingInit::GammaEpsilon {
                         epsilon: FEDE_EPSILON,
                     },
@@ -97,39 +91,37 @@ fn parse_args() -> Result<Args> {
                 }
             }
             "--corruption" => {
-                a.cfg.corruption = match value()?.as_str() {
+                a.cfg.corruption = match flags.value(&flag)?.as_str() {
                     "head_or_tail" => Corruption::HeadOrTail,
                     "tail_only" => Corruption::TailOnly,
                     v => bail!("--corruption {v:?}: expected head_or_tail or tail_only"),
                 }
             }
             "--filter" => {
-                a.cfg.negative_filter = match value()?.as_str() {
+                a.cfg.negative_filter = match flags.value(&flag)?.as_str() {
                     "none" => NegativeFilter::None,
                     "known_triples" => NegativeFilter::KnownTriples,
                     v => bail!("--filter {v:?}: expected none or known_triples"),
                 }
             }
             "--adam" => {
-                a.cfg.adam_across_rounds = match value()?.as_str() {
+                a.cfg.adam_across_rounds = match flags.value(&flag)?.as_str() {
                     "keep" => AdamAcrossRounds::Keep,
                     "reset" => AdamAcrossRounds::Reset,
                     v => bail!("--adam {v:?}: expected keep or reset"),
                 }
             }
             "--pool" => {
-                a.pool = match value()?.as_str() {
+                a.pool = match flags.value(&flag)?.as_str() {
                     "own" => Pool::Own,
                     "all" => Pool::All,
                     v => bail!("--pool {v:?}: expected own or all"),
                 }
             }
-            "--lr" => a.cfg.lr = value()?.parse()?,
-            "--local-epochs" => a.cfg.epochs = value()?.parse()?,
-            "--json" => a.json = Some(value()?.into()),
-            other => {
-                bail!("unknown argument {other:?} (see the header of examples/fede_fidelity.rs)")
-            }
+            "--lr" => a.cfg.lr = flags.parse(&flag)?,
+            "--local-epochs" => a.cfg.epochs = flags.parse(&flag)?,
+            "--json" => a.json = Some(flags.value(&flag)?.into()),
+            other => return Err(flags.unknown(other)),
         }
     }
     a.cfg.seed = a.seed;
@@ -206,12 +198,7 @@ fn print_row(round: usize, who: &str, r: &Row) {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let cfg = args.cfg.clone();
-    let ds = KgDataset::load(&args.dataset)
-        .with_context(|| format!("loading {}", args.dataset.display()))?;
-    let parts = partition(
-        &ds,
-        &PartitionConfig::new(args.clients, PartitionBy::Relation, args.seed),
-    )?;
+    let (ds, parts) = common::split_by_relation(&args.dataset, args.clients, args.seed)?;
     let bound = init_bound(&cfg);
     println!(
         "{}: {} clients by relation, seed {}; {:?} negative pool; {cfg:?}; init bound ±{bound}",
@@ -244,7 +231,7 @@ fn main() -> Result<()> {
     let mut clients = Vec::new();
     for part in parts {
         let keys = part.entities.names().to_vec();
-        let filter = FilterIndex::new(part.train.iter().chain(&part.valid).chain(&part.test));
+        let filter = common::own_filter(&part);
         let (train, n_rows) = match args.pool {
             Pool::Own => (part.train.clone(), keys.len()),
             Pool::All => (
@@ -265,15 +252,7 @@ fn main() -> Result<()> {
         let model = TransE::init(n_rows, part.relations.len(), &cfg, &mut rng);
         let mut trainer = TransETrainer::from_model(model, cfg.clone());
         trainer.set_known_triples(&train);
-        println!(
-            "  client {}: {} entities, {} relations, train/valid/test {}/{}/{}",
-            part.client,
-            part.entities.len(),
-            part.relations.len(),
-            part.train.len(),
-            part.valid.len(),
-            part.test.len()
-        );
+        common::print_share(&part);
         clients.push(Client {
             part,
             filter,

@@ -29,9 +29,12 @@ use simskip_data::{
 use simskip_fed::aggregate::{fede_aggregate, EntityTable};
 use simskip_fed::chunk::{encode_arrays, Assembler, PayloadChunks, DEFAULT_CHUNK_BYTES};
 use simskip_fed::types::{ClientInfo, ClientResult};
-use simskip_fed::{FedAvgStrategy, StageParams, Strategy, ENTITIES};
+use simskip_fed::{FedAvgStrategy, Strategy, ENTITIES};
 use simskip_kge::{evaluate, FilterIndex, Norm, TransE, TransEConfig, TransETrainer};
 use simskip_refine::{SimSkipConfig, SimSkipTrainer};
+
+#[path = "common/mod.rs"]
+mod common;
 
 const DIM: usize = 128;
 const SEED: u64 = 0;
@@ -72,36 +75,23 @@ fn parse_args() -> Result<Args> {
         figures: vec![1, 2, 3],
         overhead_clients: vec![3, 10, 50],
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+    let mut flags = common::Flags::from_env("federation_figures.rs");
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--json" => a.json = value()?.into(),
-            "--dataset" => a.dataset = value()?.into(),
-            "--large" => a.large = value()?.into(),
-            "--epochs" => a.epochs = value()?.parse()?,
-            "--rounds" => a.rounds = value()?.parse()?,
-            "--local-epochs" => a.local_epochs = value()?.parse()?,
-            "--patience" => a.patience = value()?.parse()?,
-            "--reps" => a.reps = value()?.parse()?,
-            "--clients" => a.clients = value()?.parse()?,
-            "--figures" => {
-                a.figures = value()?
-                    .split(',')
-                    .map(|s| s.trim().parse())
-                    .collect::<Result<_, _>>()
-                    .context("--figures: comma-separated figure numbers")?
-            }
+            "--json" => a.json = flags.value(&flag)?.into(),
+            "--dataset" => a.dataset = flags.value(&flag)?.into(),
+            "--large" => a.large = flags.value(&flag)?.into(),
+            "--epochs" => a.epochs = flags.parse(&flag)?,
+            "--rounds" => a.rounds = flags.parse(&flag)?,
+            "--local-epochs" => a.local_epochs = flags.parse(&flag)?,
+            "--patience" => a.patience = flags.parse(&flag)?,
+            "--reps" => a.reps = flags.parse(&flag)?,
+            "--clients" => a.clients = flags.parse(&flag)?,
+            "--figures" => a.figures = flags.list(&flag, "figure numbers")?,
             "--overhead-clients" => {
-                a.overhead_clients = value()?
-                    .split(',')
-                    .map(|s| s.trim().parse())
-                    .collect::<Result<_, _>>()
-                    .context("--overhead-clients: comma-separated client counts")?
+                a.overhead_clients = flags.list(&flag, "client counts")?;
             }
-            other => bail!(
-                "unknown argument {other:?} (see the header of examples/federation_figures.rs)"
-            ),
+            other => return Err(flags.unknown(other)),
         }
     }
     if a.reps < 20 {
@@ -113,21 +103,7 @@ fn parse_args() -> Result<Args> {
 /// The FedE settings of the default run (the coordinator's default FedE stage), one epoch at
 /// a time (the example counts local epochs itself).
 fn fede_cfg() -> Result<TransEConfig> {
-    let server = simskip::node::ServerFile::default().server;
-    let Some(StageParams::FedE(cfg)) = server
-        .stages
-        .iter()
-        .map(|s| &s.params)
-        .find(|p| matches!(p, StageParams::FedE(_)))
-    else {
-        bail!("the default run has no FedE stage");
-    };
-    Ok(TransEConfig {
-        dim: DIM,
-        epochs: 1,
-        seed: SEED,
-        ..cfg.clone()
-    })
+    common::default_fede_config(DIM, SEED)
 }
 
 /// One client's private graph, its filter and the keys its rows travel under.
@@ -139,7 +115,7 @@ struct Client {
 
 impl Client {
     fn new(part: ClientPartition) -> Self {
-        let filter = FilterIndex::new(part.train.iter().chain(&part.valid).chain(&part.test));
+        let filter = common::own_filter(&part);
         let keys = part.entities.names().to_vec();
         Self { part, filter, keys }
     }
@@ -210,12 +186,7 @@ fn main() -> Result<()> {
 // ---------------------------------------------------------------------------------------
 
 fn figure_1(args: &Args) -> Result<Value> {
-    let ds = KgDataset::load(&args.dataset)
-        .with_context(|| format!("loading {}", args.dataset.display()))?;
-    let parts = partition(
-        &ds,
-        &PartitionConfig::new(args.clients, PartitionBy::Relation, SEED),
-    )?;
+    let (ds, parts) = common::split_by_relation(&args.dataset, args.clients, SEED)?;
     let clients: Vec<Client> = parts.into_iter().map(Client::new).collect();
     let cfg = fede_cfg()?;
     println!(
@@ -230,15 +201,7 @@ fn figure_1(args: &Args) -> Result<Value> {
     let mut client_rows = Vec::new();
     for c in &clients {
         let p = &c.part;
-        println!(
-            "  client {}: {} entities, {} relations, train/valid/test {}/{}/{}",
-            p.client,
-            p.entities.len(),
-            p.relations.len(),
-            p.train.len(),
-            p.valid.len(),
-            p.test.len()
-        );
+        common::print_share(p);
         client_rows.push(json!({
             "client": p.client, "entities": p.entities.len(), "relations": p.relations.len(),
             "train": p.train.len(), "valid": p.valid.len(), "test": p.test.len(),

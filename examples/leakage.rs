@@ -50,15 +50,16 @@ use serde_json::json;
 use simskip::pipeline::refine::refine_table;
 use simskip::pipeline::{evaluate_table, EvalContext};
 use simskip::settings::{EvalSettings, GateSettings};
-use simskip_data::{
-    partition, ClientPartition, KgDataset, Matrix, NamedArray, PartitionBy, PartitionConfig,
-};
+use simskip_data::{ClientPartition, KgDataset, Matrix, NamedArray};
 use simskip_fed::accountant;
 use simskip_fed::aggregate::{fede_aggregate, EntityTable};
 use simskip_fed::privacy::{privatise_rows, ClientDp};
-use simskip_fed::{StageParams, ENTITIES};
+use simskip_fed::ENTITIES;
 use simskip_kge::{evaluate, FilterIndex, Norm, TransE, TransEConfig, TransETrainer};
 use simskip_refine::{Backend, SimSkipConfig};
+
+#[path = "common/mod.rs"]
+mod common;
 
 const SEED: u64 = 0;
 const DELTA: f64 = 1e-5;
@@ -84,18 +85,17 @@ fn parse_args() -> Result<Args> {
         dim: 128,
         json: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+    let mut flags = common::Flags::from_env("leakage.rs");
+    while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
-            "--dataset" => a.dataset = value()?.into(),
-            "--rounds" => a.rounds = value()?.parse()?,
-            "--local-epochs" => a.local_epochs = value()?.parse()?,
-            "--clip" => a.clip = value()?.parse()?,
-            "--refine-epochs" => a.refine_epochs = value()?.parse()?,
-            "--dim" => a.dim = value()?.parse()?,
-            "--json" => a.json = Some(value()?.into()),
-            other => bail!("unknown argument {other:?} (see the header of examples/leakage.rs)"),
+            "--dataset" => a.dataset = flags.value(&flag)?.into(),
+            "--rounds" => a.rounds = flags.parse(&flag)?,
+            "--local-epochs" => a.local_epochs = flags.parse(&flag)?,
+            "--clip" => a.clip = flags.parse(&flag)?,
+            "--refine-epochs" => a.refine_epochs = flags.parse(&flag)?,
+            "--dim" => a.dim = flags.parse(&flag)?,
+            "--json" => a.json = Some(flags.value(&flag)?.into()),
+            other => return Err(flags.unknown(other)),
         }
     }
     if a.rounds == 0 || a.local_epochs == 0 || a.dim == 0 {
@@ -109,21 +109,7 @@ fn parse_args() -> Result<Args> {
 
 /// The FedE settings of the default run, one local epoch at a time.
 fn fede_cfg(dim: usize) -> Result<TransEConfig> {
-    let server = simskip::node::ServerFile::default().server;
-    let Some(StageParams::FedE(cfg)) = server
-        .stages
-        .iter()
-        .map(|s| &s.params)
-        .find(|p| matches!(p, StageParams::FedE(_)))
-    else {
-        bail!("the default run has no FedE stage");
-    };
-    Ok(TransEConfig {
-        dim,
-        epochs: 1,
-        seed: SEED,
-        ..cfg.clone()
-    })
+    common::default_fede_config(dim, SEED)
 }
 
 struct Org {
@@ -403,12 +389,7 @@ fn utility(orgs: &[Org], run: &Run, refine_epochs: usize) -> Result<Utility> {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let started = Instant::now();
-    let ds = KgDataset::load(&args.dataset)
-        .with_context(|| format!("loading {}", args.dataset.display()))?;
-    let parts = partition(
-        &ds,
-        &PartitionConfig::new(CLIENTS, PartitionBy::Relation, SEED),
-    )?;
+    let (_, parts) = common::split_by_relation(&args.dataset, CLIENTS, SEED)?;
     let mut count: HashMap<String, usize> = HashMap::new();
     for p in &parts {
         for n in p.entities.names() {
@@ -422,7 +403,7 @@ fn main() -> Result<()> {
             let holders = keys.iter().map(|k| count[k]).collect();
             Org {
                 ds: part.to_dataset(args.dataset.join(format!("client-{}", part.client))),
-                filter: FilterIndex::new(part.train.iter().chain(&part.valid).chain(&part.test)),
+                filter: common::own_filter(&part),
                 part,
                 keys,
                 holders,

@@ -92,6 +92,39 @@ pub(crate) fn standardised_rows(x: &Matrix, mean: &[f32], std: &[f32], ids: &[u3
     out
 }
 
+/// What the probe learns from, checked: each split's rows (row-major), standardised with the
+/// training split's statistics, and their classes.
+pub(crate) struct ProbeInputs {
+    pub train: (Vec<f32>, Vec<u32>),
+    pub valid: (Vec<f32>, Vec<u32>),
+    pub test: (Vec<f32>, Vec<u32>),
+}
+
+/// Validates the probe's inputs and standardises every split by the training statistics.
+pub(crate) fn probe_inputs(
+    x: &Matrix,
+    labels: &[Option<u32>],
+    num_classes: usize,
+    split: &LabelSplit,
+    cfg: &ProbeConfig,
+) -> Result<ProbeInputs> {
+    validate(x, labels, num_classes, split, cfg)?;
+    let (mean, std) = train_statistics(x, &split.train);
+    let of = |ids: &[u32]| {
+        let rows = standardised_rows(x, &mean, &std, ids);
+        let classes = ids
+            .iter()
+            .map(|&e| labels[e as usize].expect("validated: labelled"))
+            .collect();
+        (rows, classes)
+    };
+    Ok(ProbeInputs {
+        train: of(&split.train),
+        valid: of(&split.valid),
+        test: of(&split.test),
+    })
+}
+
 pub fn probe(
     x: &Matrix,
     labels: &[Option<u32>],
@@ -99,17 +132,12 @@ pub fn probe(
     split: &LabelSplit,
     cfg: &ProbeConfig,
 ) -> Result<ProbeResult> {
-    validate(x, labels, num_classes, split, cfg)?;
+    let ProbeInputs {
+        train: (train_x, train_y),
+        valid: (valid_x, valid_y),
+        test: (test_x, test_y),
+    } = probe_inputs(x, labels, num_classes, split, cfg)?;
     let d = x.cols;
-    let class_of = |e: u32| labels[e as usize].expect("validated: labelled");
-    let (mean, std) = train_statistics(x, &split.train);
-    let standardised = |ids: &[u32]| standardised_rows(x, &mean, &std, ids);
-    let train_x = standardised(&split.train);
-    let train_y: Vec<u32> = split.train.iter().map(|&e| class_of(e)).collect();
-    let valid_x = standardised(&split.valid);
-    let valid_y: Vec<u32> = split.valid.iter().map(|&e| class_of(e)).collect();
-    let test_x = standardised(&split.test);
-    let test_y: Vec<u32> = split.test.iter().map(|&e| class_of(e)).collect();
 
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut mlp = mlp::Mlp::new(d, cfg.hidden, num_classes, &mut rng);

@@ -14,8 +14,8 @@ use simskip_data::Matrix;
 use crate::error::Result;
 use crate::f1::{accuracy, macro_f1};
 use crate::knn::{dot, knn_candidates, normalised_rows};
-use crate::probe::{standardised_rows, train_statistics, validate, ProbeConfig, ProbeResult};
-use crate::signal::Adjacency;
+use crate::probe::{probe_inputs, ProbeConfig, ProbeInputs, ProbeResult};
+use crate::signal::{check_retrieval_inputs, Adjacency};
 use crate::split::LabelSplit;
 
 /// Queries scored together: their rows stay in cache while every candidate row streams past once.
@@ -29,19 +29,15 @@ pub fn probe(
     split: &LabelSplit,
     cfg: &ProbeConfig,
 ) -> Result<ProbeResult> {
-    validate(x, labels, num_classes, split, cfg)?;
+    let ProbeInputs {
+        train: (train_x, train_y),
+        valid: (valid_x, valid_y),
+        test: (test_x, test_y),
+    } = probe_inputs(x, labels, num_classes, split, cfg)?;
     let d = x.cols;
-    let class_of = |e: u32| labels[e as usize].expect("validated: labelled");
-
-    let (mean, std) = train_statistics(x, &split.train);
-    let standardised = |ids: &[u32]| standardised_rows(x, &mean, &std, ids);
     let device = Device::Cpu;
-    let train_x = standardised(&split.train);
-    let train_y: Vec<u32> = split.train.iter().map(|&e| class_of(e)).collect();
-    let valid_x = Tensor::from_vec(standardised(&split.valid), (split.valid.len(), d), &device)?;
-    let valid_y: Vec<u32> = split.valid.iter().map(|&e| class_of(e)).collect();
-    let test_x = Tensor::from_vec(standardised(&split.test), (split.test.len(), d), &device)?;
-    let test_y: Vec<u32> = split.test.iter().map(|&e| class_of(e)).collect();
+    let valid_x = Tensor::from_vec(valid_x, (split.valid.len(), d), &device)?;
+    let test_x = Tensor::from_vec(test_x, (split.test.len(), d), &device)?;
 
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mlp = Mlp::new(&[d, cfg.hidden, cfg.hidden, num_classes], &mut rng, &device)?;
@@ -196,20 +192,7 @@ pub fn neighbour_retrieval_mrr(
     pairs: &[(u32, u32)],
     filter_train_neighbours: Option<&Adjacency>,
 ) -> f64 {
-    for &(h, t) in pairs {
-        assert!(
-            (h as usize) < x.rows && (t as usize) < x.rows,
-            "neighbour_retrieval_mrr: pair ({h}, {t}) out of range for {} rows",
-            x.rows
-        );
-    }
-    if let Some(adj) = filter_train_neighbours {
-        assert_eq!(
-            adj.len(),
-            x.rows,
-            "neighbour_retrieval_mrr: adjacency size vs table rows"
-        );
-    }
+    check_retrieval_inputs(x, pairs, filter_train_neighbours);
     let unit = normalised_rows(x);
     let d = x.cols;
     let row = |e: u32| &unit[e as usize * d..(e as usize + 1) * d];

@@ -62,6 +62,29 @@ pub fn pairs_of(triples: &[Triple]) -> Vec<(u32, u32)> {
     triples.iter().map(|t| (t.h, t.t)).collect()
 }
 
+/// Panics, naming [`neighbour_retrieval_mrr`], if a pair's id is out of range for `x` or the
+/// adjacency is not one list per row of `x`.
+pub(crate) fn check_retrieval_inputs(
+    x: &Matrix,
+    pairs: &[(u32, u32)],
+    filter_train_neighbours: Option<&Adjacency>,
+) {
+    for &(h, t) in pairs {
+        assert!(
+            (h as usize) < x.rows && (t as usize) < x.rows,
+            "neighbour_retrieval_mrr: pair ({h}, {t}) out of range for {} rows",
+            x.rows
+        );
+    }
+    if let Some(adj) = filter_train_neighbours {
+        assert_eq!(
+            adj.len(),
+            x.rows,
+            "neighbour_retrieval_mrr: adjacency size vs table rows"
+        );
+    }
+}
+
 /// Symmetrised mean reciprocal rank of held-out neighbours under cosine similarity.
 ///
 /// For every pair `(h, t)` (self-pairs `h == t` are skipped) the target `t` is ranked among all
@@ -88,20 +111,7 @@ pub fn neighbour_retrieval_mrr(
     pairs: &[(u32, u32)],
     filter_train_neighbours: Option<&Adjacency>,
 ) -> f64 {
-    for &(h, t) in pairs {
-        assert!(
-            (h as usize) < x.rows && (t as usize) < x.rows,
-            "neighbour_retrieval_mrr: pair ({h}, {t}) out of range for {} rows",
-            x.rows
-        );
-    }
-    if let Some(adj) = filter_train_neighbours {
-        assert_eq!(
-            adj.len(),
-            x.rows,
-            "neighbour_retrieval_mrr: adjacency size vs table rows"
-        );
-    }
+    check_retrieval_inputs(x, pairs, filter_train_neighbours);
     // (query, target) rankings, both directions of every non-self pair
     let (queries, targets): (Vec<u32>, Vec<u32>) = pairs
         .iter()

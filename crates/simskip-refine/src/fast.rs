@@ -27,7 +27,7 @@ use crate::augment::mask_in_place;
 use crate::error::{RefineError, Result};
 use crate::loss::{nt_xent_row, symmetrise};
 use crate::model::{BN_EPS, BN_MOMENTUM};
-use crate::weights::{two_mut, Param, Weights, PARAMS};
+use crate::weights::{Param, Weights, PARAMS};
 
 /// AdamW hyper-parameters (candle's `ParamsAdamW` semantics).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -592,11 +592,7 @@ impl FastTrainer {
             p(Param::Linear1Bias),
             &mut ws.xh1,
         );
-        let (rm1, rv1) = two_mut(
-            stats,
-            layout.range(Param::Bn1RunningMean),
-            layout.range(Param::Bn1RunningVar),
-        );
+        let (rm1, rv1) = layout.two_mut(stats, Param::Bn1RunningMean, Param::Bn1RunningVar);
         bn_relu_dropout_fwd(
             n,
             h,
@@ -621,11 +617,7 @@ impl FastTrainer {
             p(Param::Linear2Bias),
             &mut ws.xh2,
         );
-        let (rm2, rv2) = two_mut(
-            stats,
-            layout.range(Param::Bn2RunningMean),
-            layout.range(Param::Bn2RunningVar),
-        );
+        let (rm2, rv2) = layout.two_mut(stats, Param::Bn2RunningMean, Param::Bn2RunningVar);
         bn_relu_dropout_fwd(
             n,
             d,
@@ -729,11 +721,7 @@ impl FastTrainer {
         }
 
         // ---- backward ----
-        let (gw, gb) = two_mut(
-            g,
-            layout.range(Param::Projector2Weight),
-            layout.range(Param::Projector2Bias),
-        );
+        let (gw, gb) = layout.two_mut(g, Param::Projector2Weight, Param::Projector2Bias);
         linear_grad_params(par, n, d, d, &ws.u, &ws.dz, gw, gb);
         linear_grad_input(par, n, d, d, &ws.dz, p(Param::Projector2Weight), &mut ws.dq);
         for (dv, &qv) in ws.dq[..n * d].iter_mut().zip(&ws.q[..n * d]) {
@@ -741,26 +729,14 @@ impl FastTrainer {
                 *dv = 0.0;
             }
         }
-        let (gw, gb) = two_mut(
-            g,
-            layout.range(Param::Projector0Weight),
-            layout.range(Param::Projector0Bias),
-        );
+        let (gw, gb) = layout.two_mut(g, Param::Projector0Weight, Param::Projector0Bias);
         linear_grad_params(par, n, d, d, &ws.f, &ws.dq, gw, gb);
         linear_grad_input(par, n, d, d, &ws.dq, p(Param::Projector0Weight), &mut ws.df);
         // ∂L/∂g = ∂L/∂f (with or without the skip).
-        let (gw, gb) = two_mut(
-            g,
-            layout.range(Param::OutWeight),
-            layout.range(Param::OutBias),
-        );
+        let (gw, gb) = layout.two_mut(g, Param::OutWeight, Param::OutBias);
         linear_grad_params(par, n, d, d, &ws.h2, &ws.df, gw, gb);
         linear_grad_input(par, n, d, d, &ws.df, p(Param::OutWeight), &mut ws.dh2);
-        let (gg, gbe) = two_mut(
-            g,
-            layout.range(Param::Bn2Weight),
-            layout.range(Param::Bn2Bias),
-        );
+        let (gg, gbe) = layout.two_mut(g, Param::Bn2Weight, Param::Bn2Bias);
         bn_relu_dropout_bwd(
             n,
             d,
@@ -773,18 +749,10 @@ impl FastTrainer {
             gg,
             gbe,
         );
-        let (gw, gb) = two_mut(
-            g,
-            layout.range(Param::Linear2Weight),
-            layout.range(Param::Linear2Bias),
-        );
+        let (gw, gb) = layout.two_mut(g, Param::Linear2Weight, Param::Linear2Bias);
         linear_grad_params(par, n, h, d, &ws.h1, &ws.dh2, gw, gb);
         linear_grad_input(par, n, h, d, &ws.dh2, p(Param::Linear2Weight), &mut ws.dh1);
-        let (gg, gbe) = two_mut(
-            g,
-            layout.range(Param::Bn1Weight),
-            layout.range(Param::Bn1Bias),
-        );
+        let (gg, gbe) = layout.two_mut(g, Param::Bn1Weight, Param::Bn1Bias);
         bn_relu_dropout_bwd(
             n,
             h,
@@ -797,11 +765,7 @@ impl FastTrainer {
             gg,
             gbe,
         );
-        let (gw, gb) = two_mut(
-            g,
-            layout.range(Param::Linear1Weight),
-            layout.range(Param::Linear1Bias),
-        );
+        let (gw, gb) = layout.two_mut(g, Param::Linear1Weight, Param::Linear1Bias);
         linear_grad_params(par, n, d, h, x, &ws.dh1, gw, gb);
         match &self.proximal {
             None => loss,

@@ -324,6 +324,17 @@ impl Layout {
         start..end
     }
 
+    /// The arrays of `a` and `b` in `buf` (both in the parameter buffer, or both in the
+    /// statistics buffer), mutable together.
+    pub(crate) fn two_mut<'a>(
+        &self,
+        buf: &'a mut [f32],
+        a: Param,
+        b: Param,
+    ) -> (&'a mut [f32], &'a mut [f32]) {
+        two_mut(buf, self.range(a), self.range(b))
+    }
+
     /// Length of the trained-parameter buffer (the number of trained scalars).
     pub fn trainable_len(&self) -> usize {
         self.trainable_len

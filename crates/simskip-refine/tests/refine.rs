@@ -21,6 +21,16 @@ fn cfg(seed: u64) -> SimSkipConfig {
     }
 }
 
+/// The model's encoding of `input`, flattened (in training mode when given a RNG).
+fn encoded(m: &SimSkipModel, input: &Tensor, rng: Option<&mut StdRng>) -> Vec<f32> {
+    m.encode(input, rng)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn small(x: &Matrix, rows: usize) -> Matrix {
     let ids: Vec<u32> = (0..rows as u32).collect();
     x.select_rows(&ids)
@@ -157,55 +167,19 @@ fn eval_is_deterministic_train_dropout_differs() {
     let xs = small(&x, 64);
     let m = t.model().unwrap();
     let input = Tensor::from_slice(&xs.data, (64, D), &Device::Cpu).unwrap();
-    let e1 = m
-        .encode(&input, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let e2 = m
-        .encode(&input, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let e1 = encoded(&m, &input, None);
+    let e2 = encoded(&m, &input, None);
     assert_eq!(e1, e2);
     assert_eq!(m.refine(&xs).unwrap().data, e1);
     let mut rng = StdRng::seed_from_u64(5);
-    let t1 = m
-        .encode(&input, Some(&mut rng))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let t2 = m
-        .encode(&input, Some(&mut rng))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let t1 = encoded(&m, &input, Some(&mut rng));
+    let t2 = encoded(&m, &input, Some(&mut rng));
     assert_ne!(t1, t2, "dropout masks differ between training passes");
     // Same masks (same rng state) => same training output.
     let mut ra = StdRng::seed_from_u64(6);
     let mut rb = StdRng::seed_from_u64(6);
-    let a = m
-        .encode(&input, Some(&mut ra))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = m
-        .encode(&input, Some(&mut rb))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let a = encoded(&m, &input, Some(&mut ra));
+    let b = encoded(&m, &input, Some(&mut rb));
     assert_eq!(a, b);
     // Without dropout, training mode is deterministic too.
     let t0 = SimSkipTrainer::new(
@@ -218,20 +192,8 @@ fn eval_is_deterministic_train_dropout_differs() {
     )
     .unwrap();
     let m0 = t0.model().unwrap();
-    let a = m0
-        .encode(&input, Some(&mut rng))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = m0
-        .encode(&input, Some(&mut rng))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let a = encoded(&m0, &input, Some(&mut rng));
+    let b = encoded(&m0, &input, Some(&mut rng));
     assert_eq!(a, b);
     // Train-mode passes updated the model's running statistics, so its evaluation output moved;
     // the model is a copy, so the trainer's weights did not.
