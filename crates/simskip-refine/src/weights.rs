@@ -403,7 +403,8 @@ impl Weights {
     /// Weights from named arrays, validated against the table for dimension `dim`: exactly the
     /// table's names (none missing, none extra, none twice), each with the table's shape for
     /// `dim` and only finite values. A set exported by a model of another dimension fails with
-    /// [`RefineError::ShapeMismatch`]. The order of `arrays` does not matter.
+    /// [`RefineError::ShapeMismatch`]. The order of `arrays` does not matter. Negative running
+    /// variances (DP noise on an averaged model) are clamped to 0.
     pub fn from_arrays(dim: usize, arrays: &[NamedArray]) -> Result<Self> {
         check_dim(dim)?;
         let mut found: [Option<&NamedArray>; NUM_PARAMS] = [None; NUM_PARAMS];
@@ -444,7 +445,16 @@ impl Weights {
                     value,
                 });
             }
-            w.get_mut(spec.param).copy_from_slice(&a.data);
+            let target = w.get_mut(spec.param);
+            target.copy_from_slice(&a.data);
+            if spec.kind == Kind::RunningVar {
+                // A variance is never negative, but an average of running variances that
+                // carry differential-privacy noise can be. Clamping is post-processing (it
+                // costs no privacy) and BatchNorm adds its epsilon, so 0 stays usable.
+                for v in target.iter_mut().filter(|v| **v < 0.0) {
+                    *v = 0.0;
+                }
+            }
         }
         Ok(w)
     }

@@ -85,6 +85,41 @@ fn to_arrays_follows_the_table() {
 }
 
 #[test]
+fn noisy_negative_running_variances_are_clamped_and_the_model_stays_finite() {
+    let mut arrays = trained(5).to_arrays();
+    let k = position(&arrays, "encoder.layer1.bn.running_var");
+    let before = arrays[k].data.clone();
+    // What client-level DP noise on an averaged model can give: some variances below zero.
+    for v in arrays[k].data.iter_mut().step_by(2) {
+        *v = -0.5;
+    }
+    let w = Weights::from_arrays(D, &arrays).unwrap();
+    let got = w.get(Param::Bn1RunningVar);
+    for (i, (&v, &b)) in got.iter().zip(&before).enumerate() {
+        assert_eq!(v, if i % 2 == 0 { 0.0 } else { b }, "index {i}");
+    }
+    // Every other array is imported as it was.
+    let back = w.to_arrays();
+    for (a, b) in arrays
+        .iter()
+        .zip(&back)
+        .filter(|(a, _)| a.name != arrays[k].name)
+    {
+        assert_eq!(a.data, b.data, "{}", a.name);
+    }
+    let mut trainer = SimSkipTrainer::new(D, SimSkipConfig::default()).unwrap();
+    trainer.import(&arrays).unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let x = Matrix::from_vec(
+        7,
+        D,
+        (0..7 * D).map(|_| rng.random_range(-1.0..1.0)).collect(),
+    );
+    let refined = trainer.refine(&x).unwrap();
+    assert!(refined.data.iter().all(|v| v.is_finite()));
+}
+
+#[test]
 fn a_wrong_name_is_rejected() {
     let mut arrays = trained(5).to_arrays();
     let k = position(&arrays, "projector.0.bias");
