@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+mod support;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use simskip_data::NamedArray;
@@ -31,11 +33,10 @@ use simskip_fed::proto::coordinator_client::CoordinatorClient;
 use simskip_fed::proto::{self, register_request, result_chunk, task_chunk};
 use simskip_fed::rounds::{RoundRecord, DP_EPSILON};
 use simskip_fed::{
-    run_client, serve, ClientAuth, ClientConfig, ClientWork, EvalOutput, FedEStrategy, FitOutput,
-    Robustness, RunSummary, ServerAuth, ServerConfig, StageConfig, StageInfo, StageKind,
-    StageParams, Strategy, TaskKind, WorkError, ENTITIES,
+    run_client, serve, ClientConfig, ClientWork, EvalOutput, FedEStrategy, FitOutput, Robustness,
+    RunSummary, ServerConfig, StageConfig, StageInfo, StageKind, StageParams, Strategy, TaskKind,
+    WorkError, ENTITIES,
 };
-use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
 const DIM: usize = 8;
@@ -272,31 +273,17 @@ async fn run(dir: &Path, privacy: Option<DpConfig>, victim_step: f32) -> Outcome
         min_holders: 2,
         ..Default::default()
     };
-    let cfg = ServerConfig {
-        run_id: "claimed-keys".into(),
-        auth: ServerAuth::insecure(),
-        min_clients: 3,
-        min_fit_clients: 3,
-        round_timeout_secs: 60.0,
-        heartbeat_interval_secs: 0.2,
-        heartbeat_timeout_secs: 30.0,
-        poll_timeout_secs: 1.0,
-        out_dir: dir.join("out"),
-        stages: vec![StageConfig {
-            name: "fede".into(),
-            rounds: ROUNDS,
-            eval_every: 0,
-            params,
-            aggregation: aggregation.clone(),
-            privacy,
-            secure_aggregation: None,
-        }],
-        tick_ms: 20,
-        done_grace_secs: 1.0,
-        ..ServerConfig::default()
+    let fede = StageConfig {
+        aggregation: aggregation.clone(),
+        privacy,
+        ..support::stage("fede", ROUNDS, 0, params)
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let cfg = ServerConfig {
+        round_timeout_secs: 60.0,
+        heartbeat_timeout_secs: 30.0,
+        ..support::server_config("claimed-keys", &dir.join("out"), vec![fede], 3, 3)
+    };
+    let (listener, port) = support::loopback_listener().await;
     let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(
         FedEStrategy::new(DIM, bound, 1).with_rule(aggregation),
     )];
@@ -317,16 +304,10 @@ async fn run(dir: &Path, privacy: Option<DpConfig>, victim_step: f32) -> Outcome
         ("honest", honest_names, 0.1, 8, Fits::default()),
     ] {
         let config = ClientConfig {
-            server: format!("http://127.0.0.1:{port}"),
-            name: name.into(),
-            auth: ClientAuth::Insecure {},
             blind_keys: Some(BlindKeys {
                 secret_file: secret.clone(),
             }),
-            connect_retries: 5,
-            backoff_initial_ms: 50,
-            backoff_max_ms: 200,
-            ..ClientConfig::default()
+            ..support::client_config(port, name)
         };
         let work = Org {
             names: held,
