@@ -54,6 +54,12 @@ command -v podman-compose >/dev/null 2>&1 || COMPOSE=(python3 -m podman_compose)
 # --- binaries and image -----------------------------------------------------------------------
 say "building the release binaries"
 (cd "$ROOT" && cargo build --release -p simskip --bins)
+# Where cargo put them: CARGO_TARGET_DIR when set (relative to the checkout, as cargo reads it).
+case "${CARGO_TARGET_DIR:-}" in
+  "") BIN="$ROOT/target/release" ;;
+  /*) BIN="$CARGO_TARGET_DIR/release" ;;
+  *) BIN="$ROOT/$CARGO_TARGET_DIR/release" ;;
+esac
 WORK=$(mktemp -d /var/tmp/simskip-container-test.XXXXXX)
 cleanup() {
   status=$?
@@ -75,7 +81,7 @@ trap 'exit 130' INT TERM
 
 CONTEXT="$WORK/context"
 mkdir -p "$CONTEXT/target/release" "$CONTEXT/deploy"
-cp "$ROOT"/target/release/{simskip,simskip-server,simskip-client} "$CONTEXT/target/release/"
+cp "$BIN"/{simskip,simskip-server,simskip-client} "$CONTEXT/target/release/"
 cp -r "$ROOT/deploy/config" "$ROOT/deploy/entrypoint.sh" "$CONTEXT/deploy/"
 say "building $IMAGE FROM $BASE"
 timeout 600 podman build -q --build-arg "BASE=$BASE" -f "$ROOT/deploy/Dockerfile.local" -t "$IMAGE" "$CONTEXT" >/dev/null
@@ -85,19 +91,21 @@ mkdir -p "$WORK/deploy"
 cp "$ROOT/deploy/docker-compose.yml" "$ROOT/deploy/docker-compose.local.yml" "$WORK/deploy/"
 # Each organisation's private folder, as the compose volumes expect; the output folders are
 # left for compose to create (as root), which the image's entrypoint must cope with.
-"$ROOT/target/release/simskip" partition "$ROOT/data/wordnet-5k" --clients 3 --out "$WORK/parts" >/dev/null
+"$BIN/simskip" partition "$ROOT/data/wordnet-5k" --clients 3 --out "$WORK/parts" >/dev/null
 orgs=(org-a org-b org-c)
 for k in 0 1 2; do
   mkdir -p "$WORK/deploy/orgs/${orgs[$k]}"
   mv "$WORK/parts/client-$k" "$WORK/deploy/orgs/${orgs[$k]}/data"
 done
 # The federation's certificates, as the compose file's header says to make them.
-"$ROOT/target/release/simskip" certs --out "$WORK/deploy/tls" --coordinator-host coordinator \
+"$BIN/simskip" certs --out "$WORK/deploy/tls" --coordinator-host coordinator \
   --org org-a --org org-b --org org-c --days 2 >/dev/null
-"$ROOT/target/release/simskip" secret --out "$WORK/deploy/tls/org-a/federation.secret" >/dev/null
+"$BIN/simskip" secret --out "$WORK/deploy/tls/org-a/federation.secret" >/dev/null
 cp -p "$WORK/deploy/tls/org-a/federation.secret" "$WORK/deploy/tls/org-b/"
 cp -p "$WORK/deploy/tls/org-a/federation.secret" "$WORK/deploy/tls/org-c/"
-# A short federation: 2 FedE rounds, 1 SimSkip round, a small model and probe.
+# A short federation: 2 FedE rounds, 1 SimSkip round, a small model and probe; the safe
+# settings of deploy/config/server.toml (mTLS, blinded keys, shared-only rows, SimSkip summed
+# under secure aggregation).
 cat > "$WORK/deploy/quick-server.toml" <<'TOML'
 [server]
 listen = "0.0.0.0:50051"
@@ -132,6 +140,8 @@ rounds = 1
 dim = 32
 [server.stages.simskip]
 epochs = 1
+[server.stages.secure_aggregation]
+frac_bits = 24
 TOML
 cat > "$WORK/deploy/docker-compose.quick.yml" <<'YAML'
 # Written by scripts/container-test.sh: a short run.
@@ -196,6 +206,13 @@ check_count fede evaluate 2
 check_count simskip fit 1
 check_count simskip evaluate 1
 grep -q '"aggregated":true' "$metrics" || { echo "no aggregated round in $metrics" >&2; exit 1; }
+# The SimSkip round was summed under secure aggregation by all three organisations.
+python3 - "$metrics" <<'PY' || { cat "$metrics" >&2; exit 1; }
+import json, sys
+fits = [r for r in map(json.loads, open(sys.argv[1])) if r["stage"] == "simskip" and r["kind"] == "fit"]
+assert len(fits) == 1 and fits[0]["aggregated"] and fits[0]["num_clients"] == 3, fits
+assert (fits[0].get("note") or "").startswith("secure aggregation"), fits[0].get("note")
+PY
 for org in "${orgs[@]}"; do
   out="$WORK/deploy/orgs/$org/out"
   for f in fede/entities.npy simskip/entities.npy simskip/gate.json; do
@@ -206,7 +223,7 @@ for org in "${orgs[@]}"; do
   grep -q "\"$org\"" "$metrics" || { echo "$org appears in no round record" >&2; exit 1; }
 done
 # The report reads every record as typed data, so a malformed line fails here.
-"$ROOT/target/release/simskip" report "$WORK/deploy/orgs/coordinator/out" \
+"$BIN/simskip" report "$WORK/deploy/orgs/coordinator/out" \
   --org "org-a=$WORK/deploy/orgs/org-a/out" --org "org-b=$WORK/deploy/orgs/org-b/out" \
   --org "org-c=$WORK/deploy/orgs/org-c/out" --out "$WORK/report.html" >/dev/null
 grep -c '<svg' "$WORK/report.html" >/dev/null
