@@ -104,8 +104,8 @@ done
 cp -p "$WORK/deploy/tls/org-a/federation.secret" "$WORK/deploy/tls/org-b/"
 cp -p "$WORK/deploy/tls/org-a/federation.secret" "$WORK/deploy/tls/org-c/"
 # A short federation: 2 FedE rounds, 1 SimSkip round, a small model and probe; the safe
-# settings of deploy/config/server.toml (mTLS, blinded keys, shared-only rows, SimSkip summed
-# under secure aggregation).
+# settings of deploy/config/server.toml (mTLS, blinded keys, shared-only rows, both stages
+# summed under secure aggregation: FedE per entity, SimSkip as one weighted sum).
 cat > "$WORK/deploy/quick-server.toml" <<'TOML'
 [server]
 listen = "0.0.0.0:50051"
@@ -132,6 +132,8 @@ negatives = 16
 lr = 0.01
 [server.stages.aggregation]
 min_holders = 2
+[server.stages.secure_aggregation]
+frac_bits = 24
 
 [[server.stages]]
 name = "simskip"
@@ -206,12 +208,15 @@ check_count fede evaluate 2
 check_count simskip fit 1
 check_count simskip evaluate 1
 grep -q '"aggregated":true' "$metrics" || { echo "no aggregated round in $metrics" >&2; exit 1; }
-# The SimSkip round was summed under secure aggregation by all three organisations.
+# Every FIT round (FedE per entity, SimSkip) was summed under secure aggregation by all three
+# organisations.
 python3 - "$metrics" <<'PY' || { cat "$metrics" >&2; exit 1; }
 import json, sys
-fits = [r for r in map(json.loads, open(sys.argv[1])) if r["stage"] == "simskip" and r["kind"] == "fit"]
-assert len(fits) == 1 and fits[0]["aggregated"] and fits[0]["num_clients"] == 3, fits
-assert (fits[0].get("note") or "").startswith("secure aggregation"), fits[0].get("note")
+fits = [r for r in map(json.loads, open(sys.argv[1])) if r["kind"] == "fit"]
+assert len(fits) == 3, fits
+for r in fits:
+    assert r["aggregated"] and r["num_clients"] == 3, r
+    assert r.get("note") == "secure aggregation: the sum of 3 organisations", r
 PY
 for org in "${orgs[@]}"; do
   out="$WORK/deploy/orgs/$org/out"

@@ -245,6 +245,10 @@ impl EntityTable {
         let i = *self.index.get(key)?;
         Some(&self.data[i * self.dim..(i + 1) * self.dim])
     }
+    pub fn row_mut(&mut self, key: &str) -> Option<&mut [f32]> {
+        let i = *self.index.get(key)?;
+        Some(&mut self.data[i * self.dim..(i + 1) * self.dim])
+    }
     /// All rows, `len() x dim`, row-major.
     pub fn data(&self) -> &[f32] {
         &self.data

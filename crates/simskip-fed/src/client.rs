@@ -1018,14 +1018,27 @@ async fn push(
     let first = proto::ResultChunk {
         part: Some(result_chunk::Part::Header(header)),
     };
+    // A masked input streams after the header, like arrays (it can be far larger than one
+    // message).
+    let masked = match answer.secagg {
+        Some(SecAggReply::Masked(m)) => m.values,
+        _ => Vec::new(),
+    };
     let sent = metrics.bytes_sent();
-    let chunks =
-        PayloadChunks::new(payload, s.chunk_bytes, &task.run_id, task.round).map(move |c| {
+    let sent_masked = sent.clone();
+    let chunks = PayloadChunks::new(payload, s.chunk_bytes, &task.run_id, task.round)
+        .map(move |c| {
             sent.inc_by(c.data.len() as u64);
             proto::ResultChunk {
                 part: Some(result_chunk::Part::Tensor(c)),
             }
-        });
+        })
+        .chain(wire::masked_chunks(masked, s.chunk_bytes).map(move |c| {
+            sent_masked.inc_by(c.values.len() as u64 * 8);
+            proto::ResultChunk {
+                part: Some(result_chunk::Part::Masked(c)),
+            }
+        }));
     let mut client = s.client.clone();
     let mut request = tonic::Request::new(tokio_stream::iter(std::iter::once(first).chain(chunks)));
     s.credentials.authorize(&mut request);

@@ -12,6 +12,7 @@ use crate::aggregate::{
     check_fede_update, fedavg_robust, fede_aggregate_robust, AggregateError, EntityTable,
 };
 use crate::robust::Robustness;
+use crate::secagg::{SecureRows, SecureSum};
 use crate::types::{ClientInfo, ClientResult, GlobalSnapshot, Payload, StageKind, ENTITIES};
 
 /// One stage's aggregation strategy. The round state machine calls these; none of them
@@ -61,9 +62,15 @@ pub trait Strategy: Send {
         None
     }
 
-    /// Secure aggregation: takes the unmasked example-weighted mean of the round (flat, in
-    /// the order of [`Strategy::secure_len`]) as the new global state.
-    fn aggregate_secure(&mut self, _weighted_mean: Vec<f64>) -> Result<(), AggregateError> {
+    /// Secure aggregation of rows (FedE): where each row of `client`'s FIT result sits in the
+    /// round's shared row space. `None`: the stage sums one flat vector.
+    fn secure_rows(&self, _client: &ClientInfo) -> Option<SecureRows> {
+        None
+    }
+
+    /// Secure aggregation: takes the round's unmasked sum (flat, in the order of
+    /// [`Strategy::secure_len`]) into the global state.
+    fn aggregate_secure(&mut self, _sum: SecureSum) -> Result<(), AggregateError> {
         Err(AggregateError::Secure(format!(
             "a {} stage does not aggregate securely",
             self.kind().as_str()
@@ -136,7 +143,8 @@ impl Strategy for FedAvgStrategy {
         Some(self.global.iter().map(|a| a.data.len()).sum())
     }
 
-    fn aggregate_secure(&mut self, weighted_mean: Vec<f64>) -> Result<(), AggregateError> {
+    fn aggregate_secure(&mut self, sum: SecureSum) -> Result<(), AggregateError> {
+        let weighted_mean = sum.mean();
         let len: usize = self.global.iter().map(|a| a.data.len()).sum();
         if weighted_mean.len() != len {
             return Err(AggregateError::Secure(format!(
@@ -284,6 +292,9 @@ pub struct FedEStrategy {
     /// Holders per key, counted when the current round started: fixed during a round, so a
     /// task and its result select the same rows whoever registers meanwhile.
     holders: Arc<HashMap<String, u32>>,
+    /// The rows that travel this round (held by at least `min_holders`), in table order: each
+    /// key's slot in the row space a secure round sums over. Fixed with `holders`.
+    shared_slots: Arc<HashMap<String, u32>>,
 }
 
 impl FedEStrategy {
@@ -305,6 +316,7 @@ impl FedEStrategy {
             min_holders: 1,
             members: HashMap::new(),
             holders: Arc::default(),
+            shared_slots: Arc::default(),
         }
     }
 
@@ -323,7 +335,16 @@ impl FedEStrategy {
                 *holders.entry(k.clone()).or_default() += 1;
             }
         }
+        let mut slots = HashMap::new();
+        if self.min_holders > 1 {
+            for k in self.table.keys() {
+                if holders.get(k).copied().unwrap_or(0) >= self.min_holders {
+                    slots.insert(k.clone(), slots.len() as u32);
+                }
+            }
+        }
         self.holders = Arc::new(holders);
+        self.shared_slots = Arc::new(slots);
     }
 
     /// The keys of `client` whose rows travel, and their positions (`None`: all of them).
@@ -426,6 +447,75 @@ impl Strategy for FedEStrategy {
             return Err(AggregateError::Empty);
         }
         fede_aggregate_robust(Arc::make_mut(&mut self.table), &updates, &self.rule)?;
+        Ok(())
+    }
+
+    /// Only with `min_holders >= 2`: a row every organisation sums would otherwise include
+    /// entities one organisation holds alone, whose "sum" is that organisation's row.
+    fn secure_len(&self) -> Option<usize> {
+        (self.min_holders > 1).then(|| self.shared_slots.len() * self.table.dim())
+    }
+
+    fn secure_rows(&self, client: &ClientInfo) -> Option<SecureRows> {
+        if self.min_holders <= 1 {
+            return None;
+        }
+        let slots = self
+            .travelling(client)
+            .0
+            .iter()
+            .map(|k| self.shared_slots.get(k).copied())
+            .collect::<Option<Vec<u32>>>()?;
+        Some(SecureRows {
+            total: self.shared_slots.len() as u32,
+            slots,
+        })
+    }
+
+    /// Each shared row becomes the sum over its surviving holders divided by their number
+    /// (FedE's unweighted mean); a row none of them holds keeps its value.
+    fn aggregate_secure(&mut self, sum: SecureSum) -> Result<(), AggregateError> {
+        let dim = self.table.dim();
+        let rows = self.shared_slots.len();
+        if sum.weighted_sum.len() != rows * dim {
+            return Err(AggregateError::Secure(format!(
+                "the unmasked sum has {} values, the round's shared rows {}",
+                sum.weighted_sum.len(),
+                rows * dim
+            )));
+        }
+        let mut count = vec![0u32; rows];
+        for name in &sum.survivors {
+            let Some(keys) = self.members.get(name) else {
+                continue;
+            };
+            for k in keys.iter() {
+                if let Some(&slot) = self.shared_slots.get(k) {
+                    count[slot as usize] += 1;
+                }
+            }
+        }
+        let mut next = Vec::with_capacity(rows);
+        for (k, &slot) in self.shared_slots.iter() {
+            let n = count[slot as usize];
+            if n == 0 {
+                continue;
+            }
+            let s = &sum.weighted_sum[slot as usize * dim..(slot as usize + 1) * dim];
+            let row: Vec<f32> = s.iter().map(|v| (v / n as f64) as f32).collect();
+            if row.iter().any(|v| !v.is_finite()) {
+                return Err(AggregateError::Secure(format!(
+                    "the unmasked row of {k:?} is not finite"
+                )));
+            }
+            next.push((k, row));
+        }
+        let table = Arc::make_mut(&mut self.table);
+        for (k, row) in next {
+            if let Some(r) = table.row_mut(k) {
+                r.copy_from_slice(&row);
+            }
+        }
         Ok(())
     }
 

@@ -602,10 +602,15 @@ pub(crate) fn secagg_task_to_proto(t: &SecAggTask) -> proto::SecAggTask {
             client,
             threshold,
             frac_bits,
+            rows,
         } => Step::Begin(proto::SecAggBegin {
             client_id: *client,
             threshold: *threshold as u32,
             frac_bits: *frac_bits,
+            rows: rows.as_ref().map(|r| proto::SecureRows {
+                total: r.total,
+                slots: r.slots.clone(),
+            }),
         }),
         SecAggTask::Roster(keys) => Step::Roster(proto::SecAggRoster {
             keys: keys.iter().map(keys_to_proto).collect(),
@@ -632,6 +637,10 @@ pub(crate) fn secagg_task_from_proto(t: &proto::SecAggTask) -> Result<SecAggTask
                 client: b.client_id,
                 threshold: usize_field("SecAggBegin.threshold", b.threshold.into())?,
                 frac_bits: b.frac_bits,
+                rows: b.rows.as_ref().map(|r| secagg::SecureRows {
+                    total: r.total,
+                    slots: r.slots.clone(),
+                }),
             },
             Step::Roster(r) => SecAggTask::Roster(
                 r.keys
@@ -660,9 +669,12 @@ pub(crate) fn secagg_reply_to_proto(r: &SecAggReply) -> proto::SecAggReply {
         SecAggReply::Shares(s) => Step::Shares(proto::SecAggInbox {
             shares: s.iter().map(sealed_to_proto).collect(),
         }),
+        // The values follow as chunks ([`masked_chunks`]): a masked FedE table is far larger
+        // than one message.
         SecAggReply::Masked(m) => Step::Masked(proto::SecAggMaskedInput {
             client_id: m.client,
-            values: m.values.clone(),
+            values: Vec::new(),
+            len: m.values.len() as u64,
         }),
         SecAggReply::Unmask(u) => Step::Unmask(proto::SecAggUnmaskResponse {
             from: u.from,
@@ -698,6 +710,82 @@ pub(crate) fn secagg_reply_from_proto(r: &proto::SecAggReply) -> Result<SecAggRe
             }),
         },
     )
+}
+
+/// Ring elements of a masked input that follow a result header as chunks (0: none).
+pub(crate) fn masked_len_announced(h: &proto::ResultHeader) -> u64 {
+    match h.secagg.as_ref().and_then(|r| r.step.as_ref()) {
+        Some(proto::sec_agg_reply::Step::Masked(m)) => m.len,
+        _ => 0,
+    }
+}
+
+/// A masked input's values as chunks of at most `chunk_bytes` (whole ring elements).
+pub(crate) fn masked_chunks(
+    values: Vec<u64>,
+    chunk_bytes: usize,
+) -> impl Iterator<Item = proto::SecAggMaskedChunk> {
+    let per_chunk = (chunk_bytes / 8).max(1);
+    let mut offset = 0usize;
+    std::iter::from_fn(move || {
+        if offset >= values.len() {
+            return None;
+        }
+        let end = (offset + per_chunk).min(values.len());
+        let chunk = proto::SecAggMaskedChunk {
+            offset: offset as u64,
+            values: values[offset..end].to_vec(),
+        };
+        offset = end;
+        Some(chunk)
+    })
+}
+
+/// Puts a masked input back together from its chunks: in order, never beyond the announced
+/// length (which the coordinator admitted before reading any).
+#[derive(Debug)]
+pub(crate) struct MaskedAssembler {
+    announced: u64,
+    values: Vec<u64>,
+}
+
+impl MaskedAssembler {
+    pub(crate) fn new(announced: u64) -> Self {
+        Self {
+            announced,
+            values: Vec::new(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, chunk: proto::SecAggMaskedChunk) -> Result<(), String> {
+        if chunk.offset != self.values.len() as u64 {
+            return Err(format!(
+                "masked chunk at offset {}, expected {}",
+                chunk.offset,
+                self.values.len()
+            ));
+        }
+        if self.values.len() as u64 + chunk.values.len() as u64 > self.announced {
+            return Err(format!(
+                "masked chunks overrun the announced {} values",
+                self.announced
+            ));
+        }
+        self.values.extend_from_slice(&chunk.values);
+        Ok(())
+    }
+
+    /// The values, once all announced ones arrived.
+    pub(crate) fn finish(self) -> Result<Vec<u64>, String> {
+        if self.values.len() as u64 != self.announced {
+            return Err(format!(
+                "received {} of {} masked values",
+                self.values.len(),
+                self.announced
+            ));
+        }
+        Ok(self.values)
+    }
 }
 
 /// The coordinator's answer to a registration, in domain types.

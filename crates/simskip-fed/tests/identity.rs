@@ -610,3 +610,80 @@ async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
         assert_eq!(rows.data[shared_at * 4..shared_at * 4 + 4], [150.0; 4]);
     }
 }
+
+/// FedE with `secure_aggregation`: the coordinator only ever holds masked rows, and each shared
+/// entity still becomes the mean over its holders (three organisations over real gRPC, the
+/// client library on each side); rows one organisation holds never leave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fede_rows_are_summed_securely_per_entity() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = server_config(&dir.path().join("out"), ServerAuth::insecure(), 3);
+    let params = StageParams::defaults(StageKind::FedE, 4);
+    let bound = match &params {
+        StageParams::FedE(t) => simskip_kge::init_bound(t),
+        _ => unreachable!(),
+    };
+    cfg.stages = vec![StageConfig {
+        aggregation: simskip_fed::Robustness {
+            min_holders: 2,
+            ..Default::default()
+        },
+        secure_aggregation: Some(simskip_fed::secagg::SecureAggregation::default()),
+        ..support::stage("fede", 2, 0, params)
+    }];
+    cfg.validate().unwrap();
+    let (listener, port) = loopback_listener().await;
+    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(
+        simskip_fed::FedEStrategy::new(4, bound, 1).with_rule(cfg.stages[0].aggregation.clone()),
+    )];
+    let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut clients = Vec::new();
+    for (name, held, mark) in [
+        ("org-a", names(&["a-only", "ab", "abc"]), 100.0),
+        ("org-b", names(&["ab", "b-only", "abc"]), 200.0),
+        ("org-c", names(&["abc", "c-only"]), 600.0),
+    ] {
+        let work = Marker {
+            names: held,
+            mark,
+            seen: Seen::default(),
+        };
+        clients.push(tokio::spawn(run_client(
+            client_config(port, ClientAuth::Insecure {}, name),
+            work,
+        )));
+    }
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+    let summary = server.await.unwrap().unwrap();
+    let fits: Vec<_> = summary
+        .records
+        .iter()
+        .filter(|r| r.kind == simskip_fed::TaskKind::Fit)
+        .collect();
+    assert_eq!(fits.len(), 2);
+    for r in &fits {
+        assert!(r.aggregated, "{:?}", r.note);
+        assert_eq!(r.num_clients, 3, "{:?}", r.note);
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+    }
+    let global = &summary.globals[0];
+    let keys = global.keys.clone().unwrap();
+    let row = |k: &str| {
+        let i = keys.iter().position(|x| x == k).unwrap();
+        global.arrays[0].data[i * 4..(i + 1) * 4].to_vec()
+    };
+    // Means over each entity's holders, within the fixed-point step (2^-24 per holder).
+    for (k, mean) in [("ab", 150.0f32), ("abc", 300.0)] {
+        assert!(
+            row(k).iter().all(|v| (v - mean).abs() < 1e-4),
+            "{k}: {:?}",
+            row(k)
+        );
+    }
+    for k in ["a-only", "b-only", "c-only"] {
+        assert!(row(k).iter().all(|v| v.abs() <= bound), "{k}: {:?}", row(k));
+    }
+}

@@ -271,6 +271,7 @@ async fn an_organisation_dropping_after_masking_leaves_the_sum_of_the_others() {
             client: b.client_id,
             threshold: b.threshold as usize,
             frac_bits: b.frac_bits,
+            rows: None,
         },
         &context,
         &layout,

@@ -248,8 +248,8 @@ mod tests {
     }
 
     /// The compose deployment runs the safe settings by default: mutual TLS, blinded keys,
-    /// FedE rows only for entities two organisations hold, and the SimSkip stage summed under
-    /// secure aggregation. Differential privacy stays optional (a commented block).
+    /// FedE rows only for entities two organisations hold, and both stages summed under secure
+    /// aggregation (FedE per entity). Differential privacy stays optional (a commented block).
     #[test]
     fn compose_deployment_defaults_to_the_safe_settings() {
         use simskip_fed::{ClientAuth, ServerAuth, StageKind};
@@ -264,12 +264,13 @@ mod tests {
         };
         assert_eq!(fede.kind(), StageKind::FedE);
         assert_eq!(fede.aggregation.min_holders, 2);
-        assert_eq!(fede.secure_aggregation, None);
         assert_eq!(simskip.kind(), StageKind::FedAvg);
-        let secure = simskip
-            .secure_aggregation
-            .expect("the SimSkip stage is summed securely");
-        assert_eq!(secure, simskip_fed::secagg::SecureAggregation::default());
+        for stage in [fede, simskip] {
+            let secure = stage
+                .secure_aggregation
+                .expect("every stage is summed securely");
+            assert_eq!(secure, simskip_fed::secagg::SecureAggregation::default());
+        }
         assert!(fede.privacy.is_none() && simskip.privacy.is_none());
         let env = [("SIMSKIP_CLIENT__NAME".to_owned(), "org-a".to_owned())];
         let client: crate::node::ClientFile =

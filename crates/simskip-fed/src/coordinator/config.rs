@@ -165,10 +165,12 @@ fn check_secure_combination(
     kind: StageKind,
     aggregation: &Robustness,
 ) -> Result<(), String> {
-    if kind != StageKind::FedAvg {
+    // FedE sums rows per entity over the round's shared rows: with min_holders = 1 a row
+    // only one organisation holds would be in the sum, and its "sum" is that row.
+    if kind == StageKind::FedE && aggregation.min_holders < 2 {
         return Err(format!(
-            "stage {stage:?}: secure_aggregation is for fedavg stages (this one is {})",
-            kind.as_str()
+            "stage {stage:?}: secure_aggregation on a fede stage needs aggregation.min_holders >= 2 (it is {}): an entity one organisation holds would be summed alone",
+            aggregation.min_holders
         ));
     }
     if aggregation.combine != Combine::Mean {
@@ -560,6 +562,32 @@ mod tests {
         });
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("server.stages[1].dim = 7"), "{e}");
+    }
+
+    #[test]
+    fn secure_fede_needs_rows_of_shared_entities_only() {
+        let stage = |min_holders: u32| {
+            parse(&format!(
+                r#"
+                min_fit_clients = 2
+                [auth]
+                mode = "insecure"
+                [[stages]]
+                name = "fede"
+                kind = "fede"
+                rounds = 1
+                [stages.aggregation]
+                min_holders = {min_holders}
+                [stages.secure_aggregation]
+                frac_bits = 24
+                "#
+            ))
+        };
+        let e = stage(1).unwrap_err();
+        assert!(e.contains("aggregation.min_holders >= 2 (it is 1)"), "{e}");
+        let cfg = stage(2).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.stages[0].secure_aggregation.is_some());
     }
 
     #[test]

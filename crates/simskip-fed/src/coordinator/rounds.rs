@@ -144,9 +144,9 @@ pub struct AggregationJob {
     round: u32,
     strategy: Box<dyn Strategy>,
     results: Vec<ClientResult>,
-    /// A secure round: the protocol's coordinator, with every answer needed to unmask the
-    /// sum (then `results` carry metrics only).
-    secure: Option<Box<secagg::Coordinator>>,
+    /// A secure round: the protocol, with every answer needed to unmask the sum (then
+    /// `results` carry metrics only).
+    secure: Option<Box<SecureFit>>,
 }
 
 /// An [`AggregationJob`] that ran.
@@ -170,8 +170,8 @@ impl AggregationJob {
         } = self;
         let outcome = match secure {
             None => strategy.aggregate_fit(results),
-            Some(coordinator) => match coordinator.finish() {
-                Ok(sum) => strategy.aggregate_secure(sum.mean()),
+            Some(protocol) => match protocol.finish() {
+                Ok(sum) => strategy.aggregate_secure(sum),
                 Err(e) => Err(AggregateError::Secure(e.to_string())),
             },
         };
@@ -908,7 +908,13 @@ impl Rounds {
                 privacy: stage
                     .privacy
                     .as_ref()
-                    .map(|p| p.for_client(stage.secure.is_some(), rs.selected.len())),
+                    // Noise is split over a round's organisations only where every one of them
+                    // is in every coordinate's sum (FedAvg); a FedE row's sum has only its
+                    // holders, so each FedE upload keeps the full noise.
+                    .map(|p| {
+                        let split = stage.secure.is_some() && stage.kind() == StageKind::FedAvg;
+                        p.for_client(split, rs.selected.len())
+                    }),
             },
             round: rs.round,
             payload,
@@ -959,10 +965,15 @@ impl Rounds {
             return Err(IgnoreReason::UnknownTask(task_id.to_string()));
         }
         let limit = match (rs.kind, self.strategies[rs.stage].as_deref()) {
-            // A secure round's answers carry no arrays: the update travels masked.
-            (TaskKind::Fit, Some(st)) if rs.secure.is_none() => {
-                st.fit_result_bytes(&self.clients[name].info)
-            }
+            // A secure round's answers carry no arrays: the update travels masked, as the
+            // ring elements of the masked-input step.
+            (TaskKind::Fit, _) if rs.secure.is_some() => rs
+                .secure
+                .as_ref()
+                .and_then(|s| s.protocol.as_ref())
+                .and_then(|p| p.masked_len())
+                .map_or(0, |n| n as u64 * 8),
+            (TaskKind::Fit, Some(st)) => st.fit_result_bytes(&self.clients[name].info),
             _ => 0,
         };
         if announced_bytes > limit {
@@ -1241,11 +1252,20 @@ impl Rounds {
         now: Duration,
     ) -> SecureRound {
         let context = secagg::context(&self.cfg.run_id, stage, round);
-        let len = self.strategies[stage]
-            .as_deref()
-            .and_then(|s| s.secure_len());
+        let strategy = self.strategies[stage].as_deref();
+        let len = strategy.and_then(|s| s.secure_len());
+        // FedE: each organisation's rows in the round's shared row space.
+        let rows: BTreeMap<String, secagg::SecureRows> = selected
+            .iter()
+            .filter_map(|n| {
+                let info = &self.clients.get(n)?.info;
+                Some((n.clone(), strategy?.secure_rows(info)?))
+            })
+            .collect();
         let protocol = match len {
-            Some(len) => SecureFit::new(config, &context, len, selected).map_err(|e| e.to_string()),
+            Some(len) => {
+                SecureFit::new(config, &context, len, selected, &rows).map_err(|e| e.to_string())
+            }
             None => Err("the stage's strategy cannot aggregate securely".to_string()),
         };
         let (protocol, failed) = match protocol {
@@ -1331,7 +1351,7 @@ impl Rounds {
                 .filter_map(|n| trained.remove_entry(n))
                 .collect();
             if let (true, Some(protocol)) = (sr.ready, sr.protocol) {
-                secure = Some(Box::new(protocol.into_coordinator()));
+                secure = Some(Box::new(protocol));
                 secure_note = Some(format!(
                     "secure aggregation: the sum of {} organisations",
                     survivors.len()

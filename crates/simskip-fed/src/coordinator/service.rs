@@ -17,6 +17,7 @@ use crate::coordinator::rounds::{Event, IgnoreReason, Poll, ResultOutcome, Round
 use crate::coordinator::sink::log_event;
 use crate::proto::coordinator_server::Coordinator;
 use crate::proto::{self, register_request, result_chunk, task_chunk};
+use crate::secagg::SecAggReply;
 use crate::telemetry::CoordinatorMetrics;
 use crate::wire;
 
@@ -310,10 +311,13 @@ impl Coordinator for Service {
             _ => return Err(bad_request("result must start with a header")),
         };
         // Nothing of the payload is read before the header is admitted.
+        let masked_len = wire::masked_len_announced(&header);
         let announced = header
             .arrays
             .iter()
-            .fold(0u64, |sum, a| sum.saturating_add(a.num_bytes));
+            .fold(masked_len.saturating_mul(8), |sum, a| {
+                sum.saturating_add(a.num_bytes)
+            });
         let admitted = {
             let mut r = self.shared.rounds.lock().await;
             match owned_session(&r, &caller, &header.session_id) {
@@ -334,6 +338,7 @@ impl Coordinator for Service {
             )));
         }
         let mut decode = Duration::ZERO;
+        let mut masked = wire::MaskedAssembler::new(masked_len);
         let assembled = async {
             let mut asm = Assembler::new(&header.arrays)
                 .map_err(|e| e.to_string())?
@@ -350,14 +355,19 @@ impl Coordinator for Service {
                         asm.push(c).map_err(|e| e.to_string())?;
                         decode += t0.elapsed();
                     }
+                    Some(result_chunk::Part::Masked(c)) => {
+                        self.shared.telemetry.add_bytes_in(c.values.len() * 8);
+                        masked.push(c)?;
+                    }
                     _ => return Err("unexpected second header".to_string()),
                 }
             }
-            asm.finish().map_err(|e| e.to_string())
+            let arrays = asm.finish().map_err(|e| e.to_string())?;
+            Ok((arrays, masked.finish()?))
         }
         .await;
-        let arrays = match assembled {
-            Ok(arrays) => arrays,
+        let (arrays, masked_values) = match assembled {
+            Ok(parts) => parts,
             Err(problem) => {
                 // A broken stream fails the task now, instead of holding the round until its
                 // timeout: the client was admitted, so the failure is its own.
@@ -370,7 +380,15 @@ impl Coordinator for Service {
                 return Err(bad_request(problem));
             }
         };
-        let report = wire::report_from_proto(header, arrays).map_err(bad_request)?;
+        let mut report = wire::report_from_proto(header, arrays).map_err(bad_request)?;
+        if let Some(SecAggReply::Masked(m)) = &mut report.secagg {
+            if masked_len > 0 {
+                if !m.values.is_empty() {
+                    return Err(bad_request("masked values both inline and in chunks"));
+                }
+                m.values = masked_values;
+            }
+        }
         let round = report.round;
         let outcome = {
             let mut r = self.shared.rounds.lock().await;

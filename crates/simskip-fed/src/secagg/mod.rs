@@ -46,7 +46,7 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 pub use fixed::{EncodeError, FixedPoint};
-pub use round::{ClientRound, SecureAggregation, SecureFit};
+pub use round::{ClientRound, SecureAggregation, SecureFit, SecureRows, SecureSum};
 pub use shamir::{ShamirError, Share};
 
 /// A client's id within one aggregation (its Shamir point is `id + 1`).
@@ -112,6 +112,9 @@ pub enum SecAggTask {
         client: ClientId,
         threshold: usize,
         frac_bits: u32,
+        /// FedE: the update's rows are summed per entity (`None`: the flat model, weighted by
+        /// examples).
+        rows: Option<SecureRows>,
     },
     /// Step 2: everyone's keys.
     Roster(Vec<AdvertisedKeys>),
@@ -653,6 +656,11 @@ impl Coordinator {
             });
         }
         Ok(())
+    }
+
+    /// Ring elements in every masked input: the update's length, then the examples.
+    pub fn masked_len(&self) -> usize {
+        self.dim + 1
     }
 
     /// Step 1 in: one client's keys.

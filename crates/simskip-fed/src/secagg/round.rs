@@ -70,6 +70,74 @@ impl SecureAggregation {
     }
 }
 
+/// Per-entity secure sums (FedE): every organisation of the round masks a vector over all
+/// `total` rows that travel in the round, with its own rows at their `slots` and zeros
+/// elsewhere. Each row of the unmasked sum is then the sum over that entity's holders, and no
+/// organisation learns which others hold which entity (pairs mask every slot, not only the
+/// entities both hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecureRows {
+    /// Rows in the round's shared row space.
+    pub total: u32,
+    /// For each row of the organisation's FIT result, in order: its slot in `0..total`.
+    pub slots: Vec<u32>,
+}
+
+/// The most ring elements an organisation agrees to mask in one round (1 GiB of them): a
+/// coordinator cannot make it allocate more by announcing a huge row space.
+pub const MAX_SECURE_VALUES: usize = 1 << 27;
+
+impl SecureRows {
+    /// Places `rows` (`slots.len()` rows of `width`) at their slots of a zeroed
+    /// `total x width` vector; refuses a layout that does not fit the rows.
+    pub fn scatter(&self, rows: &[f32], width: usize) -> Result<Vec<f32>, String> {
+        if width == 0 || rows.len() != self.slots.len() * width {
+            return Err(format!(
+                "{} values for {} rows of width {width}",
+                rows.len(),
+                self.slots.len()
+            ));
+        }
+        let total = self.total as usize;
+        if total.saturating_mul(width) > MAX_SECURE_VALUES {
+            return Err(format!(
+                "{total} rows of width {width} exceed the {MAX_SECURE_VALUES} values a round may mask"
+            ));
+        }
+        let mut out = vec![0.0f32; total * width];
+        let mut seen = vec![false; total];
+        for (row, &slot) in rows.chunks_exact(width).zip(&self.slots) {
+            let slot = slot as usize;
+            if slot >= total {
+                return Err(format!("slot {slot} outside the {total} rows"));
+            }
+            if std::mem::replace(&mut seen[slot], true) {
+                return Err(format!("slot {slot} named twice"));
+            }
+            out[slot * width..(slot + 1) * width].copy_from_slice(row);
+        }
+        Ok(out)
+    }
+}
+
+/// What the coordinator of a secure FIT round learns: the survivors' (example-weighted, or
+/// per-entity for FedE) sum, their total examples and who they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureSum {
+    pub weighted_sum: Vec<f64>,
+    pub total_examples: u64,
+    /// The organisations whose masked input is in the sum.
+    pub survivors: Vec<String>,
+}
+
+impl SecureSum {
+    /// The example-weighted mean.
+    pub fn mean(&self) -> Vec<f64> {
+        let n = self.total_examples.max(1) as f64;
+        self.weighted_sum.iter().map(|s| s / n).collect()
+    }
+}
+
 /// An organisation's side of one secure FIT round: its trained update, flattened in the
 /// global model's array order, and its protocol state.
 #[derive(Debug)]
@@ -89,11 +157,12 @@ impl ClientRound {
         update: &[NamedArray],
         examples: u64,
     ) -> Result<(Self, SecAggReply), String> {
-        let &SecAggTask::Begin {
+        let SecAggTask::Begin {
             client,
             threshold,
             frac_bits,
-        } = task
+            ref rows,
+        } = *task
         else {
             return Err(format!("expected the begin step, got {}", task.step()));
         };
@@ -120,6 +189,18 @@ impl ClientRound {
             }
             flat.extend_from_slice(&a.data);
         }
+        // FedE: one row per entity, summed over its holders unweighted (FedE's mean), so
+        // every organisation counts once.
+        let (flat, examples) = match rows {
+            None => (flat, examples),
+            Some(rows) => {
+                let width = match global {
+                    [(_, shape)] if shape.len() == 2 => shape[1],
+                    _ => return Err("per-entity sums need one array of rows".to_string()),
+                };
+                (rows.scatter(&flat, width)?, 1)
+            }
+        };
         let settings = SecAggSettings {
             threshold,
             fixed_point,
@@ -182,12 +263,14 @@ pub struct SecureFit {
 }
 
 impl SecureFit {
-    /// A round of `selected` organisations (ids in their order) on a `dim`-long model.
+    /// A round of `selected` organisations (ids in their order) on a `dim`-long model; for
+    /// per-entity sums (FedE), `rows` gives each organisation's layout in that space.
     pub fn new(
         config: &SecureAggregation,
         context: &[u8],
         dim: usize,
         selected: &[String],
+        rows: &BTreeMap<String, SecureRows>,
     ) -> Result<Self, SecAggError> {
         let threshold = config.threshold_for(selected.len());
         if threshold < 2 || threshold > selected.len() {
@@ -217,6 +300,7 @@ impl SecureFit {
                         client,
                         threshold,
                         frac_bits: config.frac_bits,
+                        rows: rows.get(n).cloned(),
                     },
                 )
             })
@@ -354,8 +438,24 @@ impl SecureFit {
         }
     }
 
-    /// The protocol's coordinator, ready to unmask (after [`SecureFit::advance`] said done).
-    pub fn into_coordinator(self) -> Coordinator {
-        self.coordinator
+    /// Ring elements a masked input of this round carries, while masked inputs are collected
+    /// (`None` at any other step): a push announcing another length is refused unread.
+    pub fn masked_len(&self) -> Option<usize> {
+        (self.step == FitStep::MaskedInputs).then(|| self.coordinator.masked_len())
+    }
+
+    /// Removes the masks (after [`SecureFit::advance`] said done): the survivors' sum.
+    pub fn finish(&self) -> Result<SecureSum, SecAggError> {
+        let sum = self.coordinator.finish()?;
+        let name_of: BTreeMap<ClientId, &String> = self.ids.iter().map(|(n, &i)| (i, n)).collect();
+        Ok(SecureSum {
+            weighted_sum: sum.weighted_sum,
+            total_examples: sum.total_examples,
+            survivors: sum
+                .survivors
+                .iter()
+                .filter_map(|c| name_of.get(c).map(|n| (*n).clone()))
+                .collect(),
+        })
     }
 }
