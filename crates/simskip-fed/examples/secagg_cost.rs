@@ -14,7 +14,12 @@
 //! round (slowest organisation + coordinator) to plain FedAvg, and the payload bytes each
 //! organisation sends and receives per round (protocol fields only, without protobuf framing).
 //!
-//! cargo run --release -p simskip-fed --example secagg_cost -- [REPETITIONS]
+//! With `--rows R`, the vector is instead a FedE round's masked rows: R shared entities x 128
+//! (what every organisation masks under per-entity secure sums), and the plain baseline is
+//! the coordinator's mean of the same-length vectors (the per-entity mean when every
+//! organisation holds every shared entity).
+//!
+//! cargo run --release -p simskip-fed --example secagg_cost -- [REPETITIONS] [--rows R] [--orgs 3,10,50]
 
 use std::time::Instant;
 
@@ -154,25 +159,51 @@ fn bytes(n: usize, len: usize) -> ((usize, usize), (usize, usize)) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let reps: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(9);
-    let layout = Layout::new(DIM);
-    let len = layout.trainable_len() + layout.statistics_len();
-    println!(
-        "SimSkip weights at dim {DIM}: {len} values ({} trained + {} BatchNorm statistics); \
-         {reps} repetitions, medians [IQR]",
-        layout.trainable_len(),
-        layout.statistics_len()
-    );
+    let mut reps = 9usize;
+    let mut rows: Option<usize> = None;
+    let mut orgs = vec![3usize, 10, 50];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rows" => rows = Some(args.next().unwrap_or_default().parse()?),
+            "--orgs" => {
+                orgs = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            n => reps = n.parse()?,
+        }
+    }
+    let len = match rows {
+        Some(r) => {
+            println!(
+                "FedE per-entity secure sums: {r} shared entities x {DIM} = {} values; \
+                 {reps} repetitions, medians [IQR]",
+                r * DIM
+            );
+            r * DIM
+        }
+        None => {
+            let layout = Layout::new(DIM);
+            let len = layout.trainable_len() + layout.statistics_len();
+            println!(
+                "SimSkip weights at dim {DIM}: {len} values ({} trained + {} BatchNorm \
+                 statistics); {reps} repetitions, medians [IQR]",
+                layout.trainable_len(),
+                layout.statistics_len()
+            );
+            len
+        }
+    };
     println!(
         "| orgs | threshold | plain FedAvg ms | secure: org ms (median org) | secure: slowest org ms | secure: coordinator ms | ratio (slowest org + coordinator) / plain | bytes up plain / secure | bytes down plain / secure |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut rng = StdRng::seed_from_u64(2017);
-    for n in [3usize, 10, 50] {
+    for n in orgs {
         let mut samples = Vec::with_capacity(reps);
         for _ in 0..reps {
             samples.push(one_round(n, len, &mut rng)?);
