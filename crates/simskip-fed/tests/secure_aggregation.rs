@@ -197,6 +197,30 @@ impl HandClient {
         examples: u64,
         reply: sec_agg_reply::Step,
     ) {
+        let r = self.push_with(task, examples, reply).await;
+        assert_eq!(
+            r.status,
+            proto::ResultStatus::Accepted as i32,
+            "{}",
+            r.message
+        );
+    }
+
+    /// Pushes a header carrying `reply` alone; returns the coordinator's answer.
+    async fn push(
+        &mut self,
+        task: &proto::TaskHeader,
+        reply: sec_agg_reply::Step,
+    ) -> proto::PushReply {
+        self.push_with(task, 0, reply).await
+    }
+
+    async fn push_with(
+        &mut self,
+        task: &proto::TaskHeader,
+        examples: u64,
+        reply: sec_agg_reply::Step,
+    ) -> proto::PushReply {
         let header = proto::ResultChunk {
             part: Some(result_chunk::Part::Header(proto::ResultHeader {
                 run_id: task.run_id.clone(),
@@ -209,18 +233,11 @@ impl HandClient {
                 ..Default::default()
             })),
         };
-        let r = self
-            .c
+        self.c
             .push_result(tokio_stream::iter(vec![header]))
             .await
             .unwrap()
-            .into_inner();
-        assert_eq!(
-            r.status,
-            proto::ResultStatus::Accepted as i32,
-            "{}",
-            r.message
-        );
+            .into_inner()
     }
 }
 
@@ -316,6 +333,30 @@ async fn an_organisation_dropping_after_masking_leaves_the_sum_of_the_others() {
     };
     d.answer(&roster_task, 0, sec_agg_reply::Step::Shares(sealed))
         .await;
+    // Its masked input announces 2^40 ring elements (8 TiB): refused on the header, before
+    // any value is read; the round goes on without it.
+    let (inbox_task, _) = d.secure_task().await;
+    let r = d
+        .push(
+            &inbox_task,
+            sec_agg_reply::Step::Masked(proto::SecAggMaskedInput {
+                client_id: b.client_id,
+                values: Vec::new(),
+                len: 1 << 40,
+            }),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        proto::ResultStatus::Ignored as i32,
+        "{}",
+        r.message
+    );
+    assert!(
+        r.message.contains("announces 8796093022208 bytes"),
+        "{}",
+        r.message
+    );
     drop(d);
 
     let summary = summary_after(clients, server).await;

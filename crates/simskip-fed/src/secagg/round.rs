@@ -459,3 +459,46 @@ impl SecureFit {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A coordinator's row layout is checked before anything is masked: it cannot make an
+    /// organisation put a row twice, outside the space, or allocate beyond the bound.
+    #[test]
+    fn row_layouts_place_rows_and_refuse_what_does_not_fit() {
+        let rows = SecureRows {
+            total: 4,
+            slots: vec![3, 0],
+        };
+        let placed = rows.scatter(&[1.0, 2.0, 3.0, 4.0], 2).unwrap();
+        assert_eq!(placed, vec![3.0, 4.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0]);
+        let bad = |total: u32, slots: Vec<u32>, values: usize| {
+            SecureRows { total, slots }
+                .scatter(&vec![1.0; values], 2)
+                .unwrap_err()
+        };
+        assert!(bad(4, vec![1, 1], 4).contains("named twice"));
+        assert!(bad(4, vec![0, 4], 4).contains("outside"));
+        assert!(bad(4, vec![0, 1], 6).contains("6 values for 2 rows"));
+        assert!(bad(u32::MAX, vec![0], 2).contains("exceed"));
+    }
+
+    #[test]
+    fn a_flat_begin_step_with_rows_needs_one_array_of_rows() {
+        let task = SecAggTask::Begin {
+            client: 0,
+            threshold: 2,
+            frac_bits: 24,
+            rows: Some(SecureRows {
+                total: 2,
+                slots: vec![0],
+            }),
+        };
+        let layout = vec![("w".to_string(), vec![3])];
+        let update = vec![NamedArray::new("w", vec![3], vec![0.0; 3])];
+        let e = ClientRound::begin(&task, b"ctx", &layout, &update, 1).unwrap_err();
+        assert!(e.contains("one array of rows"), "{e}");
+    }
+}
