@@ -227,7 +227,6 @@ mod tests {
         assert_eq!(sim.server.server.stages.len(), 2);
         // As the built-in default: FedE exchanges rows of shared entities only.
         assert_eq!(sim.server.server.stages[0].aggregation.min_holders, 2);
-        sim.server.server.validate().unwrap();
         let server: crate::node::ServerFile =
             load_with_env(Some(&root.join("deploy/config/server.toml")), []).unwrap();
         assert_eq!(server.server.out_dir, Path::new("/out"));
