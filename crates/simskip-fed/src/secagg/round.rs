@@ -376,7 +376,7 @@ impl SecureFit {
     }
 
     /// Closes the current step and opens the next. `Ok(false)`: the last step (unmask) is
-    /// closed, and [`SecureFit::into_coordinator`] gives the coordinator that unmasks.
+    /// closed, and [`SecureFit::finish`] removes the masks.
     pub fn advance(&mut self) -> Result<bool, SecAggError> {
         let name_of: BTreeMap<ClientId, String> =
             self.ids.iter().map(|(n, &i)| (i, n.clone())).collect();
