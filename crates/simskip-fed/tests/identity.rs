@@ -631,6 +631,9 @@ async fn fede_rows_are_summed_securely_per_entity() {
         secure_aggregation: Some(simskip_fed::secagg::SecureAggregation::default()),
         ..support::stage("fede", 2, 0, params)
     }];
+    // 16-byte chunks: each masked input (3 shared entities x 4 + 1 = 13 ring elements) crosses
+    // in 7 chunks, as a large table would.
+    cfg.chunk_bytes = 16;
     cfg.validate().unwrap();
     let (listener, port) = loopback_listener().await;
     let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(
