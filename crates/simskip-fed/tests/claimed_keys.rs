@@ -26,11 +26,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use simskip_data::NamedArray;
 use simskip_fed::blind::{BlindKeys, KeyBlinder};
-use simskip_fed::chunk::{encode_arrays, Assembler};
+use simskip_fed::chunk::encode_arrays;
 use simskip_fed::client::DP_CLIPPED_FRACTION;
 use simskip_fed::privacy::DpConfig;
 use simskip_fed::proto::coordinator_client::CoordinatorClient;
-use simskip_fed::proto::{self, register_request, result_chunk, task_chunk};
+use simskip_fed::proto::{self, register_request, result_chunk};
 use simskip_fed::rounds::{RoundRecord, DP_EPSILON};
 use simskip_fed::{
     run_client, serve, ClientConfig, ClientWork, EvalOutput, FedEStrategy, FitOutput, Robustness,
@@ -151,47 +151,15 @@ impl Attacker {
     /// tasks on the way are answered.
     async fn next_task(&mut self) -> Option<(proto::TaskHeader, Vec<NamedArray>)> {
         loop {
-            let mut stream = self
-                .client
-                .poll_task(proto::PollRequest {
-                    session_id: self.session.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let Some(proto::TaskChunk {
-                part: Some(task_chunk::Part::Header(h)),
-            }) = stream.message().await.unwrap()
-            else {
-                panic!("a task starts with a header")
-            };
-            let kind = proto::TaskKind::try_from(h.kind).unwrap();
-            match kind {
-                proto::TaskKind::Fit | proto::TaskKind::FinishStage => {}
+            let (h, rows) = support::poll_task_by_hand(&mut self.client, &self.session).await;
+            match proto::TaskKind::try_from(h.kind).unwrap() {
+                proto::TaskKind::Fit | proto::TaskKind::FinishStage => return Some((h, rows)),
                 proto::TaskKind::Done | proto::TaskKind::Stop => return None,
-                proto::TaskKind::Evaluate => {
-                    // Answered like any member, so no round waits for it.
-                    while stream.message().await.unwrap().is_some() {}
-                    self.answer(&h, &[]).await;
-                    continue;
-                }
-                _ => {
-                    // Read the call to its end (a dropped stream is a reset, and the server
-                    // refuses a client that resets too often), then ask again shortly.
-                    while stream.message().await.unwrap().is_some() {}
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
+                // Answered like any member, so no round waits for it.
+                proto::TaskKind::Evaluate => self.answer(&h, &[]).await,
+                // WAIT: ask again shortly.
+                _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
             }
-            let mut asm = Assembler::new(&h.arrays).unwrap();
-            while let Some(proto::TaskChunk {
-                part: Some(task_chunk::Part::Tensor(t)),
-            }) = stream.message().await.unwrap()
-            {
-                asm.push(t).unwrap();
-            }
-            return Some((h, asm.finish().unwrap()));
         }
     }
 
