@@ -541,10 +541,11 @@ impl ClientWork for Marker {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = server_config(&dir.path().join("out"), ServerAuth::insecure(), 2);
+/// A plain-text FedE run of 2 rounds at width 4 for `orgs` organisations that exchanges rows
+/// of entities held by at least two (summed securely when `secure`), and the bound of its
+/// rows' initial draw.
+fn shared_rows_fede(out: &Path, orgs: usize, secure: bool) -> (ServerConfig, f32) {
+    let mut cfg = server_config(out, ServerAuth::insecure(), orgs);
     let params = StageParams::defaults(StageKind::FedE, 4);
     let bound = match &params {
         StageParams::FedE(t) => simskip_kge::init_bound(t),
@@ -555,12 +556,25 @@ async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
             min_holders: 2,
             ..Default::default()
         },
+        secure_aggregation: secure.then(simskip_fed::secagg::SecureAggregation::default),
         ..support::stage("fede", 2, 0, params)
     }];
-    let (listener, port) = loopback_listener().await;
-    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(
+    (cfg, bound)
+}
+
+/// The coordinator's FedE strategy for a [`shared_rows_fede`] run.
+fn fede_strategies(cfg: &ServerConfig, bound: f32) -> Vec<Box<dyn Strategy>> {
+    vec![Box::new(
         simskip_fed::FedEStrategy::new(4, bound, 1).with_rule(cfg.stages[0].aggregation.clone()),
-    )];
+    )]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, bound) = shared_rows_fede(&dir.path().join("out"), 2, false);
+    let (listener, port) = loopback_listener().await;
+    let strategies = fede_strategies(&cfg, bound);
     let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let logs: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
@@ -617,28 +631,13 @@ async fn rows_of_entities_held_by_one_organisation_never_leave_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fede_rows_are_summed_securely_per_entity() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = server_config(&dir.path().join("out"), ServerAuth::insecure(), 3);
-    let params = StageParams::defaults(StageKind::FedE, 4);
-    let bound = match &params {
-        StageParams::FedE(t) => simskip_kge::init_bound(t),
-        _ => unreachable!(),
-    };
-    cfg.stages = vec![StageConfig {
-        aggregation: simskip_fed::Robustness {
-            min_holders: 2,
-            ..Default::default()
-        },
-        secure_aggregation: Some(simskip_fed::secagg::SecureAggregation::default()),
-        ..support::stage("fede", 2, 0, params)
-    }];
+    let (mut cfg, bound) = shared_rows_fede(&dir.path().join("out"), 3, true);
     // 16-byte chunks: each masked input (3 shared entities x 4 + 1 = 13 ring elements) crosses
     // in 7 chunks, as a large table would.
     cfg.chunk_bytes = 16;
     cfg.validate().unwrap();
     let (listener, port) = loopback_listener().await;
-    let strategies: Vec<Box<dyn Strategy>> = vec![Box::new(
-        simskip_fed::FedEStrategy::new(4, bound, 1).with_rule(cfg.stages[0].aggregation.clone()),
-    )];
+    let strategies = fede_strategies(&cfg, bound);
     let server = tokio::spawn(serve(cfg, listener, strategies, std::future::pending()));
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let mut clients = Vec::new();

@@ -171,9 +171,14 @@ pub struct UnmaskedSum {
 impl UnmaskedSum {
     /// The example-weighted mean.
     pub fn mean(&self) -> Vec<f64> {
-        let n = self.total_examples.max(1) as f64;
-        self.weighted_sum.iter().map(|s| s / n).collect()
+        weighted_mean(&self.weighted_sum, self.total_examples)
     }
+}
+
+/// `weighted_sum / total_examples`, element-wise (a zero total divides by 1).
+pub(crate) fn weighted_mean(weighted_sum: &[f64], total_examples: u64) -> Vec<f64> {
+    let n = total_examples.max(1) as f64;
+    weighted_sum.iter().map(|s| s / n).collect()
 }
 
 /// Why a step of the protocol was refused.

@@ -133,8 +133,7 @@ pub struct SecureSum {
 impl SecureSum {
     /// The example-weighted mean.
     pub fn mean(&self) -> Vec<f64> {
-        let n = self.total_examples.max(1) as f64;
-        self.weighted_sum.iter().map(|s| s / n).collect()
+        super::weighted_mean(&self.weighted_sum, self.total_examples)
     }
 }
 
