@@ -20,7 +20,11 @@
 //!     [--splits central,relation-3,relation-5,triples-3,triples-5]
 //!     [--personalization fedavg,fedbn,fine_tune,fedprox] [--fede-rounds N]
 //!     [--simskip-rounds N] [--transe-epochs N] [--fine-tune-epochs N] [--mu X]
-//!     [--json PATH]
+//!     [--search-candidates N] [--search-epochs N] [--json PATH]
+//!
+//! A personalisation name with the suffix `+search` (e.g. `fedavg+search`) also runs each
+//! organisation's settings search ([`simskip::pipeline::search`]) at the end of the stage;
+//! with any such name, the central split also runs `central+search` on the same input.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,7 +36,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use simskip::node::{simskip_strategy, ServerFile};
 use simskip::pipeline::gate::gate;
+use simskip::pipeline::search::SearchSettings;
 use simskip::pipeline::{evaluate_table, refine_table, train_transe, EvalContext};
+use simskip::settings::GateSettings;
 use simskip::settings::Settings;
 use simskip::work::{FederatedWork, WorkSettings};
 use simskip_data::{partition, KgDataset, Matrix, NamedArray, PartitionBy, PartitionConfig};
@@ -56,6 +62,7 @@ struct Args {
     transe_epochs: Option<usize>,
     fine_tune_epochs: usize,
     mu: f32,
+    search: SearchSettings,
     json: PathBuf,
 }
 
@@ -82,6 +89,10 @@ fn parse_args() -> Result<Args> {
         transe_epochs: None,
         fine_tune_epochs: 5,
         mu: 0.01,
+        search: SearchSettings {
+            candidates: 8,
+            ..SearchSettings::default()
+        },
         json: "quality-bench.json".into(),
     };
     let mut it = std::env::args().skip(1);
@@ -102,6 +113,8 @@ fn parse_args() -> Result<Args> {
             "--transe-epochs" => a.transe_epochs = Some(value()?.parse()?),
             "--fine-tune-epochs" => a.fine_tune_epochs = value()?.parse()?,
             "--mu" => a.mu = value()?.parse()?,
+            "--search-candidates" => a.search.candidates = value()?.parse()?,
+            "--search-epochs" => a.search.epochs = value()?.parse()?,
             "--json" => a.json = value()?.into(),
             other => {
                 bail!("unknown argument {other:?} (see the header of examples/quality_bench.rs)")
@@ -114,6 +127,7 @@ fn parse_args() -> Result<Args> {
     for p in &a.personalization {
         personalization_of(p, &a)?;
     }
+    a.search.validate()?;
     Ok(a)
 }
 
@@ -136,7 +150,12 @@ fn split_of(name: &str) -> Result<Option<(PartitionBy, usize)>> {
     )))
 }
 
-fn personalization_of(name: &str, a: &Args) -> Result<Personalization> {
+/// The personalisation of `name`, and whether its name asks for the settings search.
+fn personalization_of(name: &str, a: &Args) -> Result<(Personalization, bool)> {
+    let (name, search) = match name.strip_suffix("+search") {
+        Some(base) => (base, true),
+        None => (name, false),
+    };
     let p = match name {
         "fedavg" => Personalization::FedAvg,
         "fedbn" => Personalization::FedBn,
@@ -144,10 +163,10 @@ fn personalization_of(name: &str, a: &Args) -> Result<Personalization> {
             epochs: a.fine_tune_epochs,
         },
         "fedprox" => Personalization::FedProx { mu: a.mu },
-        _ => bail!("personalization {name:?}: fedavg, fedbn, fine_tune or fedprox"),
+        _ => bail!("personalization {name:?}: fedavg, fedbn, fine_tune or fedprox (each with an optional +search)"),
     };
     p.validate()?;
-    Ok(p)
+    Ok((p, search))
 }
 
 /// The default run's FedE and SimSkip stages (settings and rounds).
@@ -187,6 +206,8 @@ struct OrgResult {
     kept: TaskFigures,
     kept_refined: bool,
     reason: String,
+    /// Wall time of the settings search (0 without one).
+    search_seconds: f64,
 }
 
 fn figure(f: &TaskFigures, task: &str) -> Option<f64> {
@@ -199,7 +220,9 @@ fn figure(f: &TaskFigures, task: &str) -> Option<f64> {
     }
 }
 
-fn central(ds: &KgDataset, seed: u64, a: &Args) -> Result<OrgResult> {
+/// The central run, and with `search` also the central run followed by the settings search on
+/// the same input (the first run's output is the search's incumbent).
+fn central(ds: &KgDataset, seed: u64, a: &Args, search: bool) -> Result<Vec<(String, OrgResult)>> {
     let settings = Settings::default();
     let transe = TransEConfig {
         seed,
@@ -220,15 +243,50 @@ fn central(ds: &KgDataset, seed: u64, a: &Args) -> Result<OrgResult> {
     } else {
         &x
     };
-    Ok(OrgResult {
-        input: evaluate_table(&ctx, &x)?,
-        kept: evaluate_table(&ctx, kept)?,
-        kept_refined: decision.keep_refined,
-        reason: format!(
-            "epoch selection: {}; gate: {}",
-            outcome.report.chosen, decision.reason
-        ),
-    })
+    let input = evaluate_table(&ctx, &x)?;
+    let mut rows = vec![(
+        "central".to_owned(),
+        OrgResult {
+            input: input.clone(),
+            kept: evaluate_table(&ctx, kept)?,
+            kept_refined: decision.keep_refined,
+            reason: format!(
+                "epoch selection: {}; gate: {}",
+                outcome.report.chosen, decision.reason
+            ),
+            search_seconds: 0.0,
+        },
+    )];
+    if search {
+        let gate_settings = GateSettings {
+            search: SearchSettings {
+                seed,
+                ..a.search.clone()
+            },
+            ..settings.gate.clone()
+        };
+        let incumbent = decision.keep_refined.then_some(&outcome.output);
+        let s = simskip::pipeline::search::search(
+            &ctx,
+            &x,
+            &cfg,
+            None,
+            None,
+            incumbent,
+            &gate_settings,
+        )?;
+        rows.push((
+            "central+search".to_owned(),
+            OrgResult {
+                input,
+                kept: evaluate_table(&ctx, &s.output)?,
+                kept_refined: s.chosen.is_some(),
+                reason: s.summary(),
+                search_seconds: s.seconds,
+            },
+        ));
+    }
+    Ok(rows)
 }
 
 /// FedE in one process, as `examples/federation_figures.rs` runs it: the coordinator's table
@@ -290,6 +348,7 @@ fn federated_simskip(
     inputs: &[Matrix],
     stages: &Stages,
     personalization: Personalization,
+    search: Option<&SearchSettings>,
     seed: u64,
 ) -> Result<Vec<OrgResult>> {
     let params = SimSkipParams {
@@ -308,12 +367,20 @@ fn federated_simskip(
         privacy: None,
     };
     let tmp = tempfile::tempdir()?;
+    let defaults = WorkSettings::default();
     let settings = WorkSettings {
         compute: simskip::work::ComputeSettings {
             threads: 1,
             ..Default::default()
         },
-        ..WorkSettings::default()
+        gate: GateSettings {
+            search: search.map_or_else(SearchSettings::default, |s| SearchSettings {
+                seed,
+                ..s.clone()
+            }),
+            ..defaults.gate.clone()
+        },
+        ..defaults
     };
     let mut orgs = Vec::new();
     for (k, (p, x)) in parts.iter().zip(inputs).enumerate() {
@@ -366,6 +433,7 @@ fn federated_simskip(
             kept: evaluate_table(&ctx, &kept)?,
             kept_refined: decision["output"] == "refined",
             reason: decision["reason"].as_str().unwrap_or_default().to_owned(),
+            search_seconds: decision["search"]["seconds"].as_f64().unwrap_or(0.0),
         });
     }
     Ok(out)
@@ -411,6 +479,7 @@ fn aggregate(orgs: &[OrgResult]) -> OrgResult {
         input: mean_of(orgs, input_of),
         kept: mean_of(orgs, kept_of),
         kept_refined: orgs.iter().any(|o| o.kept_refined),
+        search_seconds: orgs.iter().map(|o| o.search_seconds).sum::<f64>() / orgs.len() as f64,
         reason: format!(
             "{} of {} kept the refined table",
             orgs.iter().filter(|o| o.kept_refined).count(),
@@ -428,6 +497,11 @@ fn summarise(title: &str, runs: &Runs) -> Value {
     for (row, seeds) in runs {
         let refined = seeds.iter().filter(|o| o.kept_refined).count();
         let mut line = format!("    {row:<10} kept refined {refined}/{}:", seeds.len());
+        let search: Vec<f64> = seeds.iter().map(|o| o.search_seconds).collect();
+        let (search_mean, search_sd) = mean_sd(&search);
+        if search_mean > 0.0 {
+            line.push_str(&format!(" search {search_mean:.1}±{search_sd:.1} s;"));
+        }
         let mut tasks = serde_json::Map::new();
         for task in TASKS {
             let pairs: Vec<(f64, f64)> = seeds
@@ -459,6 +533,7 @@ fn summarise(title: &str, runs: &Runs) -> Value {
         rows.insert(
             row.clone(),
             json!({"kept_refined": refined, "seeds": seeds.len(), "tasks": tasks,
+                   "search_seconds_mean": search_mean, "search_seconds_sd": search_sd,
                    "reasons": seeds.iter().map(|o| o.reason.clone()).collect::<Vec<_>>()}),
         );
     }
@@ -503,13 +578,15 @@ fn main() -> Result<()> {
             for &seed in &a.seeds {
                 match split_of(split)? {
                     None => {
-                        let r = central(&ds, seed, &a)?;
-                        configs
-                            .entry("central".into())
-                            .or_default()
-                            .entry("central".into())
-                            .or_default()
-                            .push(r);
+                        let search = a.personalization.iter().any(|p| p.ends_with("+search"));
+                        for (config, r) in central(&ds, seed, &a, search)? {
+                            configs
+                                .entry(config.clone())
+                                .or_default()
+                                .entry(config)
+                                .or_default()
+                                .push(r);
+                        }
                     }
                     Some((by, k)) => {
                         let parts = partition(&ds, &PartitionConfig::new(k, by, seed))?;
@@ -519,8 +596,10 @@ fn main() -> Result<()> {
                             .collect();
                         let inputs = fede(&parts, &stages.fede, stages.fede_rounds, seed)?;
                         for pname in &a.personalization {
-                            let p = personalization_of(pname, &a)?;
-                            let orgs = federated_simskip(&parts, &inputs, &stages, p, seed)?;
+                            let (p, search) = personalization_of(pname, &a)?;
+                            let search = search.then_some(&a.search);
+                            let orgs =
+                                federated_simskip(&parts, &inputs, &stages, p, search, seed)?;
                             let runs = configs.entry(pname.clone()).or_default();
                             runs.entry("aggregate".into())
                                 .or_default()
@@ -555,6 +634,7 @@ fn main() -> Result<()> {
                "fede_local_epochs": stages.fede.epochs, "simskip_rounds": stages.simskip_rounds,
                "simskip_local_epochs": stages.simskip.config.epochs,
                "fine_tune_epochs": a.fine_tune_epochs, "mu": a.mu,
+               "search_candidates": a.search.candidates, "search_epochs": a.search.epochs,
                "worse_rule": "mean change over seeds below -max(sd of the change, 0.005)"}),
     );
     std::fs::write(

@@ -16,7 +16,9 @@ use crate::types::StageKind;
 /// Bumped whenever the meaning of a parameter changes, so a client refuses parameters it
 /// would misread instead of training something else.
 /// Version 2 added [`Personalization`]: an older client would train plain FedAvg without it.
-pub const PARAMS_SCHEMA_VERSION: u32 = 2;
+/// Version 3 added SimSkip's `neighbour_share`: an older client would ignore it, and an older
+/// coordinator's parameters would read as a share of 0.
+pub const PARAMS_SCHEMA_VERSION: u32 = 3;
 
 /// A stage's parameters: one type per stage kind.
 #[derive(Debug, Clone, PartialEq)]

@@ -168,6 +168,7 @@ pub(crate) fn params_to_proto(p: &StageParams) -> proto::StageParams {
                 batch_size: c.batch_size as u32,
                 seed: c.seed,
                 personalization: Some(personalization_to_proto(&s.personalization)),
+                neighbour_share: c.neighbour_share,
             })
         }
     };
@@ -289,6 +290,7 @@ pub(crate) fn params_from_proto(p: Option<&proto::StageParams>) -> Result<StageP
                     Ok(proto::Positives::Neighbour) => Positives::Neighbour,
                     _ => return Err(unknown("positives", s.positives)),
                 },
+                neighbour_share: s.neighbour_share,
                 temperature: s.temperature,
                 lr: s.lr,
                 weight_decay: s.weight_decay,

@@ -105,10 +105,12 @@ impl Neighbours {
 }
 
 /// The row whose embedding gives the second view of each anchor in `batch`: the anchor itself
-/// for [`Positives::Augment`], a random neighbour (or itself if it has none) for
-/// [`Positives::Neighbour`]. `Neighbour` without neighbour lists is a configuration error.
+/// for [`Positives::Augment`]; for [`Positives::Neighbour`], with probability `neighbour_share`
+/// a random neighbour (or itself if it has none), else the anchor itself. `Neighbour` without
+/// neighbour lists is a configuration error.
 pub fn partner_ids(
     kind: Positives,
+    neighbour_share: f32,
     batch: &[u32],
     neighbours: Option<&Neighbours>,
     rng: &mut StdRng,
@@ -119,7 +121,18 @@ pub fn partner_ids(
             let nb = neighbours.ok_or_else(|| {
                 RefineError::Config("neighbour positives need neighbour lists".to_string())
             })?;
-            Ok(batch.iter().map(|&i| nb.sample(i as usize, rng)).collect())
+            // A share of 1 draws no coin, so the default keeps its random stream.
+            let all = neighbour_share >= 1.0;
+            Ok(batch
+                .iter()
+                .map(|&i| {
+                    if all || rng.random::<f32>() < neighbour_share {
+                        nb.sample(i as usize, rng)
+                    } else {
+                        i
+                    }
+                })
+                .collect())
         }
     }
 }
@@ -161,5 +174,31 @@ mod tests {
         assert!(seen[1] > 400 && seen[2] > 400);
         assert_eq!(nb.sample(3, &mut rng), 3);
         assert_eq!(nb.sample(1, &mut rng), 0);
+    }
+
+    #[test]
+    fn the_neighbour_share_sets_how_many_anchors_pair_with_a_neighbour() {
+        // Anchor 0 has neighbours 1 and 2 only: a partner equal to 0 is a self pair.
+        let nb = Neighbours::from_edges(3, &[(0, 1), (0, 2)]).unwrap();
+        let batch = vec![0u32; 4000];
+        let self_pairs = |share: f32| {
+            let mut rng = StdRng::seed_from_u64(7);
+            partner_ids(Positives::Neighbour, share, &batch, Some(&nb), &mut rng)
+                .unwrap()
+                .iter()
+                .filter(|&&p| p == 0)
+                .count()
+        };
+        assert_eq!(self_pairs(1.0), 0);
+        assert_eq!(self_pairs(0.0), batch.len());
+        // Binomial(4000, 0.75): sd 27, so 6 sd is 164.
+        let at_quarter = self_pairs(0.25) as i64;
+        assert!((at_quarter - 3000).abs() < 164, "{at_quarter}");
+        // Augment ignores the share and the lists.
+        let mut rng = StdRng::seed_from_u64(7);
+        assert_eq!(
+            partner_ids(Positives::Augment, 0.5, &batch, None, &mut rng).unwrap(),
+            batch
+        );
     }
 }

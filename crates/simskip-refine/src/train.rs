@@ -49,6 +49,9 @@ pub struct SimSkipConfig {
     /// Variance of the Gaussian noise (standard deviation `sqrt(noise_var)`).
     pub noise_var: f32,
     pub positives: Positives,
+    /// With neighbour positives: the share of anchors whose second view is a neighbour (the
+    /// others pair with a second augmentation of themselves).
+    pub neighbour_share: f32,
     /// NT-Xent temperature τ.
     pub temperature: f32,
     pub lr: f64,
@@ -73,6 +76,7 @@ impl Default for SimSkipConfig {
             mask_prob: 0.2,
             noise_var: 0.13,
             positives: Positives::Augment,
+            neighbour_share: 1.0,
             temperature: 0.5,
             lr: 1e-3,
             weight_decay: 0.0,
@@ -96,6 +100,12 @@ impl SimSkipConfig {
             return bad(format!(
                 "mask_prob must be in [0, 1], got {}",
                 self.mask_prob
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.neighbour_share) {
+            return bad(format!(
+                "neighbour_share must be in [0, 1], got {}",
+                self.neighbour_share
             ));
         }
         if !(self.noise_var >= 0.0 && self.noise_var.is_finite()) {
@@ -358,7 +368,13 @@ impl SimSkipTrainer {
         neighbours: Option<&Neighbours>,
         buf: &mut Vec<f32>,
     ) -> Result<()> {
-        let partners = partner_ids(self.cfg.positives, batch, neighbours, &mut self.rng)?;
+        let partners = partner_ids(
+            self.cfg.positives,
+            self.cfg.neighbour_share,
+            batch,
+            neighbours,
+            &mut self.rng,
+        )?;
         buf.clear();
         for &i in batch.iter().chain(partners.iter()) {
             buf.extend_from_slice(x.row(i as usize));

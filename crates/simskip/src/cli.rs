@@ -271,6 +271,7 @@ fn refine(mut settings: Settings, args: RefineArgs) -> Result<()> {
             SignalArg::Graph => SignalKind::Graph,
         };
     }
+    settings.gate.validate()?;
     let ds = load_dataset(&args.dataset)?;
     let x = load_table(&args.input, &ds)?;
     let ctx = EvalContext::new(&ds, settings.eval.clone(), settings.transe.norm);
@@ -289,14 +290,36 @@ fn refine(mut settings: Settings, args: RefineArgs) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
+    // With a settings search, the run above is the incumbent among the grid's candidates.
+    let search = if settings.gate.enabled && settings.gate.search.enabled() {
+        let incumbent = (outcome.report.chosen != "input").then_some(&outcome.output);
+        let s = crate::pipeline::search::search(
+            &ctx,
+            &x,
+            &settings.simskip,
+            None,
+            None,
+            incumbent,
+            &settings.gate,
+        )?;
+        println!("{}", s.summary());
+        Some(s)
+    } else {
+        None
+    };
+    let output = search.as_ref().map_or(&outcome.output, |s| &s.output);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let refined = Embeddings::new(ds.entities.clone(), outcome.output.clone())?;
+    let refined = Embeddings::new(ds.entities.clone(), output.clone())?;
     refined.write_npy(&args.out.join("refined.npy"))?;
     refined.write_safetensors(&args.out.join("refined.safetensors"))?;
+    let weights = search
+        .as_ref()
+        .and_then(|s| s.weights.as_ref())
+        .unwrap_or(&outcome.weights);
     simskip_data::tensors::write_named_safetensors(
         &args.out.join("model.safetensors"),
-        &outcome.weights,
+        weights,
         &Default::default(),
     )?;
     let r = &outcome.report;
@@ -311,11 +334,11 @@ fn refine(mut settings: Settings, args: RefineArgs) -> Result<()> {
         ),
         _ => println!("gate off: output is the last epoch"),
     }
-    let mut json = serde_json::json!({ "refine": r });
+    let mut json = serde_json::json!({ "refine": r, "search": search });
     if args.eval {
         let comparison = Comparison {
             input: evaluate_table(&ctx, &x)?,
-            refined: evaluate_table(&ctx, &outcome.output)?,
+            refined: evaluate_table(&ctx, output)?,
         };
         print!("{}", comparison.render());
         json["eval"] = serde_json::to_value(&comparison)?;

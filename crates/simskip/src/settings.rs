@@ -75,6 +75,8 @@ use simskip_eval::ProbeConfig;
 use simskip_kge::TransEConfig;
 use simskip_refine::SimSkipConfig;
 
+use crate::pipeline::search::SearchSettings;
+
 /// Which held-out signal picks the refinement epoch (or keeps the input).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -103,6 +105,8 @@ pub struct GateSettings {
     pub watch_all: bool,
     /// Largest fall (absolute, in the task's own units) tolerated on a watched task.
     pub tolerance: f64,
+    /// Per-organisation search of SimSkip's settings on validation data (off by default).
+    pub search: SearchSettings,
 }
 
 impl Default for GateSettings {
@@ -112,6 +116,7 @@ impl Default for GateSettings {
             signal: SignalKind::Auto,
             watch_all: true,
             tolerance: 0.005,
+            search: SearchSettings::default(),
         }
     }
 }
@@ -124,7 +129,7 @@ impl GateSettings {
             "gate.tolerance = {:?}: must be in [0, 1]",
             self.tolerance
         );
-        Ok(())
+        self.search.validate()
     }
 }
 

@@ -442,6 +442,7 @@ impl FederatedWork {
                     }
                 }
                 let refined = r.trainer.refine(&r.input.table)?;
+                let start = r.trainer.export();
                 let norm = r.input.norm;
                 let Progress::Refining(r) = &self.progress else {
                     unreachable!("refining() left this state")
@@ -451,13 +452,34 @@ impl FederatedWork {
                 // decided here, on this client's own held-out data.
                 let ctx = EvalContext::new(&self.ds, self.settings.eval.clone(), norm);
                 let gate = crate::pipeline::gate::gate(&ctx, &self.settings.gate, input, &refined)?;
-                let keep_refined = !self.settings.gate.enabled || gate.keep_refined;
-                let output = if keep_refined { &refined } else { input };
+                // With a settings search, the federated output is one candidate among the
+                // organisation's own fine-tunings of the federated model.
+                let search = if self.settings.gate.enabled && self.settings.gate.search.enabled() {
+                    let outcome = crate::pipeline::search::search(
+                        &ctx,
+                        input,
+                        &p.config,
+                        Some(&start),
+                        r.neighbours.as_ref(),
+                        Some(&refined),
+                        &self.settings.gate,
+                    )?;
+                    tracing::info!(stage = %stage.name, "{}", outcome.summary());
+                    Some(outcome)
+                } else {
+                    None
+                };
+                let (keep_refined, output) = match &search {
+                    Some(s) => (s.chosen.is_some(), &s.output),
+                    None if !self.settings.gate.enabled || gate.keep_refined => (true, &refined),
+                    None => (false, input),
+                };
                 let path = self.write_table(&stage.name, output)?;
-                // After fine-tuning, the refined table is no longer the federated model's
-                // output that the last evaluation scored: the organisation scores what it keeps.
+                // After fine-tuning or a search, the kept table is no longer the federated
+                // model's output that the last evaluation scored: the organisation scores what
+                // it keeps.
                 let mut kept_figures = BTreeMap::new();
-                if fine_tune > 0 {
+                if fine_tune > 0 || search.is_some() {
                     flatten("", &evaluate_table(&ctx, output)?, &mut kept_figures);
                 }
                 let primary = &gate.scores[0];
@@ -467,11 +489,15 @@ impl FederatedWork {
                     "refined": primary.refined,
                     "gate": self.settings.gate.enabled,
                     "output": if keep_refined { "refined" } else { "input" },
-                    "reason": gate.reason,
+                    "reason": match &search {
+                        Some(s) => format!("{}; the federated output alone: {}", s.summary(), gate.reason),
+                        None => gate.reason.clone(),
+                    },
                     "tolerance": gate.tolerance,
                     "scores": gate.scores,
                     "fine_tune_epochs": fine_tune,
                     "kept_figures": kept_figures,
+                    "search": search,
                 });
                 crate::report::write_json(
                     &self.out_dir.join(&stage.name).join("gate.json"),

@@ -101,72 +101,78 @@ pub fn gate(
     input: &Matrix,
     refined: &Matrix,
 ) -> Result<GateDecision> {
+    let input = watched_scores(ctx, settings, input)?;
+    against(&input, ctx, settings, refined)
+}
+
+/// Scores `refined` on every watched task and decides against the input's scores (from
+/// [`watched_scores`]): a caller judging several candidates scores the input once.
+pub fn against(
+    input: &[(String, f64)],
+    ctx: &EvalContext<'_>,
+    settings: &GateSettings,
+    refined: &Matrix,
+) -> Result<GateDecision> {
+    let refined = watched_scores(ctx, settings, refined)?;
+    let scores = input
+        .iter()
+        .zip(refined)
+        .map(|((task, input), (_, refined))| TaskScore {
+            task: task.clone(),
+            input: *input,
+            refined,
+        })
+        .collect();
+    Ok(decide(scores, settings.tolerance))
+}
+
+/// One table's validation score on every watched task, the primary signal first.
+pub fn watched_scores(
+    ctx: &EvalContext<'_>,
+    settings: &GateSettings,
+    x: &Matrix,
+) -> Result<Vec<(String, f64)>> {
     let mut scores = Vec::new();
     let (primary, score) = validation_signal(ctx, settings.signal)?;
-    scores.push(TaskScore {
-        task: primary,
-        input: score(input),
-        refined: score(refined),
-    });
+    scores.push((primary, score(x)));
     if settings.watch_all {
         let primary_kind = resolved(ctx, settings.signal);
         if let (Some(masked), Some(split)) = (ctx.labels_without_test(), ctx.split.as_ref()) {
             if primary_kind != SignalKind::Knn {
                 let (name, knn) = validation_signal(ctx, SignalKind::Knn)?;
-                scores.push(TaskScore {
-                    task: name,
-                    input: knn(input),
-                    refined: knn(refined),
-                });
+                scores.push((name, knn(x)));
             }
             if ctx.settings.run_probe {
                 // The probe is selected on the validation entities and reported on them too
-                // (the test entities' labels stay hidden): both tables get the same protocol.
+                // (the test entities' labels stay hidden): every table gets the same protocol.
                 let on_valid = LabelSplit {
                     train: split.train.clone(),
                     valid: split.valid.clone(),
                     test: split.valid.clone(),
                 };
                 let classes = ctx.ds.labels.as_ref().map_or(0, |l| l.classes.len());
-                let run = |x: &Matrix| probe(x, &masked, classes, &on_valid, &ctx.settings.probe);
-                let (a, b) = (run(input), run(refined));
-                let pick = |r: &simskip_eval::Result<simskip_eval::ProbeResult>,
-                            f: fn(&simskip_eval::ProbeResult) -> f64| {
-                    r.as_ref().map_or(f64::NAN, f)
-                };
-                scores.push(TaskScore {
-                    task: "validation probe accuracy".into(),
-                    input: pick(&a, |r| r.accuracy),
-                    refined: pick(&b, |r| r.accuracy),
-                });
-                scores.push(TaskScore {
-                    task: "validation probe macro-F1".into(),
-                    input: pick(&a, |r| r.macro_f1),
-                    refined: pick(&b, |r| r.macro_f1),
-                });
+                let result = probe(x, &masked, classes, &on_valid, &ctx.settings.probe);
+                let pick =
+                    |f: fn(&simskip_eval::ProbeResult) -> f64| result.as_ref().map_or(f64::NAN, f);
+                scores.push(("validation probe accuracy".into(), pick(|r| r.accuracy)));
+                scores.push(("validation probe macro-F1".into(), pick(|r| r.macro_f1)));
             }
         }
         if ctx.settings.run_link_prediction && !ctx.ds.valid.is_empty() {
-            let lp = |x: &Matrix| {
-                let relations = refit_relations(x, &ctx.ds.train, ctx.ds.num_relations(), ctx.norm);
-                simskip_kge::evaluate(x, &relations, ctx.norm, &ctx.ds.valid, &ctx.filter).mrr
-            };
-            scores.push(TaskScore {
-                task: "validation link-prediction MRR (relations refit)".into(),
-                input: lp(input),
-                refined: lp(refined),
-            });
+            let relations = refit_relations(x, &ctx.ds.train, ctx.ds.num_relations(), ctx.norm);
+            let mrr =
+                simskip_kge::evaluate(x, &relations, ctx.norm, &ctx.ds.valid, &ctx.filter).mrr;
+            scores.push((
+                "validation link-prediction MRR (relations refit)".into(),
+                mrr,
+            ));
         }
         if primary_kind != SignalKind::Graph && !ctx.ds.valid.is_empty() {
             let (name, graph) = validation_signal(ctx, SignalKind::Graph)?;
-            scores.push(TaskScore {
-                task: name,
-                input: graph(input),
-                refined: graph(refined),
-            });
+            scores.push((name, graph(x)));
         }
     }
-    Ok(decide(scores, settings.tolerance))
+    Ok(scores)
 }
 
 /// `Auto` resolved as [`validation_signal`] resolves it.

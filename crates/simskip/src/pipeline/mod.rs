@@ -5,6 +5,7 @@ pub mod embed;
 pub mod evaluate;
 pub mod gate;
 pub mod refine;
+pub mod search;
 
 pub use embed::{train_transe, EmbedOutcome};
 pub use evaluate::{evaluate_table, EvalContext};
