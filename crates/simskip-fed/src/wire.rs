@@ -881,6 +881,18 @@ mod tests {
         }
         let e = params_from_proto(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("personalization"), "{e}");
+        // The share of neighbour positives travels, and a share outside [0, 1] is refused.
+        let mut params = StageParams::defaults(StageKind::FedAvg, 8);
+        if let StageParams::SimSkip(s) = &mut params {
+            s.config.neighbour_share = 0.25;
+        }
+        let mut p = params_to_proto(&params);
+        assert_eq!(params_from_proto(Some(&p)).unwrap(), params);
+        if let Some(proto::stage_params::Kind::Simskip(s)) = &mut p.kind {
+            s.neighbour_share = 1.5;
+        }
+        let e = params_from_proto(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("neighbour_share"), "{e}");
         let mut p = params_to_proto(&StageParams::defaults(StageKind::FedE, 8));
         p.schema_version = PARAMS_SCHEMA_VERSION + 1;
         assert!(matches!(

@@ -200,6 +200,29 @@ mod tests {
     }
 
     #[test]
+    fn the_settings_search_is_configured_under_the_gate() {
+        let f = toml_file("[gate.search]\ncandidates = 6\n");
+        let env = [("SIMSKIP_GATE__SEARCH__EPOCHS".to_owned(), "4".to_owned())];
+        let s: Settings = load_with_env(Some(f.path()), env).unwrap();
+        assert_eq!(s.gate.search.candidates, 6);
+        assert_eq!(s.gate.search.epochs, 4);
+        assert!(s.gate.search.enabled() && s.gate.validate().is_ok());
+        assert!(
+            !GateSettings::default().search.enabled(),
+            "off unless asked for"
+        );
+        let f = toml_file("[gate.search]\ncandidates = 1000\n");
+        let s: Settings = load_with_env(Some(f.path()), []).unwrap();
+        let e = s.gate.validate().unwrap_err().to_string();
+        assert!(e.contains("gate.search.candidates = 1000"), "{e}");
+        let f = toml_file("[gate.search]\ncandidate = 3\n");
+        let e = load_with_env::<Settings>(Some(f.path()), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("candidate"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_file() {
         let f = toml_file("[transe]\nepochz = 5\n");
         let err = load_with_env::<Settings>(Some(f.path()), [])

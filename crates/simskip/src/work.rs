@@ -458,7 +458,8 @@ impl FederatedWork {
                     let outcome = crate::pipeline::search::search(
                         &ctx,
                         input,
-                        &p.config,
+                        // The stage's settings with this organisation's backend and threads.
+                        r.trainer.config(),
                         Some(&start),
                         r.neighbours.as_ref(),
                         Some(&refined),
