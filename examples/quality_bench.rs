@@ -265,14 +265,13 @@ fn central(ds: &KgDataset, seed: u64, a: &Args, search: bool) -> Result<Vec<(Str
             },
             ..settings.gate.clone()
         };
-        let incumbent = decision.keep_refined.then_some(&outcome.output);
         let s = simskip::pipeline::search::search(
             &ctx,
             &x,
             &cfg,
             None,
             None,
-            incumbent,
+            Some((&outcome.output, &decision)),
             &gate_settings,
         )?;
         rows.push((

@@ -29,7 +29,8 @@ struct Seen {
 }
 
 /// Hands out, in turn: a FIT task without its stage parameters, a FIT task whose parameters
-/// claim a future schema, then DONE.
+/// claim a future schema, a FIT task of the current schema whose share of neighbour positives
+/// is not a number, then DONE.
 #[derive(Clone)]
 struct Hostile(Seen);
 
@@ -90,9 +91,33 @@ impl Coordinator for Hostile {
             kind: None,
             privacy: None,
         };
+        let nan_share = proto::StageParams {
+            schema_version: simskip_fed::params::PARAMS_SCHEMA_VERSION,
+            kind: Some(proto::stage_params::Kind::Simskip(proto::SimSkipParams {
+                dim: 8,
+                skip: true,
+                zero_init_residual: true,
+                dropout: 0.1,
+                augmentation: proto::Augmentation::Mask as i32,
+                mask_prob: 0.2,
+                noise_var: 0.13,
+                positives: proto::Positives::Neighbour as i32,
+                neighbour_share: f32::NAN,
+                temperature: 0.5,
+                lr: 1e-3,
+                local_epochs: 1,
+                batch_size: 32,
+                personalization: Some(proto::Personalization {
+                    kind: Some(proto::personalization::Kind::Fedavg(proto::PlainFedAvg {})),
+                }),
+                ..Default::default()
+            })),
+            privacy: None,
+        };
         let chunk = match n {
             1 => header(proto::TaskKind::Fit, "no-params", None),
             2 => header(proto::TaskKind::Fit, "future", Some(future_schema)),
+            3 => header(proto::TaskKind::Fit, "nan-share", Some(nan_share)),
             _ => header(proto::TaskKind::Done, "", None),
         };
         Ok(Response::new(Box::pin(tokio_stream::once(Ok(chunk)))))
@@ -172,12 +197,16 @@ async fn unreadable_tasks_fail_that_task_and_the_daemon_carries_on() {
         .iter()
         .map(|h| (h.task_id.clone(), h.error.clone()))
         .collect();
-    assert_eq!(answered.len(), 2, "{pushes:?}");
+    assert_eq!(answered.len(), 3, "{pushes:?}");
     assert!(
         answered["no-params"].contains("task refused"),
         "{answered:?}"
     );
     assert!(answered["future"].contains("task refused"), "{answered:?}");
+    assert!(
+        answered["nan-share"].contains("neighbour_share"),
+        "{answered:?}"
+    );
     assert!(pushes
         .iter()
         .all(|h| h.arrays.is_empty() && h.session_id == "s1"));

@@ -292,14 +292,19 @@ fn refine(mut settings: Settings, args: RefineArgs) -> Result<()> {
     pb.finish_and_clear();
     // With a settings search, the run above is the incumbent among the grid's candidates.
     let search = if settings.gate.enabled && settings.gate.search.enabled() {
-        let incumbent = (outcome.report.chosen != "input").then_some(&outcome.output);
+        let incumbent = if outcome.report.chosen == "input" {
+            None
+        } else {
+            let decision = crate::pipeline::gate::gate(&ctx, &settings.gate, &x, &outcome.output)?;
+            Some((&outcome.output, decision))
+        };
         let s = crate::pipeline::search::search(
             &ctx,
             &x,
             &settings.simskip,
             None,
             None,
-            incumbent,
+            incumbent.as_ref().map(|(t, d)| (*t, d)),
             &settings.gate,
         )?;
         println!("{}", s.summary());

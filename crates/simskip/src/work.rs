@@ -442,7 +442,6 @@ impl FederatedWork {
                     }
                 }
                 let refined = r.trainer.refine(&r.input.table)?;
-                let start = r.trainer.export();
                 let norm = r.input.norm;
                 let Progress::Refining(r) = &self.progress else {
                     unreachable!("refining() left this state")
@@ -460,9 +459,9 @@ impl FederatedWork {
                         input,
                         // The stage's settings with this organisation's backend and threads.
                         r.trainer.config(),
-                        Some(&start),
+                        Some(&r.trainer.export()),
                         r.neighbours.as_ref(),
-                        Some(&refined),
+                        Some((&refined, &gate)),
                         &self.settings.gate,
                     )?;
                     tracing::info!(stage = %stage.name, "{}", outcome.summary());

@@ -113,14 +113,16 @@ fn a_table_the_gate_refuses_is_never_kept() {
         x.cols,
         (0..n).flat_map(|i| x.row((i + 1) % n).to_vec()).collect(),
     );
+    let gate = gate_with(0, 1);
+    let decision = simskip::pipeline::gate::gate(&ctx, &gate, &x, &shifted).unwrap();
     let outcome = search(
         &ctx,
         &x,
         &SimSkipConfig::default(),
         None,
         None,
-        Some(&shifted),
-        &gate_with(0, 1),
+        Some((&shifted, &decision)),
+        &gate,
     )
     .unwrap();
     assert_eq!(outcome.tried.len(), 1);

@@ -193,14 +193,15 @@ impl SearchOutcome {
 /// * `base`: the settings the candidates vary (architecture, augmentation kind, batch size).
 /// * `start`: weights every candidate starts from (the federated model), or none for a fresh
 ///   model (the identity with `zero_init_residual`).
-/// * `incumbent`: a table already in hand, judged by the same gate and kept if it wins.
+/// * `incumbent`: a table already in hand with the gate's decision on it (by the same
+///   `gate_settings`), kept if it wins; the input's scores are taken from that decision.
 pub fn search(
     ctx: &EvalContext<'_>,
     input: &Matrix,
     base: &SimSkipConfig,
     start: Option<&[NamedArray]>,
     neighbours: Option<&Neighbours>,
-    incumbent: Option<&Matrix>,
+    incumbent: Option<(&Matrix, &GateDecision)>,
     gate_settings: &GateSettings,
 ) -> Result<SearchOutcome> {
     let settings = &gate_settings.search;
@@ -214,20 +215,27 @@ pub fn search(
             &owned
         }
     };
-    let input_scores = watched_scores(ctx, gate_settings, input)?;
+    let input_scores = match incumbent {
+        Some((_, decision)) => decision
+            .scores
+            .iter()
+            .map(|s| (s.task.clone(), s.input))
+            .collect(),
+        None => watched_scores(ctx, gate_settings, input)?,
+    };
     let (_, primary) = validation_signal(ctx, gate_settings.signal)?;
     let mut tried = Vec::new();
+    // The table and weights of each entry of `tried` that has a table of its own (the
+    // incumbent's stays with the caller).
     let mut tables = Vec::new();
-    if let Some(table) = incumbent {
-        let t = Instant::now();
-        let decision = against(&input_scores, ctx, gate_settings, table)?;
+    if let Some((_, decision)) = incumbent {
         tried.push(Tried {
             candidate: None,
             epoch: None,
-            gate: Some(decision),
-            seconds: t.elapsed().as_secs_f64(),
+            gate: Some(decision.clone()),
+            seconds: 0.0,
         });
-        tables.push(Some((table.clone(), None)));
+        tables.push(None);
     }
     let mut epochs_trained = 0;
     for candidate in draw(settings.candidates, settings.seed) {
@@ -280,9 +288,10 @@ pub fn search(
             chosen = Some((i, s));
         }
     }
-    let (output, weights) = match chosen {
-        Some((i, _)) => tables[i].take().expect("an accepted candidate has a table"),
-        None => (input.clone(), None),
+    let (output, weights) = match (chosen, incumbent) {
+        (Some((0, _)), Some((table, _))) => (table.clone(), None),
+        (Some((i, _)), _) => tables[i].take().expect("an accepted candidate has a table"),
+        (None, _) => (input.clone(), None),
     };
     Ok(SearchOutcome {
         chosen: chosen.map(|(i, _)| i),
